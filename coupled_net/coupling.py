@@ -1,0 +1,74 @@
+"""Kernel equalization (KE): after each epoch or optimizer step, filters 2k and 2k+1 (k < alpha) of
+the coupled conv layer(s) are made equal, weights and bias, in place on the model's device."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+MODES = ("copy", "mean")
+SCHEDULES = ("epoch", "step")
+
+
+def first_conv_path(model: nn.Module) -> str:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            return name
+    raise ConfigError("coupling.layer", None, "the model has no Conv2d layer to couple")
+
+
+def resolve_layers(model: nn.Module, layer: str | Sequence[str] | None) -> list[tuple[str, nn.Conv2d]]:
+    paths = [first_conv_path(model)] if layer is None else [layer] if isinstance(layer, str) else list(layer)
+    if not paths:
+        raise ConfigError("coupling.layer", layer, "give a module path such as features.0, or a list of them")
+    convs = dict((name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d))
+    resolved = []
+    for path in paths:
+        if path not in convs:
+            raise ConfigError("coupling.layer", path,
+                              f"not a Conv2d of this model; its Conv2d layers are: {', '.join(convs)}")
+        resolved.append((path, convs[path]))
+    return resolved
+
+
+class Coupling:
+    """The coupled layers of one model and how to equalize them."""
+
+    def __init__(self, model: nn.Module, alpha: int, layer=None, mode: str = "copy", schedule: str = "epoch"):
+        if mode not in MODES:
+            raise ConfigError("coupling.mode", mode, f"allowed: {', '.join(MODES)}")
+        if schedule not in SCHEDULES:
+            raise ConfigError("coupling.schedule", schedule, f"allowed: {', '.join(SCHEDULES)}")
+        if isinstance(alpha, bool) or not isinstance(alpha, int) or alpha < 0:
+            raise ConfigError("coupling.alpha", alpha, "must be an integer >= 0 (0 = no coupling)")
+        self.layers = resolve_layers(model, layer)
+        for path, conv in self.layers:
+            if 2 * alpha > conv.out_channels:
+                raise ConfigError("coupling.alpha", alpha,
+                                  f"at most {conv.out_channels // 2}: layer {path} has {conv.out_channels} filters")
+        self.alpha, self.mode, self.schedule = alpha, mode, schedule
+
+    @property
+    def layer_paths(self) -> list[str]:
+        return [path for path, _ in self.layers]
+
+    @torch.no_grad()
+    def equalize(self) -> None:
+        if self.alpha == 0:
+            return
+        pairs = 2 * self.alpha
+        for _, conv in self.layers:
+            for param in (conv.weight, conv.bias):
+                if param is None:
+                    continue
+                even, odd = param[0:pairs:2], param[1:pairs:2]
+                if self.mode == "copy":
+                    odd.copy_(even)
+                else:
+                    mean = (even + odd) / 2
+                    even.copy_(mean)
+                    odd.copy_(mean)

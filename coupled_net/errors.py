@@ -1,0 +1,13 @@
+"""Errors that end a run with one line for the user instead of a traceback."""
+
+
+class ConfigError(ValueError):
+    """A config value the project cannot run with: names the key, the value and what is allowed."""
+
+    def __init__(self, key: str, value, allowed: str):
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"{key}={value!r}: {allowed}")
+
+
+class DatasetUnavailable(RuntimeError):
+    """A dataset that is not on disk and could not be downloaded."""

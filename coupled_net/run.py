@@ -1,0 +1,171 @@
+"""One run, from a composed config to a finished run directory: validate, build, train or resume,
+evaluate, record. Each run catches its own failures so a sweep goes on (SPEC §8)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from . import data
+from .coupling import Coupling
+from .errors import ConfigError, DatasetUnavailable
+from .monitor import SystemMonitor
+from .results import RunFiles, provenance
+from .trainer import Progress, Trainer
+from .validation import resolve_device, usable_cpus, validate
+
+log = logging.getLogger(__name__)
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS; read at CUDA init
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
+def config_key(cfg: DictConfig) -> str:
+    """A digest of the resolved task config: tells a finished run of this config from another's."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain.get("trainer", {}).pop("progress", None)
+    return hashlib.sha256(OmegaConf.to_yaml(OmegaConf.create(plain)).encode()).hexdigest()[:16]
+
+
+def write_model_summary(model: torch.nn.Module, channels: int, size: int, coupling: Coupling, path: Path) -> None:
+    from torchinfo import summary
+
+    was_training = model.training
+    stats = summary(model.eval(), input_data=torch.zeros(1, channels, size, size), device="cpu", verbose=0,
+                    col_names=("output_size", "num_params", "kernel_size"), depth=4)
+    model.train(was_training)
+    text = f"{stats}\n\ncoupled layer(s): {', '.join(coupling.layer_paths)}; alpha={coupling.alpha}\n"
+    path.write_text(text)
+
+
+def _settings(tcfg, device: torch.device) -> tuple[int, int]:
+    cpus = usable_cpus()
+    threads = cpus if tcfg.threads == "auto" else int(tcfg.threads)
+    if tcfg.num_workers != "auto":
+        workers = int(tcfg.num_workers)
+    elif device.type == "cuda":
+        workers = min(16, max(1, cpus - 1))
+    else:  # on a CPU the workers take cores from the training itself
+        workers = 0 if cpus <= 2 else min(8, cpus // 2)
+    return threads, workers
+
+
+def prepare_config(cfg: DictConfig) -> None:
+    """Fill what follows from the data itself (image_folder's class count) before the model is built."""
+    if cfg.dataset.name == "image_folder" and cfg.dataset.get("num_classes") is None:
+        with open_dict(cfg):
+            cfg.dataset.num_classes = data.count_classes(cfg.dataset)
+
+
+def run(cfg: DictConfig, run_dir: str | Path) -> dict:
+    """Train (or resume, or skip as done) the run described by `cfg` in `run_dir`; returns results.json.
+    Raises ConfigError / DatasetUnavailable for bad input, before any training."""
+    files = RunFiles(run_dir)
+    previous = files.read_results() or {}
+    if previous.get("status") == "done":
+        if previous.get("config_key") not in (None, config_key(cfg)):
+            raise ConfigError("hydra.run.dir", str(files.dir),
+                              "holds a finished run of a different config; choose another directory")
+        log.info("%s already holds a finished run (status: done); nothing to do", files.dir)
+        return previous
+
+    validate(cfg)
+    prepare_config(cfg)
+    device = resolve_device(cfg.trainer.device)
+    threads, workers = _settings(cfg.trainer, device)
+    torch.set_num_threads(threads)
+    seed_everything(cfg.seed, cfg.trainer.deterministic)
+
+    model = instantiate(cfg.model)
+    coupling = Coupling(model, **cfg.coupling)
+    splits = data.build_splits(cfg.dataset, cfg.model.input_size, cfg.seed)
+    model.to(device)
+    optimizer = instantiate(cfg.optimizer)(model.parameters())
+    scheduler = instantiate(cfg.scheduler)(optimizer)
+    pin = device.type == "cuda"
+    loaders = {
+        "train": data.EpochLoader(splits.train, cfg.trainer.batch_size, True, workers, pin, cfg.seed),
+        "val": data.EpochLoader(splits.val, cfg.trainer.eval_batch_size, False, workers, pin, cfg.seed),
+        "test": data.EpochLoader(splits.test, cfg.trainer.eval_batch_size, False, workers, pin, cfg.seed),
+    }
+    files.checkpoints.mkdir(parents=True, exist_ok=True)
+    monitor = SystemMonitor()
+    bars = {"auto": os.isatty(2)}.get(str(cfg.trainer.progress).lower(), bool(cfg.trainer.progress))
+    trainer = Trainer(model, coupling, optimizer, scheduler, loaders, device, cfg.trainer, files, monitor, bars)
+
+    progress, resumes = Progress(), int(previous.get("resumes", 0))
+    if files.last.exists():
+        progress = trainer.load_state(torch.load(files.last, map_location=device, weights_only=False))
+        files.epochs.keep_epochs_upto(progress.epoch)
+        resumes += 1
+        log.info("resuming from %s after epoch %d (resume #%d)", files.last, progress.epoch, resumes)
+    elif files.epochs.path.exists():
+        files.epochs.path.unlink()  # rows of an attempt that never reached a checkpoint
+    if not files.summary.exists():
+        write_model_summary(model, cfg.dataset.channels, cfg.model.input_size, coupling, files.summary)
+
+    results = {
+        "status": "running", "stopped_early": False, "epochs_run": progress.epoch, "best_epoch": progress.best_epoch,
+        "resumes": resumes, "model": cfg.model.name, "dataset": cfg.dataset.name, "alpha": coupling.alpha,
+        "coupling_mode": coupling.mode, "coupling_schedule": coupling.schedule, "seed": cfg.seed,
+        "coupled_layers": coupling.layer_paths, "metrics": None, "ke_time_s_mean": None,
+        "epoch_time_s_mean": None, "total_time_s": None, "best_val_acc": None, "best_ke_val_acc": None,
+        "error": None, "config_key": config_key(cfg), "provenance": provenance(device),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    files.write_results(results)
+    log.info("run %s: %s on %s, alpha=%d (%s, %s) on %s, %d threads, %d workers", files.dir, cfg.model.name,
+             cfg.dataset.name, coupling.alpha, coupling.mode, coupling.schedule, results["provenance"]["device"],
+             threads, workers)
+    try:
+        progress = trainer.fit(progress)
+        final_start = time.perf_counter()
+        results["metrics"] = trainer.final_metrics() if progress.best_epoch is not None else None
+        progress.elapsed_s += time.perf_counter() - final_start
+        if progress.diverged_at is not None:
+            results["status"] = "diverged"
+            results["error"] = f"training loss became non-finite at epoch {progress.diverged_at}"
+        else:
+            results["status"] = "done"
+    except Exception as e:  # noqa: BLE001 - recorded, logged, and the sweep goes on
+        log.error("run failed:\n%s", traceback.format_exc())
+        results["status"], results["error"] = "failed", f"{type(e).__name__}: {e}".splitlines()[0]
+    finally:
+        monitor.close()
+
+    rows = files.epochs.rows()
+    mean = lambda col: float(np.mean([float(r[col]) for r in rows])) if rows else None  # noqa: E731
+    top = lambda col: max(float(r[col]) for r in rows) if rows else None  # noqa: E731
+    results.update({
+        "stopped_early": progress.stopped_early, "epochs_run": progress.epoch, "best_epoch": progress.best_epoch,
+        "ke_time_s_mean": mean("ke_time_s"), "epoch_time_s_mean": mean("epoch_time_s"),
+        "total_time_s": round(progress.elapsed_s, 3), "best_val_acc": top("val_acc"),
+        "best_ke_val_acc": top("ke_val_acc"), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    })
+    files.write_results(results)
+    if results["metrics"]:
+        m = results["metrics"]
+        log.info("%s: best epoch %s; val top-1 %.2f%% top-5 %.2f%%; test top-1 %.2f%% top-5 %.2f%% (after KE)",
+                 results["status"], progress.best_epoch, m["val"]["top1"], m["val"]["top5"],
+                 m["test"]["top1"], m["test"]["top5"])
+    return results
+
+
+__all__ = ["run", "ConfigError", "DatasetUnavailable"]
