@@ -1,0 +1,152 @@
+"""Whole runs: the quickstart sweep through the real CLI, the run directory's contract, bad input,
+"already done", determinism and resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from coupled_net.results import EPOCH_COLUMNS
+from coupled_net.run import run
+from coupled_net.trainer import Trainer
+from conftest import compose_cfg, run_cli
+
+FAST = ["experiment=quickstart", "dataset.train_per_class=40", "dataset.test_per_class=10"]
+RESULT_KEYS = {"status", "stopped_early", "epochs_run", "best_epoch", "resumes", "model", "dataset", "alpha",
+               "coupling_mode", "coupling_schedule", "seed", "metrics", "ke_time_s_mean", "epoch_time_s_mean",
+               "total_time_s", "error", "provenance"}
+PROVENANCE_KEYS = {"git_commit", "git_dirty", "python", "torch", "torchvision", "device", "host", "slurm_job_id"}
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def metric_rows(run_dir):
+    """epochs.csv without the timing columns."""
+    rows = read_rows(run_dir / "epochs.csv")
+    keep = [i for i, c in enumerate(rows[0]) if not c.endswith("_time_s")]
+    return [[row[i] for i in keep] for row in rows]
+
+
+@pytest.mark.slow
+def test_quickstart_sweep_through_the_cli(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli("-m", *FAST, "coupling.alpha=0,2", "trainer.epochs=2", f"hydra.sweep.dir={sweep}",
+                   f"dataset.root={tmp_path / 'data'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dirs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    # job number + the run's overrides, path-valued ones (dataset.root) left out
+    common = "dataset.test_per_class=10,dataset.train_per_class=40,experiment=quickstart,trainer.epochs=2"
+    assert [p.name for p in run_dirs] == [f"0_coupling.alpha=0,{common}", f"1_coupling.alpha=2,{common}"]
+    for alpha, run_dir in zip((0, 2), run_dirs):
+        for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "train.log", "epochs.csv", "results.json",
+                     "system.csv", "model_summary.txt", "checkpoints/last.pt", "checkpoints/best.pt",
+                     "checkpoints/epoch_002.pt"):
+            assert (run_dir / name).is_file(), name
+        rows = read_rows(run_dir / "epochs.csv")
+        assert rows[0][:len(EPOCH_COLUMNS)] == EPOCH_COLUMNS
+        assert [r[0] for r in rows[1:]] == ["1", "2"]
+        res = json.loads((run_dir / "results.json").read_text())
+        assert RESULT_KEYS <= res.keys() and PROVENANCE_KEYS <= res["provenance"].keys()
+        assert (res["status"], res["alpha"], res["epochs_run"], res["resumes"]) == ("done", alpha, 2, 0)
+        assert (res["model"], res["dataset"], res["seed"]) == ("small_cnn", "synthetic_letters", 42)
+        for split in ("val", "test"):
+            m = res["metrics"][split]
+            assert 0 <= m["top1"] <= m["top5"] <= 100 and m["loss"] > 0
+        system = read_rows(run_dir / "system.csv")
+        assert [r[:2] for r in system[1:]] == [["1", "start"], ["1", "end"], ["2", "start"], ["2", "end"]]
+        assert system[1][system[0].index("gpu0_util_percent")] == ""  # no GPU here: an empty cell
+        summary = (run_dir / "model_summary.txt").read_text()
+        assert "Total params" in summary and f"alpha={alpha}" in summary
+        assert "epoch 2/2" in (run_dir / "train.log").read_text()
+
+
+def test_alpha_too_large_is_refused_before_training(tmp_path):
+    proc = run_cli(*FAST, "coupling.alpha=17", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=120)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == "coupled_net: error: coupling.alpha=17: at most 16: layer features.0 has 32 filters"
+    assert not (tmp_path / "run" / "epochs.csv").exists()
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_finished_run_is_not_run_again(tmp_path):
+    args = (*FAST, "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'run'}", f"dataset.root={tmp_path}")
+    first = run_cli(*args, cwd=tmp_path, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = {p: (tmp_path / "run" / p).read_bytes() for p in ("epochs.csv", "results.json", "checkpoints/best.pt")}
+    second = run_cli(*args, cwd=tmp_path, timeout=300)
+    assert second.returncode == 0
+    assert "already holds a finished run (status: done); nothing to do" in second.stdout
+    assert {p: (tmp_path / "run" / p).read_bytes() for p in before} == before
+
+
+def test_same_config_and_seed_give_identical_epoch_tables(tmp_path):
+    overrides = (*FAST, "coupling.alpha=2", "trainer.epochs=2", f"dataset.root={tmp_path}")
+    run(compose_cfg(*overrides), tmp_path / "a")
+    run(compose_cfg(*overrides), tmp_path / "b")
+    assert metric_rows(tmp_path / "a") == metric_rows(tmp_path / "b")
+    run(compose_cfg(*overrides, "seed=7"), tmp_path / "c")
+    assert metric_rows(tmp_path / "a") != metric_rows(tmp_path / "c")
+
+
+def test_an_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
+    overrides = (*FAST, "coupling.alpha=2", "trainer.epochs=3", "trainer.checkpoint_every=1",
+                 f"dataset.root={tmp_path}")
+    whole = run(compose_cfg(*overrides), tmp_path / "whole")
+
+    real_save = Trainer._save_last
+
+    def save_then_die(self, progress):
+        real_save(self, progress)
+        if progress.epoch == 2:
+            raise KeyboardInterrupt  # like a kill: not caught by the run
+    monkeypatch.setattr(Trainer, "_save_last", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(compose_cfg(*overrides), tmp_path / "resumed")
+    assert json.loads((tmp_path / "resumed" / "results.json").read_text())["status"] == "running"
+    monkeypatch.setattr(Trainer, "_save_last", real_save)
+
+    resumed = run(compose_cfg(*overrides), tmp_path / "resumed")
+    assert (resumed["status"], resumed["resumes"], resumed["epochs_run"]) == ("done", 1, 3)
+    assert [r[0] for r in read_rows(tmp_path / "resumed" / "epochs.csv")[1:]] == ["1", "2", "3"]
+    assert metric_rows(tmp_path / "resumed") == metric_rows(tmp_path / "whole")
+    assert resumed["metrics"] == whole["metrics"]
+    best_a = torch.load(tmp_path / "whole" / "checkpoints" / "best.pt", weights_only=True)
+    best_b = torch.load(tmp_path / "resumed" / "checkpoints" / "best.pt", weights_only=True)
+    assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
+
+
+def test_rows_written_after_the_last_checkpoint_are_dropped_on_resume(tmp_path, monkeypatch):
+    overrides = (*FAST, "trainer.epochs=2", f"dataset.root={tmp_path}")
+    real_save = Trainer._save_last
+
+    def die_before_second_checkpoint(self, progress):
+        if progress.epoch == 2:
+            raise KeyboardInterrupt  # epoch 2's row is written, its checkpoint is not
+        real_save(self, progress)
+    monkeypatch.setattr(Trainer, "_save_last", die_before_second_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        run(compose_cfg(*overrides), tmp_path / "run")
+    assert [r[0] for r in read_rows(tmp_path / "run" / "epochs.csv")[1:]] == ["1", "2"]
+    monkeypatch.setattr(Trainer, "_save_last", real_save)
+    res = run(compose_cfg(*overrides), tmp_path / "run")
+    assert (res["status"], res["resumes"]) == ("done", 1)
+    assert [r[0] for r in read_rows(tmp_path / "run" / "epochs.csv")[1:]] == ["1", "2"]
+
+
+def test_a_dataset_that_cannot_be_downloaded_fails_at_once_with_the_ways_out(tmp_path):
+    closed = "http://127.0.0.1:9"  # nothing listens there: every download fails immediately, network or not
+    proc = run_cli("dataset=mnist", "model=small_cnn", f"dataset.root={tmp_path / 'data'}",
+                   f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=120,
+                   env={"http_proxy": closed, "https_proxy": closed, "HTTP_PROXY": closed, "HTTPS_PROXY": closed})
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"coupled_net: error: dataset=mnist: not found in {tmp_path / 'data'}")
+    assert "launch/prepare.py dataset=mnist" in last and "dataset.root=" in last and "dataset=synthetic_letters" in last
+    assert not (tmp_path / "run" / "epochs.csv").exists()
