@@ -17,7 +17,8 @@ log = logging.getLogger("coupled_net")
 
 def fail(message: str, code: int = 2):
     """End the process with one line on stderr (the last thing printed)."""
-    log.error(message)
+    if logging.getLogger().hasHandlers():  # inside Hydra: the line also goes to train.log
+        log.error(message)
     sys.stderr.flush()
     print(f"coupled_net: error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(code)

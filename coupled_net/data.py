@@ -134,7 +134,7 @@ def load_source(dcfg, train: bool) -> ArraySource:
             log.info("downloading %s into %s", name, root)
             return load(root, train, download=True)
         except Exception as e:  # noqa: BLE001 - any failure means: not downloadable from here
-            raise _unavailable(name, root, f"{type(e).__name__}: {e}".splitlines()[0]) from None
+            raise _unavailable(name, root, " ".join(f"{type(e).__name__}: {e}".split())[:300]) from None
         finally:
             socket.setdefaulttimeout(previous)
 
