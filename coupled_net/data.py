@@ -220,6 +220,11 @@ def build_splits(dcfg, input_size: int, seed: int) -> DataSplits:
     for src in (train_src, test_src):
         _check_labels(src.labels, dcfg)
     n_train = int((1 - dcfg.val_fraction) * len(pool))
+    sizes = {"train": n_train, "val": len(pool) - n_train, "test": len(test_idx)}
+    if min(sizes.values()) < 1:
+        raise ConfigError("dataset.root", str(dataset_root(dcfg)),
+                          f"too few images for the splits ({', '.join(f'{k} {v}' for k, v in sizes.items())}); "
+                          "each needs at least one")
     order = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))]
     offset = int(dcfg.label_offset)
     return DataSplits(

@@ -9,6 +9,7 @@ import os
 import random
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -74,10 +75,44 @@ def prepare_config(cfg: DictConfig) -> None:
             cfg.dataset.num_classes = data.count_classes(cfg.dataset)
 
 
+@dataclass
+class Experiment:
+    model: torch.nn.Module
+    coupling: Coupling
+    device: torch.device
+    loaders: dict
+    threads: int
+    workers: int
+
+
+def build(cfg: DictConfig) -> Experiment:
+    """Validate the config, then build the model (on its device), its coupling and the data loaders.
+    Seeds everything first, so the model's initial weights follow `seed`."""
+    validate(cfg)
+    prepare_config(cfg)  # idempotent: fills only what is missing
+    device = resolve_device(cfg.trainer.device)
+    threads, workers = _settings(cfg.trainer, device)
+    torch.set_num_threads(threads)
+    seed_everything(cfg.seed, cfg.trainer.deterministic)
+    model = instantiate(cfg.model)
+    coupling = Coupling(model, **cfg.coupling)
+    splits = data.build_splits(cfg.dataset, cfg.model.input_size, cfg.seed)
+    pin = device.type == "cuda"
+    t = cfg.trainer
+    loaders = {
+        "train": data.EpochLoader(splits.train, t.batch_size, True, workers, pin, cfg.seed),
+        "val": data.EpochLoader(splits.val, t.eval_batch_size, False, workers, pin, cfg.seed),
+        "test": data.EpochLoader(splits.test, t.eval_batch_size, False, workers, pin, cfg.seed),
+    }
+    return Experiment(model.to(device), coupling, device, loaders, threads, workers)
+
+
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Train (or resume, or skip as done) the run described by `cfg` in `run_dir`; returns results.json.
     Raises ConfigError / DatasetUnavailable for bad input, before any training."""
     files = RunFiles(run_dir)
+    validate(cfg)
+    prepare_config(cfg)
     previous = files.read_results() or {}
     if previous.get("status") == "done":
         if previous.get("config_key") not in (None, config_key(cfg)):
@@ -86,29 +121,15 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         log.info("%s already holds a finished run (status: done); nothing to do", files.dir)
         return previous
 
-    validate(cfg)
-    prepare_config(cfg)
-    device = resolve_device(cfg.trainer.device)
-    threads, workers = _settings(cfg.trainer, device)
-    torch.set_num_threads(threads)
-    seed_everything(cfg.seed, cfg.trainer.deterministic)
-
-    model = instantiate(cfg.model)
-    coupling = Coupling(model, **cfg.coupling)
-    splits = data.build_splits(cfg.dataset, cfg.model.input_size, cfg.seed)
-    model.to(device)
+    exp = build(cfg)
+    model, coupling, device, loaders = exp.model, exp.coupling, exp.device, exp.loaders
     optimizer = instantiate(cfg.optimizer)(model.parameters())
     scheduler = instantiate(cfg.scheduler)(optimizer)
-    pin = device.type == "cuda"
-    loaders = {
-        "train": data.EpochLoader(splits.train, cfg.trainer.batch_size, True, workers, pin, cfg.seed),
-        "val": data.EpochLoader(splits.val, cfg.trainer.eval_batch_size, False, workers, pin, cfg.seed),
-        "test": data.EpochLoader(splits.test, cfg.trainer.eval_batch_size, False, workers, pin, cfg.seed),
-    }
     files.checkpoints.mkdir(parents=True, exist_ok=True)
     monitor = SystemMonitor()
     bars = {"auto": os.isatty(2)}.get(str(cfg.trainer.progress).lower(), bool(cfg.trainer.progress))
-    trainer = Trainer(model, coupling, optimizer, scheduler, loaders, device, cfg.trainer, files, monitor, bars)
+    logger = instantiate(cfg.logger, run_dir=files.dir) if "logger" in cfg else None
+    trainer = Trainer(model, coupling, optimizer, scheduler, loaders, device, cfg.trainer, files, monitor, bars, logger)
 
     progress, resumes = Progress(), int(previous.get("resumes", 0))
     if files.last.exists():
@@ -133,7 +154,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     files.write_results(results)
     log.info("run %s: %s on %s, alpha=%d (%s, %s) on %s, %d threads, %d workers", files.dir, cfg.model.name,
              cfg.dataset.name, coupling.alpha, coupling.mode, coupling.schedule, results["provenance"]["device"],
-             threads, workers)
+             exp.threads, exp.workers)
     try:
         progress = trainer.fit(progress)
         final_start = time.perf_counter()
@@ -149,6 +170,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         results["status"], results["error"] = "failed", f"{type(e).__name__}: {e}".splitlines()[0]
     finally:
         monitor.close()
+        trainer.logger.close()
 
     rows = files.epochs.rows()
     mean = lambda col: float(np.mean([float(r[col]) for r in rows])) if rows else None  # noqa: E731

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from .coupling import Coupling
 from .data import EpochLoader
+from .loggers import NullLogger
 from .monitor import SystemMonitor
 from .results import EPOCH_COLUMNS, CsvLog, RunFiles, save_torch
 
@@ -50,6 +51,26 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@torch.no_grad()
+def evaluate(model: nn.Module, batches, device: torch.device) -> dict:
+    """Per-sample mean loss, top-1 and top-5 accuracy (percent) over `batches` of (images, labels)."""
+    model.eval()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    top1 = torch.zeros((), device=device, dtype=torch.int64)
+    top5 = torch.zeros((), device=device, dtype=torch.int64)
+    seen = 0
+    for images, labels in batches:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        outputs = model(images)
+        loss_sum += F.cross_entropy(outputs, labels, reduction="sum")
+        hits = outputs.topk(min(5, outputs.size(1)), dim=1).indices == labels.unsqueeze(1)
+        top1 += hits[:, 0].sum()
+        top5 += hits.any(dim=1).sum()
+        seen += labels.size(0)
+    return {"loss": loss_sum.item() / seen, "top1": 100.0 * top1.item() / seen, "top5": 100.0 * top5.item() / seen}
+
+
 @dataclass
 class Progress:
     """What the loop carries from epoch to epoch (and through a checkpoint)."""
@@ -64,10 +85,12 @@ class Progress:
 
 class Trainer:
     def __init__(self, model: nn.Module, coupling: Coupling, optimizer, scheduler, loaders: dict[str, EpochLoader],
-                 device: torch.device, tcfg, files: RunFiles, monitor: SystemMonitor, progress_bars: bool):
+                 device: torch.device, tcfg, files: RunFiles, monitor: SystemMonitor, progress_bars: bool,
+                 logger=None):
         self.model, self.coupling, self.optimizer, self.scheduler = model, coupling, optimizer, scheduler
         self.loaders, self.device, self.cfg, self.files = loaders, device, tcfg, files
         self.monitor, self.bars = monitor, progress_bars
+        self.logger = logger or NullLogger()
         self.system_log = CsvLog(files.dir / "system.csv", ["epoch", "phase", "time"] + monitor.columns)
         self.limit = tcfg.limit_batches
 
@@ -100,26 +123,8 @@ class Trainer:
             seen += labels.size(0)
         return loss_sum.item() / seen, 100.0 * correct.item() / seen
 
-    @torch.no_grad()
     def evaluate(self, name: str, desc: str = "") -> dict:
-        """Per-sample mean loss, top-1 and top-5 accuracy (percent) on one split."""
-        self.model.eval()
-        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        top1 = torch.zeros((), device=self.device, dtype=torch.int64)
-        top5 = torch.zeros((), device=self.device, dtype=torch.int64)
-        seen = 0
-        for images, labels in self._batches(name, desc or name):
-            images = images.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
-            outputs = self.model(images)
-            loss_sum += F.cross_entropy(outputs, labels, reduction="sum")
-            best = outputs.topk(min(5, outputs.size(1)), dim=1).indices
-            hits = best == labels.unsqueeze(1)
-            top1 += hits[:, 0].sum()
-            top5 += hits.any(dim=1).sum()
-            seen += labels.size(0)
-        return {"loss": loss_sum.item() / seen, "top1": 100.0 * top1.item() / seen,
-                "top5": 100.0 * top5.item() / seen}
+        return evaluate(self.model, self._batches(name, desc or name), self.device)
 
     def _timed(self, fn):
         synchronize(self.device)
@@ -170,6 +175,7 @@ class Trainer:
                 epoch, lr, train_loss, train_acc, val["loss"], val["top1"], ke_val["loss"], ke_val["top1"],
                 round(epoch_time, 6), round(ke_time, 9), round(ke_time + ke_eval_extra, 6)]))
             self.files.epochs.append(row)
+            self.logger.log_epoch(row)
             log.info("epoch %d/%d  lr %.3g  train loss %.4f acc %.2f%%  val loss %.4f acc %.2f%%  "
                      "after KE: val loss %.4f acc %.2f%%  (%.1fs, KE %.2gs)", epoch, cfg.epochs, lr, train_loss,
                      train_acc, val["loss"], val["top1"], ke_val["loss"], ke_val["top1"], epoch_time, ke_time)

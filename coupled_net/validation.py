@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .coupling import MODES, SCHEDULES
 from .data import NAMES as DATASETS
@@ -43,6 +43,10 @@ def _fraction(key: str, value) -> None:
 
 
 def validate(cfg: DictConfig) -> None:
+    for key in ("dataset.root", "dataset.name", "model.name"):
+        group, _, leaf = key.partition(".")
+        if OmegaConf.is_missing(cfg[group], leaf):
+            raise ConfigError(key, "???", "is required here: set it on the command line")
     t, d = cfg.trainer, cfg.dataset
     _choice("model", cfg.model.get("name"), sorted(MODELS))
     _choice("dataset", d.get("name"), DATASETS)

@@ -1,0 +1,239 @@
+"""Merge the runs below some directories into one table (SPEC §6): summary.csv, summary.md (seeds
+aggregated as mean ± std), summary.tex and summary_*.png plots."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+from .results import read_json
+
+LEADING = ["model", "dataset", "alpha", "seed", "status", "epochs_run", "best_epoch", "val_top1", "val_top5",
+           "test_top1", "test_top5", "best_val_acc", "best_ke_val_acc", "ke_time_s_mean", "epoch_time_s_mean",
+           "total_time_s", "device", "run_dir"]
+IDENTITY = ["coupling_mode", "coupling_schedule"]
+# config keys already shown under another name
+SHOWN = {"model.name": "model", "dataset.name": "dataset", "coupling.alpha": "alpha", "seed": "seed",
+         "coupling.mode": "coupling_mode", "coupling.schedule": "coupling_schedule"}
+TRAILING = ["last_val_acc", "error"]  # what a run that is not done shows instead of metrics
+METRICS = ["val_top1", "val_top5", "test_top1", "test_top5", "best_val_acc", "best_ke_val_acc", "epochs_run",
+           "ke_time_s_mean", "epoch_time_s_mean", "total_time_s"]
+
+
+def find_runs(paths) -> list[Path]:
+    """Every run directory at or below `paths`: one with a Hydra config, results.json or epochs.csv."""
+    found = set()
+    for root in map(Path, paths):
+        for marker in ("results.json", "epochs.csv", ".hydra/config.yaml"):
+            if (root / marker).is_file():
+                found.add(root)
+            found.update(p.parents[marker.count("/")] for p in root.rglob(marker))
+    return sorted(found)
+
+
+def _flatten(node, prefix="") -> dict:
+    out = {}
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{name}."))
+        elif isinstance(value, list):
+            out[name] = ",".join(map(str, value))
+        else:
+            out[name] = value
+    return out
+
+
+def run_config(run_dir: Path) -> dict:
+    path = run_dir / ".hydra" / "config.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        cfg = OmegaConf.load(path)
+        try:
+            plain = OmegaConf.to_container(cfg, resolve=True)
+        except Exception:  # noqa: BLE001 - an interpolation this process cannot resolve
+            plain = OmegaConf.to_container(cfg, resolve=False)
+    except Exception:  # noqa: BLE001
+        return {}
+    plain.pop("hydra", None)
+    return _flatten(plain)
+
+
+def epoch_rows(run_dir: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(run_dir / "epochs.csv")
+    except (OSError, ValueError, pd.errors.EmptyDataError):
+        return pd.DataFrame()
+
+
+def run_row(run_dir: Path, cfg: dict) -> dict:
+    res = read_json(run_dir / "results.json")
+    epochs = epoch_rows(run_dir)
+    if res is None:
+        status = "unreadable" if (run_dir / "results.json").exists() else "no results"
+        res = {}
+    else:
+        status = res.get("status", "unknown")
+    metrics = res.get("metrics") or {}
+    row = {
+        "model": res.get("model", cfg.get("model.name")), "dataset": res.get("dataset", cfg.get("dataset.name")),
+        "alpha": res.get("alpha", cfg.get("coupling.alpha")), "seed": res.get("seed", cfg.get("seed")),
+        "status": status,
+        "epochs_run": res.get("epochs_run", int(epochs["epoch"].max()) if len(epochs) else 0),
+        "best_epoch": res.get("best_epoch"),
+        "best_val_acc": float(epochs["val_acc"].max()) if len(epochs) else None,
+        "best_ke_val_acc": float(epochs["ke_val_acc"].max()) if len(epochs) else None,
+        "last_val_acc": float(epochs["val_acc"].iloc[-1]) if len(epochs) else None,
+        "ke_time_s_mean": res.get("ke_time_s_mean"), "epoch_time_s_mean": res.get("epoch_time_s_mean"),
+        "total_time_s": res.get("total_time_s"), "device": (res.get("provenance") or {}).get("device"),
+        "run_dir": str(run_dir), "error": res.get("error"),
+        "coupling_mode": res.get("coupling_mode", cfg.get("coupling.mode")),
+        "coupling_schedule": res.get("coupling_schedule", cfg.get("coupling.schedule")),
+    }
+    for split in ("val", "test"):
+        for k in ("top1", "top5"):
+            row[f"{split}_{k}"] = (metrics.get(split) or {}).get(k)
+    return row
+
+
+def collect(paths) -> pd.DataFrame:
+    """One row per run below `paths`: SPEC §6's columns, then coupling mode/schedule and every
+    config key or +label that varies across the runs."""
+    runs = find_runs(paths)
+    configs = [run_config(r) for r in runs]
+    rows = [run_row(r, c) for r, c in zip(runs, configs)]
+    keys = sorted({k for c in configs for k in c} - SHOWN.keys())
+    varying = [k for k in keys if len({repr(c.get(k)) for c in configs}) > 1]
+    df = pd.DataFrame(rows, columns=LEADING + IDENTITY + TRAILING)
+    for k in varying:
+        df[k] = [c.get(k) for c in configs]
+    return df[LEADING + IDENTITY + varying + TRAILING]
+
+
+def _mean_std(values: pd.Series) -> str:
+    values = pd.to_numeric(values, errors="coerce").dropna()
+    if values.empty:
+        return ""
+    if values.abs().max() < 0.1:  # timings such as ke_time_s: significant digits, not decimals
+        fmt = ".3g"
+    else:
+        fmt = ".0f" if (values == values.round()).all() and len(values) == 1 else ".2f"
+    if len(values) == 1:
+        return format(values.iloc[0], fmt)
+    return f"{format(values.mean(), fmt)} ± {format(values.std(ddof=1), fmt)}"
+
+
+def aggregate(df: pd.DataFrame) -> pd.DataFrame:
+    """Finished runs that differ only by seed, as mean ± std with n; timings never mix devices."""
+    done = df[df["status"] == "done"]
+    if done.empty:
+        return pd.DataFrame()
+    extra = [c for c in df.columns if c not in LEADING + IDENTITY + TRAILING]
+    group = ["model", "dataset", "alpha", *IDENTITY, *extra, "device"]
+    rows = []
+    for key, g in done.groupby([done[c].astype(str) for c in group], sort=False, dropna=False):
+        row = dict(zip(group, key))
+        row["n"] = len(g)
+        row.update({m: _mean_std(g[m]) for m in METRICS})
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    out["alpha_num"] = pd.to_numeric(out["alpha"], errors="coerce")
+    return out.sort_values(["model", "dataset", "alpha_num"]).drop(columns="alpha_num").reset_index(drop=True)
+
+
+def not_aggregated(df: pd.DataFrame) -> pd.DataFrame:
+    cols = ["run_dir", "status", "epochs_run", "last_val_acc", "error"]
+    return df.loc[df["status"] != "done", cols]
+
+
+def markdown(df: pd.DataFrame) -> str:
+    agg = aggregate(df)
+    parts = ["## Finished runs (mean ± std over seeds, n runs)\n",
+             agg.to_markdown(index=False) if not agg.empty else "_none_"]
+    others = not_aggregated(df)
+    if not others.empty:
+        parts += ["\n\n## Runs not in the aggregate\n", others.to_markdown(index=False)]
+    return "".join(parts) + "\n"
+
+
+def latex(df: pd.DataFrame) -> str:
+    agg = aggregate(df)
+    table = agg if not agg.empty else df[["model", "dataset", "alpha", "seed", "status"]]
+    return table.to_latex(index=False, escape=True)
+
+
+def plots(df: pd.DataFrame, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    done = df[df["status"] == "done"].copy()
+    if not done.empty:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for (model, dataset), g in done.groupby(["model", "dataset"]):
+            stats = g.groupby("alpha")["test_top1"].agg(["mean", "std"]).reset_index().sort_values("alpha")
+            ax.errorbar(stats["alpha"], stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3,
+                        label=f"{model} / {dataset}")
+        ax.set_xlabel("alpha (coupled filter pairs)")
+        ax.set_ylabel("test top-1 (%)")
+        ax.set_title("Test accuracy vs coupling (mean ± std over seeds)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        written.append(_save(fig, out / "summary_test_top1_vs_alpha.png"))
+
+    curves = [(row, epoch_rows(Path(row["run_dir"]))) for _, row in df.iterrows()]
+    curves = [(row, e) for row, e in curves if len(e)]
+    if curves:
+        alphas = sorted({int(row["alpha"]) for row, _ in curves if row["alpha"] is not None and not
+                         (isinstance(row["alpha"], float) and math.isnan(row["alpha"]))})
+        cmap = plt.get_cmap("viridis", max(2, len(alphas)))
+        colour = {a: cmap(i) for i, a in enumerate(alphas)}
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        labelled = set()
+        for row, e in curves:
+            c = colour.get(row["alpha"], "grey")
+            label = f"alpha={row['alpha']}" if row["alpha"] not in labelled else None
+            labelled.add(row["alpha"])
+            ax.plot(e["epoch"], e["val_acc"], color=c, label=label)
+            ax.plot(e["epoch"], e["ke_val_acc"], color=c, linestyle="--")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("val top-1 (%)")
+        ax.set_title("Validation accuracy: before KE (solid), after KE (dashed)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        written.append(_save(fig, out / "summary_learning_curves.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def write_summary(paths, out: Path | None = None) -> tuple[pd.DataFrame, str]:
+    """Collect, write summary.{csv,md,tex} and the plots into `out` (default: the first path)."""
+    from .results import atomic_write
+
+    df = collect(paths)
+    if df.empty:
+        raise FileNotFoundError(f"no run directories below {', '.join(map(str, paths))}")
+    out = Path(out or paths[0])
+    out.mkdir(parents=True, exist_ok=True)
+    md = markdown(df)
+    atomic_write(out / "summary.csv", lambda f: f.write(df.to_csv(index=False).encode()))
+    atomic_write(out / "summary.md", lambda f: f.write(md.encode()))
+    atomic_write(out / "summary.tex", lambda f: f.write(latex(df).encode()))
+    plots(df, out)
+    return df, md
