@@ -3,7 +3,6 @@ aggregated as mean ± std), summary.tex and summary_*.png plots."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pandas as pd
@@ -180,18 +179,13 @@ def plots(df: pd.DataFrame, out: Path) -> list[Path]:
             stats = g.groupby("alpha")["test_top1"].agg(["mean", "std"]).reset_index().sort_values("alpha")
             ax.errorbar(stats["alpha"], stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3,
                         label=f"{model} / {dataset}")
-        ax.set_xlabel("alpha (coupled filter pairs)")
-        ax.set_ylabel("test top-1 (%)")
-        ax.set_title("Test accuracy vs coupling (mean ± std over seeds)")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        written.append(_save(fig, out / "summary_test_top1_vs_alpha.png"))
+        written.append(_save(fig, ax, out / "summary_test_top1_vs_alpha.png", "alpha (coupled filter pairs)",
+                             "test top-1 (%)", "Test accuracy vs coupling (mean ± std over seeds)"))
 
     curves = [(row, epoch_rows(Path(row["run_dir"]))) for _, row in df.iterrows()]
     curves = [(row, e) for row, e in curves if len(e)]
     if curves:
-        alphas = sorted({int(row["alpha"]) for row, _ in curves if row["alpha"] is not None and not
-                         (isinstance(row["alpha"], float) and math.isnan(row["alpha"]))})
+        alphas = sorted(pd.to_numeric(df["alpha"], errors="coerce").dropna().astype(int).unique())
         cmap = plt.get_cmap("viridis", max(2, len(alphas)))
         colour = {a: cmap(i) for i, a in enumerate(alphas)}
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -202,18 +196,21 @@ def plots(df: pd.DataFrame, out: Path) -> list[Path]:
             labelled.add(row["alpha"])
             ax.plot(e["epoch"], e["val_acc"], color=c, label=label)
             ax.plot(e["epoch"], e["ke_val_acc"], color=c, linestyle="--")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("val top-1 (%)")
-        ax.set_title("Validation accuracy: before KE (solid), after KE (dashed)")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        written.append(_save(fig, out / "summary_learning_curves.png"))
+        written.append(_save(fig, ax, out / "summary_learning_curves.png", "epoch", "val top-1 (%)",
+                             "Validation accuracy: before KE (solid), after KE (dashed)"))
     return written
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Label the axes, then write the figure atomically."""
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs and alphas are whole numbers
+    ax.legend()
+    ax.grid(alpha=0.3)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.tight_layout()
     fig.savefig(tmp, dpi=110)

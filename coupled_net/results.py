@@ -82,6 +82,9 @@ class CsvLog:
         kept = [r for r in rows if int(r["epoch"]) <= epoch]
         if len(kept) == len(rows):
             return
+        if not kept:
+            self.path.unlink()
+            return
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=self.columns, extrasaction="ignore")
         writer.writeheader()

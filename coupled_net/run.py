@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from . import data
@@ -27,6 +28,16 @@ from .validation import resolve_device, usable_cpus, validate
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS; read at CUDA init
+
+
+def instantiate(node, **kwargs):
+    """hydra.utils.instantiate, letting our own ConfigError through unwrapped (one line for the user)."""
+    try:
+        return hydra_instantiate(node, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, (ConfigError, DatasetUnavailable)):
+            raise e.__cause__ from None
+        raise
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -66,6 +77,23 @@ def _settings(tcfg, device: torch.device) -> tuple[int, int]:
     else:  # on a CPU the workers take cores from the training itself
         workers = 0 if cpus <= 2 else min(8, cpus // 2)
     return threads, workers
+
+
+def load_resume_point(files: RunFiles, device: torch.device) -> tuple[dict | None, Path | None]:
+    """The newest readable checkpoint to continue from: last.pt, else the newest periodic one.
+    An unreadable file (a kill mid-write on a filesystem without atomic rename, a full disk) is
+    skipped with a warning rather than crashing the run again at every restart."""
+    for stale in files.checkpoints.glob(".*.tmp"):  # temp files of writes a kill interrupted
+        stale.unlink(missing_ok=True)
+    candidates = [files.last, *sorted(files.checkpoints.glob("epoch_*.pt"), reverse=True)]
+    for path in filter(Path.exists, candidates):
+        try:
+            return torch.load(path, map_location=device, weights_only=False), path
+        except Exception as e:  # noqa: BLE001 - truncated or corrupt: try the next one
+            log.warning("checkpoint %s is unreadable (%s); trying an older one", path, " ".join(str(e).split())[:200])
+    if any(map(Path.exists, candidates)):
+        log.warning("no readable checkpoint in %s: starting from scratch", files.checkpoints)
+    return None, None
 
 
 def prepare_config(cfg: DictConfig) -> None:
@@ -132,13 +160,12 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     trainer = Trainer(model, coupling, optimizer, scheduler, loaders, device, cfg.trainer, files, monitor, bars, logger)
 
     progress, resumes = Progress(), int(previous.get("resumes", 0))
-    if files.last.exists():
-        progress = trainer.load_state(torch.load(files.last, map_location=device, weights_only=False))
-        files.epochs.keep_epochs_upto(progress.epoch)
+    checkpoint, path = load_resume_point(files, device)
+    if checkpoint is not None:
+        progress = trainer.load_state(checkpoint)
         resumes += 1
-        log.info("resuming from %s after epoch %d (resume #%d)", files.last, progress.epoch, resumes)
-    elif files.epochs.path.exists():
-        files.epochs.path.unlink()  # rows of an attempt that never reached a checkpoint
+        log.info("resuming from %s after epoch %d (resume #%d)", path, progress.epoch, resumes)
+    files.epochs.keep_epochs_upto(progress.epoch)  # rows written after that checkpoint (or any, from scratch)
     if not files.summary.exists():
         write_model_summary(model, cfg.dataset.channels, cfg.model.input_size, coupling, files.summary)
 

@@ -4,10 +4,13 @@
     python launch/train.py -m coupling.alpha=0,2,4,8          # the seed's AlexNet / EMNIST letters
 """
 
+import sys
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
-from coupled_net.cli import train_task
+from coupled_net.cli import check_group_choices, train_task
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
@@ -16,4 +19,5 @@ def main(cfg: DictConfig) -> str:
 
 
 if __name__ == "__main__":
+    check_group_choices(sys.argv[1:], Path(__file__).resolve().parents[1] / "conf")
     main()
