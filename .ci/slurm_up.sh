@@ -155,8 +155,14 @@ fi
 ctld_pid=$BASE/run/slurmctld.pid
 slurmd_pid=$BASE/run/slurmd.pid
 
-node_state() { sinfo -h -N -n "$HOST" -o %T 2>/dev/null | head -n1 | tr -d ' *~#!%$@^-' ; }
+# %T as sinfo prints it; a trailing '*' means "not responding" and is kept (it is not usable)
+node_state() { sinfo -h -N -n "$HOST" -o %T 2>/dev/null | head -n1 | tr -d ' ' ; }
 usable() { case "$1" in idle|mixed|allocated|completing) return 0;; *) return 1;; esac; }
+# seconds since the epoch at which the running slurmd registered with slurmctld (0: unknown)
+slurmd_registered_at() {
+    local t; t=$(scontrol show node "$HOST" 2>/dev/null | sed -n 's/.*SlurmdStartTime=\([^ ]*\).*/\1/p')
+    date -d "$t" +%s 2>/dev/null || echo 0
+}
 
 # Fast path: already up with this very configuration.
 if [ $conf_changed = 0 ] && pid_alive "$ctld_pid" && pid_alive "$slurmd_pid" \
@@ -187,8 +193,10 @@ fi
 for _ in $(seq 100); do scontrol ping 2>/dev/null | grep -q 'is UP' && break; sleep 0.2; done
 scontrol ping 2>/dev/null | grep -q 'is UP' || die "slurmctld does not answer scontrol ping"
 
+slurmd_started=0
 if ! pid_alive "$slurmd_pid"; then
     log "starting slurmd"
+    slurmd_started=$(date +%s)
     slurmd || die "slurmd failed to start"
 fi
 
@@ -197,8 +205,9 @@ state=""; resumed=0
 deadline=$(( $(date +%s) + WAIT ))
 while [ "$(date +%s)" -lt "$deadline" ]; do
     state=$(node_state)
-    if usable "$state"; then break; fi
-    case "$state" in
+    # after a restart slurmctld reports the node's saved state at once: wait for the new slurmd
+    if usable "$state" && [ "$(slurmd_registered_at)" -ge $(( slurmd_started - 1 )) ]; then break; fi
+    case "${state%[*~#!%\$@^-]}" in
         down|drained|draining|drain|fail|failing)
             if [ $resumed -lt 3 ]; then
                 log "node $HOST is $state ($(sinfo -h -N -n "$HOST" -o %E 2>/dev/null)); resuming"
@@ -206,9 +215,9 @@ while [ "$(date +%s)" -lt "$deadline" ]; do
                 resumed=$((resumed + 1))
             fi ;;
     esac
-    sleep 1
+    sleep 0.5
 done
-usable "$state" || die "node $HOST not usable after ${WAIT}s (state: '${state:-none}')"
+usable "$state" && [ "$(slurmd_registered_at)" -ge $(( slurmd_started - 1 )) ] || die "node $HOST not usable after ${WAIT}s (state: '${state:-none}')"
 
 log "up in $(( $(date +%s) - START )) s"
 echo "slurm up: node=$HOST partition=$PART cpus=$CPUS mem=${REALMEM}M state=$state"

@@ -11,6 +11,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from hydra_plugins.coupled_net_launcher.launcher import register_plugins
+
 from .errors import ConfigError, DatasetUnavailable
 
 log = logging.getLogger("coupled_net")
@@ -27,6 +29,11 @@ def fail(message: str, code: int = 2):
 
 def one_line(e: BaseException) -> str:
     return " ".join(f"{type(e).__name__}: {e}".split())[:500]
+
+
+def setup() -> None:
+    """What must happen before Hydra starts: our launchers known to Hydra, even in an editable install."""
+    register_plugins()
 
 
 def train_task(cfg: DictConfig) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import socket
 from dataclasses import dataclass
 from functools import partial
@@ -15,7 +14,7 @@ import numpy as np
 import torch
 from filelock import FileLock
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets as tvd
 from torchvision.transforms import v2
 
@@ -65,9 +64,18 @@ class SplitDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, k: int):
+    def __getitem__(self, item):
+        """`item` is a position k, or (k, sample_seed) from an EpochSampler: then the random
+        augmentation of this sample is drawn from its own seed, not from whichever process's
+        RNG stream happens to load it, so batches do not depend on worker count, rank or resume."""
+        k, sample_seed = item if isinstance(item, tuple) else (item, None)
         i = int(self.indices[k])
-        return self.transform(self.source.image(i)), int(self.source.labels[i]) - self.label_offset
+        image, label = self.source.image(i), int(self.source.labels[i]) - self.label_offset
+        if sample_seed is None:
+            return self.transform(image), label
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            return self.transform(image), label
 
 
 # ---- torchvision datasets --------------------------------------------------------------------
@@ -241,26 +249,48 @@ def _check_labels(labels: torch.Tensor, dcfg) -> None:
                           f"labels minus the offset span {lo}..{hi}, outside 0..{dcfg.num_classes - 1}")
 
 
-def _seed_worker(worker_id: int) -> None:
-    seed = torch.initial_seed() % 2**32  # set by the DataLoader from its (seeded) generator
-    np.random.seed(seed)
-    random.seed(seed)
+class EpochSampler(Sampler):
+    """Yields (position, sample_seed) pairs. The order (shuffled or not) and every sample's seed
+    are functions of (seed, epoch) alone. With `world_size` > 1 each rank takes every
+    world_size-th position of the same order (the remainder dropped when training, so all ranks
+    take the same number of steps). `start` skips the positions a resumed epoch already did."""
+
+    def __init__(self, n: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1):
+        self.n, self.shuffle, self.seed, self.rank, self.world_size = n, shuffle, seed, rank, world_size
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def _order(self) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+        seeds = torch.randint(0, 2**62, (self.n,), generator=g)
+        if self.shuffle:  # training: equal shares, so every rank steps the same number of times
+            usable = self.n - self.n % self.world_size
+            order, seeds = order[:usable], seeds[:usable]
+        return order[self.rank::self.world_size], seeds[self.rank::self.world_size]
+
+    def __iter__(self):
+        order, seeds = self._order()
+        return iter(zip(order[self.start:].tolist(), seeds[self.start:].tolist()))
+
+    def __len__(self) -> int:
+        return max(0, len(self._order()[0]) - self.start)
 
 
 class EpochLoader:
-    """A DataLoader whose shuffling and worker seeds are a function of (seed, epoch) alone, so a
-    resumed run sees the same batches as an uninterrupted one."""
+    """A DataLoader over an EpochSampler: `set_epoch(epoch, start_batch)` before each pass."""
 
     def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int,
-                 pin_memory: bool, seed: int):
-        self.seed = seed
-        self.generator = torch.Generator()
-        self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                                 pin_memory=pin_memory, generator=self.generator, worker_init_fn=_seed_worker)
-        self.set_epoch(0)
+                 pin_memory: bool, seed: int, rank: int = 0, world_size: int = 1):
+        self.batch_size = batch_size
+        self.sampler = EpochSampler(len(dataset), shuffle, seed, rank, world_size)
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
+                                 pin_memory=pin_memory, persistent_workers=False)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.generator.manual_seed(self.seed * 1_000_003 + epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start_batch * self.batch_size)
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from . import data
 from .coupling import Coupling
+from .distributed import World, init_world
 from .errors import ConfigError, DatasetUnavailable
 from .monitor import SystemMonitor
 from .results import RunFiles, provenance
@@ -111,6 +112,7 @@ class Experiment:
     loaders: dict
     threads: int
     workers: int
+    world: World
 
 
 def build(cfg: DictConfig) -> Experiment:
@@ -118,7 +120,14 @@ def build(cfg: DictConfig) -> Experiment:
     Seeds everything first, so the model's initial weights follow `seed`."""
     validate(cfg)
     prepare_config(cfg)  # idempotent: fills only what is missing
+    world = init_world(cfg.trainer.device)
     device = resolve_device(cfg.trainer.device)
+    if world.active and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    if cfg.trainer.batch_size % world.size:
+        raise ConfigError("trainer.batch_size", cfg.trainer.batch_size,
+                          f"must be divisible by the {world.size} processes of this run (it is the global batch)")
     threads, workers = _settings(cfg.trainer, device)
     torch.set_num_threads(threads)
     seed_everything(cfg.seed, cfg.trainer.deterministic)
@@ -126,13 +135,13 @@ def build(cfg: DictConfig) -> Experiment:
     coupling = Coupling(model, **cfg.coupling)
     splits = data.build_splits(cfg.dataset, cfg.model.input_size, cfg.seed)
     pin = device.type == "cuda"
-    t = cfg.trainer
+    t, shard = cfg.trainer, dict(rank=world.rank, world_size=world.size)
     loaders = {
-        "train": data.EpochLoader(splits.train, t.batch_size, True, workers, pin, cfg.seed),
-        "val": data.EpochLoader(splits.val, t.eval_batch_size, False, workers, pin, cfg.seed),
-        "test": data.EpochLoader(splits.test, t.eval_batch_size, False, workers, pin, cfg.seed),
+        "train": data.EpochLoader(splits.train, t.batch_size // world.size, True, workers, pin, cfg.seed, **shard),
+        "val": data.EpochLoader(splits.val, t.eval_batch_size, False, workers, pin, cfg.seed, **shard),
+        "test": data.EpochLoader(splits.test, t.eval_batch_size, False, workers, pin, cfg.seed, **shard),
     }
-    return Experiment(model.to(device), coupling, device, loaders, threads, workers)
+    return Experiment(model.to(device), coupling, device, loaders, threads, workers, world)
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:
@@ -150,14 +159,21 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         return previous
 
     exp = build(cfg)
-    model, coupling, device, loaders = exp.model, exp.coupling, exp.device, exp.loaders
+    model, coupling, device, loaders, world = exp.model, exp.coupling, exp.device, exp.loaders, exp.world
+    main = world.is_main
     optimizer = instantiate(cfg.optimizer)(model.parameters())
     scheduler = instantiate(cfg.scheduler)(optimizer)
     files.checkpoints.mkdir(parents=True, exist_ok=True)
     monitor = SystemMonitor()
     bars = {"auto": os.isatty(2)}.get(str(cfg.trainer.progress).lower(), bool(cfg.trainer.progress))
-    logger = instantiate(cfg.logger, run_dir=files.dir) if "logger" in cfg else None
-    trainer = Trainer(model, coupling, optimizer, scheduler, loaders, device, cfg.trainer, files, monitor, bars, logger)
+    logger = instantiate(cfg.logger, run_dir=files.dir) if "logger" in cfg and main else None
+    ddp = None
+    if world.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    trainer = Trainer(model, coupling, optimizer, scheduler, loaders, device, cfg.trainer, files, monitor, bars,
+                      logger, world, ddp)
 
     progress, resumes = Progress(), int(previous.get("resumes", 0))
     checkpoint, path = load_resume_point(files, device)
@@ -165,9 +181,10 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         progress = trainer.load_state(checkpoint)
         resumes += 1
         log.info("resuming from %s after epoch %d (resume #%d)", path, progress.epoch, resumes)
-    files.epochs.keep_epochs_upto(progress.epoch)  # rows written after that checkpoint (or any, from scratch)
-    if not files.summary.exists():
-        write_model_summary(model, cfg.dataset.channels, cfg.model.input_size, coupling, files.summary)
+    if main:
+        files.epochs.keep_epochs_upto(progress.epoch)  # rows written after that checkpoint (or any, from scratch)
+        if not files.summary.exists():
+            write_model_summary(model, cfg.dataset.channels, cfg.model.input_size, coupling, files.summary)
 
     results = {
         "status": "running", "stopped_early": False, "epochs_run": progress.epoch, "best_epoch": progress.best_epoch,
@@ -176,12 +193,13 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         "coupled_layers": coupling.layer_paths, "metrics": None, "ke_time_s_mean": None,
         "epoch_time_s_mean": None, "total_time_s": None, "best_val_acc": None, "best_ke_val_acc": None,
         "error": None, "config_key": config_key(cfg), "provenance": provenance(device),
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": world.size,
     }
-    files.write_results(results)
-    log.info("run %s: %s on %s, alpha=%d (%s, %s) on %s, %d threads, %d workers", files.dir, cfg.model.name,
-             cfg.dataset.name, coupling.alpha, coupling.mode, coupling.schedule, results["provenance"]["device"],
-             exp.threads, exp.workers)
+    if main:
+        files.write_results(results)
+    log.info("run %s: %s on %s, alpha=%d (%s, %s) on %s, %d threads, %d workers, %d process(es)", files.dir,
+             cfg.model.name, cfg.dataset.name, coupling.alpha, coupling.mode, coupling.schedule,
+             results["provenance"]["device"], exp.threads, exp.workers, world.size)
     try:
         progress = trainer.fit(progress)
         final_start = time.perf_counter()
@@ -199,6 +217,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         monitor.close()
         trainer.logger.close()
 
+    if not main:
+        return results
     rows = files.epochs.rows()
     mean = lambda col: float(np.mean([float(r[col]) for r in rows])) if rows else None  # noqa: E731
     top = lambda col: max(float(r[col]) for r in rows) if rows else None  # noqa: E731

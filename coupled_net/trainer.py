@@ -5,7 +5,8 @@
     -> scheduler step -> last.pt (+ a periodic copy)
 
 Losses and accuracies are accumulated on the device and read once per phase; timings are taken
-after a device synchronize."""
+after a device synchronize. Under DDP every rank runs this loop on its shard, sums are all-reduced,
+and only rank 0 writes files."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from itertools import islice
 
 import numpy as np
@@ -26,8 +27,10 @@ from tqdm import tqdm
 
 from .coupling import Coupling
 from .data import EpochLoader
+from .distributed import World, all_reduce_sum, any_rank, barrier
 from .loggers import NullLogger
 from .monitor import SystemMonitor
+from .preemption import PreemptionGuard
 from .results import EPOCH_COLUMNS, CsvLog, RunFiles, save_torch
 
 log = logging.getLogger(__name__)
@@ -53,22 +56,21 @@ def set_rng_state(state: dict) -> None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches, device: torch.device) -> dict:
-    """Per-sample mean loss, top-1 and top-5 accuracy (percent) over `batches` of (images, labels)."""
+    """Per-sample mean loss, top-1 and top-5 accuracy (percent) over `batches` of (images, labels),
+    summed over all ranks."""
     model.eval()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    top1 = torch.zeros((), device=device, dtype=torch.int64)
-    top5 = torch.zeros((), device=device, dtype=torch.int64)
-    seen = 0
+    sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, top-1 hits, top-5 hits, samples
     for images, labels in batches:
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         outputs = model(images)
-        loss_sum += F.cross_entropy(outputs, labels, reduction="sum")
         hits = outputs.topk(min(5, outputs.size(1)), dim=1).indices == labels.unsqueeze(1)
-        top1 += hits[:, 0].sum()
-        top5 += hits.any(dim=1).sum()
-        seen += labels.size(0)
-    return {"loss": loss_sum.item() / seen, "top1": 100.0 * top1.item() / seen, "top5": 100.0 * top5.item() / seen}
+        sums += torch.stack([F.cross_entropy(outputs, labels, reduction="sum").double(),
+                             hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
+                             torch.tensor(float(labels.size(0)), device=device, dtype=torch.float64)])
+    all_reduce_sum(sums)
+    loss, top1, top5, seen = sums.tolist()
+    return {"loss": loss / seen, "top1": 100.0 * top1 / seen, "top5": 100.0 * top5 / seen}
 
 
 @dataclass
@@ -81,47 +83,60 @@ class Progress:
     stopped_early: bool = False
     diverged_at: int | None = None
     elapsed_s: float = 0.0              # training time, summed over attempts (resumes)
+    partial: dict | None = None         # a training epoch interrupted at a step boundary
 
 
 class Trainer:
     def __init__(self, model: nn.Module, coupling: Coupling, optimizer, scheduler, loaders: dict[str, EpochLoader],
                  device: torch.device, tcfg, files: RunFiles, monitor: SystemMonitor, progress_bars: bool,
-                 logger=None):
+                 logger=None, world: World = World(), ddp_model: nn.Module | None = None):
         self.model, self.coupling, self.optimizer, self.scheduler = model, coupling, optimizer, scheduler
+        self.train_model = ddp_model or model   # what the training step runs (DDP-wrapped under DDP)
         self.loaders, self.device, self.cfg, self.files = loaders, device, tcfg, files
-        self.monitor, self.bars = monitor, progress_bars
+        self.monitor, self.bars, self.world = monitor, progress_bars and world.is_main, world
         self.logger = logger or NullLogger()
         self.system_log = CsvLog(files.dir / "system.csv", ["epoch", "phase", "time"] + monitor.columns)
         self.limit = tcfg.limit_batches
+        self.guard = PreemptionGuard()
+        self._started, self._carried = time.perf_counter(), 0.0
 
     # ---- one pass over the data ----------------------------------------------------------------
 
-    def _batches(self, name: str, desc: str):
+    def _batches(self, name: str, desc: str, done: int = 0):
         loader = self.loaders[name]
-        n = len(loader) if self.limit is None else min(len(loader), self.limit)
-        batches = loader if self.limit is None else islice(loader, self.limit)
-        return tqdm(batches, total=n, desc=desc, leave=False, disable=not self.bars, file=sys.stderr)
+        n = len(loader) if self.limit is None else max(0, min(len(loader), self.limit - done))
+        return tqdm(islice(loader, n), total=n, desc=desc, leave=False, disable=not self.bars, file=sys.stderr)
 
-    def train_one_epoch(self, epoch: int) -> tuple[float, float]:
-        self.model.train()
-        self.loaders["train"].set_epoch(epoch)
-        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        correct = torch.zeros((), device=self.device, dtype=torch.int64)
-        seen = 0
-        for images, labels in self._batches("train", f"epoch {epoch} train"):
+    def train_one_epoch(self, epoch: int, progress: Progress) -> tuple[float, float]:
+        """One pass over this rank's shard; resumes mid-epoch from progress.partial."""
+        self.train_model.train()
+        partial = progress.partial or {"epoch": epoch, "step": 0, "sums": [0.0, 0.0, 0.0]}
+        step = partial["step"]
+        self.loaders["train"].set_epoch(epoch, step)
+        sums = torch.tensor(partial["sums"], device=self.device, dtype=torch.float64)  # loss, correct, samples
+        for images, labels in self._batches("train", f"epoch {epoch} train", done=step):
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-            outputs = self.model(images)
+            outputs = self.train_model(images)
             loss = F.cross_entropy(outputs, labels)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             if self.coupling.schedule == "step":
                 self.coupling.equalize()
-            loss_sum += loss.detach() * labels.size(0)
-            correct += (outputs.detach().argmax(1) == labels).sum()
-            seen += labels.size(0)
-        return loss_sum.item() / seen, 100.0 * correct.item() / seen
+            n = labels.size(0)
+            sums += torch.stack([loss.detach().double() * n, (outputs.detach().argmax(1) == labels).sum().double(),
+                                 torch.tensor(float(n), device=self.device, dtype=torch.float64)])
+            step += 1
+            if self.guard.pending and not self.world.active:  # a safe point: the step is complete
+                progress.partial = {"epoch": epoch, "step": step, "sums": sums.tolist(),
+                                    "elapsed_s": self._carried + time.perf_counter() - self._started}
+                self._save_last(progress, periodic=False)
+                self.guard.release()  # submitit requeues the job and exits this process
+        progress.partial = None
+        all_reduce_sum(sums)
+        loss_sum, correct, seen = sums.tolist()
+        return loss_sum / seen, 100.0 * correct / seen
 
     def evaluate(self, name: str, desc: str = "") -> dict:
         return evaluate(self.model, self._batches(name, desc or name), self.device)
@@ -137,7 +152,7 @@ class Trainer:
 
     def state(self, progress: Progress) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": None, "progress": progress.__dict__,
+                "scheduler": self.scheduler.state_dict(), "scaler": None, "progress": asdict(progress),
                 "rng": rng_state()}
 
     def load_state(self, ckpt: dict) -> Progress:
@@ -147,62 +162,80 @@ class Trainer:
         set_rng_state(ckpt["rng"])
         return Progress(**ckpt["progress"])
 
-    def _save_last(self, progress: Progress) -> None:
+    def _save_last(self, progress: Progress, periodic: bool = True) -> None:
+        if not self.world.is_main:
+            return
         save_torch(self.files.last, self.state(progress))
-        if progress.epoch % self.cfg.checkpoint_every == 0:
+        if periodic and progress.epoch % self.cfg.checkpoint_every == 0:
             shutil.copyfile(self.files.last, self.files.periodic(progress.epoch))
 
     def _record_system(self, epoch: int, phase: str) -> None:
-        self.system_log.append({"epoch": epoch, "phase": phase, "time": round(time.time(), 3),
-                                **self.monitor.sample()})
+        if self.world.is_main:
+            self.system_log.append({"epoch": epoch, "phase": phase, "time": round(time.time(), 3),
+                                    **self.monitor.sample()})
 
     # ---- the loop --------------------------------------------------------------------------------
 
     def fit(self, progress: Progress) -> Progress:
         cfg = self.cfg
-        while progress.epoch < cfg.epochs and not progress.stopped_early and progress.diverged_at is None:
-            epoch = progress.epoch + 1
-            started = time.perf_counter()
-            self._record_system(epoch, "start")
-            lr = self.optimizer.param_groups[0]["lr"]
+        try:
+            while progress.epoch < cfg.epochs and not progress.stopped_early and progress.diverged_at is None:
+                self._one_epoch(progress)
+                if any_rank(self.guard.pending is not None, self.device):  # a signal during validation or DDP
+                    if self.guard.pending:
+                        self.guard.release()
+                    raise SystemExit(-1)  # ranks without the signal: the requeued job starts them again
+        finally:
+            self.guard.restore()
+        return progress
 
-            ((train_loss, train_acc), val), epoch_time = self._timed(
-                lambda: (self.train_one_epoch(epoch), self.evaluate("val", f"epoch {epoch} val")))
-            _, ke_time = self._timed(self.coupling.equalize)
-            ke_val, ke_eval_extra = self._timed(lambda: self.evaluate("val", f"epoch {epoch} val after KE"))
+    def _one_epoch(self, progress: Progress) -> None:
+        cfg = self.cfg
+        epoch = progress.epoch + 1
+        self._started = started = time.perf_counter()
+        self._record_system(epoch, "start")
+        lr = self.optimizer.param_groups[0]["lr"]
+        self._carried = carried = (progress.partial or {}).get("elapsed_s", 0.0)  # before an interruption
 
-            row = dict(zip(EPOCH_COLUMNS, [
-                epoch, lr, train_loss, train_acc, val["loss"], val["top1"], ke_val["loss"], ke_val["top1"],
-                round(epoch_time, 6), round(ke_time, 9), round(ke_time + ke_eval_extra, 6)]))
+        ((train_loss, train_acc), val), epoch_time = self._timed(
+            lambda: (self.train_one_epoch(epoch, progress), self.evaluate("val", f"epoch {epoch} val")))
+        _, ke_time = self._timed(self.coupling.equalize)
+        ke_val, ke_eval_extra = self._timed(lambda: self.evaluate("val", f"epoch {epoch} val after KE"))
+
+        row = dict(zip(EPOCH_COLUMNS, [
+            epoch, lr, train_loss, train_acc, val["loss"], val["top1"], ke_val["loss"], ke_val["top1"],
+            round(carried + epoch_time, 6), round(ke_time, 9), round(ke_time + ke_eval_extra, 6)]))
+        if self.world.is_main:
             self.files.epochs.append(row)
             self.logger.log_epoch(row)
-            log.info("epoch %d/%d  lr %.3g  train loss %.4f acc %.2f%%  val loss %.4f acc %.2f%%  "
-                     "after KE: val loss %.4f acc %.2f%%  (%.1fs, KE %.2gs)", epoch, cfg.epochs, lr, train_loss,
-                     train_acc, val["loss"], val["top1"], ke_val["loss"], ke_val["top1"], epoch_time, ke_time)
-            self._record_system(epoch, "end")
+        log.info("epoch %d/%d  lr %.3g  train loss %.4f acc %.2f%%  val loss %.4f acc %.2f%%  "
+                 "after KE: val loss %.4f acc %.2f%%  (%.1fs, KE %.2gs)", epoch, cfg.epochs, lr, train_loss,
+                 train_acc, val["loss"], val["top1"], ke_val["loss"], ke_val["top1"], epoch_time, ke_time)
+        self._record_system(epoch, "end")
 
-            progress.epoch = epoch
-            if not math.isfinite(train_loss):
-                progress.diverged_at = epoch
-                log.error("training loss is %s at epoch %d: stopping (diverged)", train_loss, epoch)
-            else:
-                metric = val["loss"] if cfg.select_by == "val_loss" else ke_val["loss"]
-                if metric < progress.best_metric:  # the weights are the equalized ones, as in the seed
-                    progress.best_metric, progress.best_epoch, progress.bad_epochs = metric, epoch, 0
+        progress.epoch = epoch
+        if not math.isfinite(train_loss):
+            progress.diverged_at = epoch
+            log.error("training loss is %s at epoch %d: stopping (diverged)", train_loss, epoch)
+        else:
+            metric = val["loss"] if cfg.select_by == "val_loss" else ke_val["loss"]
+            if metric < progress.best_metric:  # the weights are the equalized ones, as in the seed
+                progress.best_metric, progress.best_epoch, progress.bad_epochs = metric, epoch, 0
+                if self.world.is_main:
                     save_torch(self.files.best, self.model.state_dict())
-                else:
-                    progress.bad_epochs += 1
-                if progress.bad_epochs >= cfg.patience:
-                    progress.stopped_early = True
-                    log.info("early stopping: %s has not improved for %d epochs", cfg.select_by, cfg.patience)
-                else:
-                    self.scheduler.step()
-            progress.elapsed_s += time.perf_counter() - started
-            self._save_last(progress)
-        return progress
+            else:
+                progress.bad_epochs += 1
+            if progress.bad_epochs >= cfg.patience:
+                progress.stopped_early = True
+                log.info("early stopping: %s has not improved for %d epochs", cfg.select_by, cfg.patience)
+            else:
+                self.scheduler.step()
+        progress.elapsed_s += carried + time.perf_counter() - started
+        self._save_last(progress)
 
     def final_metrics(self) -> dict:
         """The best model, equalized, on validation and test (the seed's last cells, test added)."""
+        barrier()  # rank 0 has written best.pt
         if self.files.best.exists():
             self.model.load_state_dict(torch.load(self.files.best, map_location=self.device, weights_only=True))
         self.coupling.equalize()

@@ -19,9 +19,11 @@ SELECT_BY = ("val_loss", "ke_val_loss")
 def usable_cpus() -> int:
     """CPUs this process may run on (a SLURM allocation, taskset), not the machine's count."""
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    allocated = os.environ.get("SLURM_CPUS_PER_TASK")  # a cluster without CPU binding still allocates
+    return min(cpus, int(allocated)) if allocated and allocated.isdigit() else cpus
 
 
 def _int(key: str, value, minimum: int, allow=()) -> None:

@@ -1,0 +1,138 @@
+"""hydra-submitit-launcher's launchers, plus what a long sweep on a cluster needs:
+
+- runs whose directory already holds a finished run (`status: done`) are not submitted again, so
+  re-launching a sweep's command with `hydra.sweep.dir=<that sweep>` finishes it;
+- `detach: true` submits the job array and returns at once, writing `manifest.json` (job id ↔
+  overrides ↔ run dir ↔ submission time) into the sweep directory for `launch/collect.py`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
+from omegaconf import OmegaConf, open_dict
+
+from coupled_net.results import read_json, write_json
+
+log = logging.getLogger(__name__)
+OWN_KEYS = ("detach", "skip_done")
+
+
+class SweepAwareLauncher(BaseSubmititLauncher):
+    def __init__(self, **params: Any) -> None:
+        own = {k: params.pop(k) for k in OWN_KEYS if k in params}
+        super().__init__(**params)
+        self.detach, self.skip_done = bool(own.get("detach", False)), bool(own.get("skip_done", True))
+
+    def run_dir(self, overrides: Sequence[str], job_num: int) -> Path:
+        """The directory Hydra will give job `job_num` of this sweep."""
+        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        with open_dict(cfg.hydra.job):
+            cfg.hydra.job.num = job_num
+        return Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        import submitit
+
+        jobs = [(initial_job_idx + i, list(o), self.run_dir(o, initial_job_idx + i)) for i, o in enumerate(job_overrides)]
+        returns: dict[int, JobReturn] = {}
+        todo = []
+        for num, overrides, run_dir in jobs:
+            if self.skip_done and (read_json(run_dir / "results.json") or {}).get("status") == "done":
+                log.info("\t#%d : %s — already done, not submitted", num, " ".join(filter_overrides(overrides)))
+                returns[num] = _finished(overrides, "done")
+            else:
+                log.info("\t#%d : %s", num, " ".join(filter_overrides(overrides)))
+                todo.append((num, overrides, run_dir))
+        if todo:
+            executor = self._executor()
+            sweep_dir = Path(str(self.config.hydra.sweep.dir))
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+            params = [(o, "hydra.sweep.dir", num, f"job_id_for_{num}", Singleton.get_state()) for num, o, _ in todo]
+            submitted = executor.map_array(self, *zip(*params))
+            self._write_manifest(sweep_dir, todo, submitted)
+            if self.detach:
+                log.info("detached: %d job(s) submitted (%s); follow them with `python launch/collect.py %s`",
+                         len(submitted), ", ".join(j.job_id for j in submitted), sweep_dir)
+                for (num, overrides, _), job in zip(todo, submitted):
+                    returns[num] = _finished(overrides, f"submitted as SLURM job {job.job_id}")
+            else:
+                for (num, _, _), job in zip(todo, submitted):
+                    returns[num] = job.results()[0]
+        return [returns[num] for num, _, _ in jobs]
+
+    def _executor(self):
+        """Built as BaseSubmititLauncher.launch builds it."""
+        import submitit
+        from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+        specific_init = {"max_num_timeout"}
+        init = {"folder": self.params["submitit_folder"],
+                **{f"{self._EXECUTOR}_{k}": v for k, v in self.params.items() if k in specific_init}}
+        executor = submitit.AutoExecutor(cluster=self._EXECUTOR, **init)
+        base = set(OmegaConf.structured(BaseQueueConf).keys())
+        executor.update_parameters(**{k if k in base else f"{self._EXECUTOR}_{k}": v for k, v in self.params.items()
+                                      if k not in specific_init | {"submitit_folder"}})
+        return executor
+
+    def _write_manifest(self, sweep_dir: Path, todo, submitted) -> None:
+        path = sweep_dir / "manifest.json"
+        manifest = read_json(path) or {"sweep_dir": str(sweep_dir), "jobs": []}
+        now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        for (num, overrides, run_dir), job in zip(todo, submitted):
+            manifest["jobs"].append({"job_id": str(job.job_id), "job_num": num, "overrides": overrides,
+                                     "run_dir": str(run_dir), "submitted_at": now, "executor": self._EXECUTOR})
+        write_json(path, manifest)
+
+
+def _finished(overrides, value) -> JobReturn:
+    ret = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED)
+    ret.return_value = value
+    return ret
+
+
+class SlurmLauncher(SweepAwareLauncher):
+    _EXECUTOR = "slurm"
+
+
+class LocalLauncher(SweepAwareLauncher):
+    _EXECUTOR = "local"
+
+
+@dataclass
+class CoupledSlurmConf(SlurmQueueConf):
+    _target_: str = "hydra_plugins.coupled_net_launcher.launcher.SlurmLauncher"
+    detach: bool = False
+    skip_done: bool = True
+
+
+@dataclass
+class CoupledLocalConf(LocalQueueConf):
+    _target_: str = "hydra_plugins.coupled_net_launcher.launcher.LocalLauncher"
+    detach: bool = False
+    skip_done: bool = True
+
+
+def register_configs() -> None:
+    """hydra/launcher=coupled_net_slurm|coupled_net_local (the schemas of conf/hydra/launcher/*.yaml)."""
+    cs = ConfigStore.instance()
+    cs.store(group="hydra/launcher", name="coupled_net_slurm", node=CoupledSlurmConf, provider="coupled_net")
+    cs.store(group="hydra/launcher", name="coupled_net_local", node=CoupledLocalConf, provider="coupled_net")
+
+
+def register_plugins() -> None:
+    """Hydra finds plugins by scanning hydra_plugins/ on disk, which misses an editable install's
+    path hook: register the launchers explicitly (before Hydra starts)."""
+    from hydra.core.plugins import Plugins
+
+    for launcher in (SlurmLauncher, LocalLauncher):
+        Plugins.instance().register(launcher)
