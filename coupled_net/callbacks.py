@@ -28,6 +28,10 @@ class SweepReport(Callback):
             return
         print(md, flush=True)
         log.info("sweep summary written to %s/summary.{csv,md,tex} and summary_*.png", sweep_dir)
+        if config.hydra.launcher.get("detach", False):
+            log.info("detached sweep: its runs go on in SLURM; `python launch/collect.py %s` shows their state",
+                     sweep_dir)
+            return
         bad = df[~df["status"].isin(["done", "diverged"])]
         if len(bad):
             names = "; ".join(f"{Path(r.run_dir).name} ({r.status}: {r.error})" for r in bad.itertuples())

@@ -99,10 +99,54 @@ def run_row(run_dir: Path, cfg: dict) -> dict:
     return row
 
 
+def manifest_jobs(paths) -> dict[str, str]:
+    """run_dir -> SLURM job id, from the manifest.json of every sweep at or below `paths`."""
+    jobs = {}
+    for root in map(Path, paths):
+        for manifest in [root / "manifest.json", *root.rglob("*/manifest.json")]:
+            for job in (read_json(manifest) or {}).get("jobs", []):
+                jobs[str(Path(job["run_dir"]))] = job["job_id"]  # a later submission of the same run wins
+    return jobs
+
+
+def squeue_states() -> dict[str, tuple[str, str]]:
+    """job id -> (state, reason) of every job SLURM still knows about; {} without SLURM."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T|%r"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    if out.returncode != 0:
+        return {}
+    states = {}
+    for line in out.stdout.splitlines():
+        job_id, state, reason = (line.split("|") + ["", ""])[:3]
+        states[job_id.strip()] = (state.strip(), reason.strip())
+    return states
+
+
+def slurm_state(job_id: str, status: str, queue: dict) -> str:
+    """A finished run's own record first; else pending / running / requeued from squeue while SLURM
+    knows the job; else what the run dir says."""
+    if status == "done":
+        return "completed"
+    if status in ("failed", "diverged", "unreadable"):
+        return "failed"
+    if job_id in queue:
+        state, reason = queue[job_id]
+        if state in ("REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED") or (state == "PENDING" and reason == "BeginTime"):
+            return "requeued"
+        return {"PENDING": "pending", "RUNNING": "running", "COMPLETING": "running",
+                "CONFIGURING": "running", "SUSPENDED": "suspended"}.get(state, state.lower())
+    return "pending" if status == "no results" else "failed"  # running, but SLURM no longer has it
+
+
 def collect(paths) -> pd.DataFrame:
     """One row per run below `paths`: SPEC §6's columns, then coupling mode/schedule and every
-    config key or +label that varies across the runs."""
-    runs = find_runs(paths)
+    config key or +label that varies across the runs (and the SLURM state of detached sweeps)."""
+    jobs = manifest_jobs(paths)
+    runs = sorted(set(find_runs(paths)) | {Path(r) for r in jobs})  # submitted runs may not have a dir yet
     configs = [run_config(r) for r in runs]
     rows = [run_row(r, c) for r, c in zip(runs, configs)]
     keys = sorted({k for c in configs for k in c} - SHOWN.keys())
@@ -110,7 +154,13 @@ def collect(paths) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=LEADING + IDENTITY + TRAILING)
     for k in varying:
         df[k] = [c.get(k) for c in configs]
-    return df[LEADING + IDENTITY + varying + TRAILING]
+    slurm = []
+    if jobs:
+        queue = squeue_states()
+        df["slurm_job_id"] = [jobs.get(r) for r in df["run_dir"]]
+        df["slurm_state"] = [slurm_state(j, s, queue) if j else None for j, s in zip(df["slurm_job_id"], df["status"])]
+        slurm = ["slurm_job_id", "slurm_state"]
+    return df[LEADING + IDENTITY + slurm + varying + TRAILING]
 
 
 def _mean_std(values: pd.Series) -> str:
@@ -131,7 +181,7 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     done = df[df["status"] == "done"]
     if done.empty:
         return pd.DataFrame()
-    extra = [c for c in df.columns if c not in LEADING + IDENTITY + TRAILING]
+    extra = [c for c in df.columns if c not in LEADING + IDENTITY + TRAILING + ["slurm_job_id", "slurm_state"]]
     group = ["model", "dataset", "alpha", *IDENTITY, *extra, "device"]
     rows = []
     for key, g in done.groupby([done[c].astype(str) for c in group], sort=False, dropna=False):
@@ -145,7 +195,8 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def not_aggregated(df: pd.DataFrame) -> pd.DataFrame:
-    cols = ["run_dir", "status", "epochs_run", "last_val_acc", "error"]
+    cols = ["run_dir", "status", *[c for c in ("slurm_job_id", "slurm_state") if c in df], "epochs_run",
+            "last_val_acc", "error"]
     return df.loc[df["status"] != "done", cols]
 
 

@@ -286,8 +286,10 @@ class EpochLoader:
                  pin_memory: bool, seed: int, rank: int = 0, world_size: int = 1):
         self.batch_size = batch_size
         self.sampler = EpochSampler(len(dataset), shuffle, seed, rank, world_size)
+        # its own generator: each iterator draws a worker base seed, which must not come from the global
+        # RNG (dropout's), or a run resumed mid-epoch would draw it at a different point
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
-                                 pin_memory=pin_memory, persistent_workers=False)
+                                 pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed))
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.sampler.set_epoch(epoch, start_batch * self.batch_size)

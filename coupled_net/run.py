@@ -69,7 +69,7 @@ def write_model_summary(model: torch.nn.Module, channels: int, size: int, coupli
 
 
 def _settings(tcfg, device: torch.device) -> tuple[int, int]:
-    cpus = usable_cpus()
+    cpus = max(1, usable_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # torchrun: ranks share a node
     threads = cpus if tcfg.threads == "auto" else int(tcfg.threads)
     if tcfg.num_workers != "auto":
         workers = int(tcfg.num_workers)
@@ -97,6 +97,17 @@ def load_resume_point(files: RunFiles, device: torch.device) -> tuple[dict | Non
     return None, None
 
 
+def gather_digests(coupling: Coupling) -> list[str]:
+    import torch.distributed as dist
+
+    digest = hashlib.sha256()
+    for _, conv in coupling.layers:
+        digest.update(conv.weight.detach().cpu().numpy().tobytes())
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, digest.hexdigest()[:16])
+    return out
+
+
 def prepare_config(cfg: DictConfig) -> None:
     """Fill what follows from the data itself (image_folder's class count) before the model is built."""
     if cfg.dataset.name == "image_folder" and cfg.dataset.get("num_classes") is None:
@@ -121,6 +132,8 @@ def build(cfg: DictConfig) -> Experiment:
     validate(cfg)
     prepare_config(cfg)  # idempotent: fills only what is missing
     world = init_world(cfg.trainer.device)
+    if not world.is_main:  # one voice in the log: rank 0's
+        logging.getLogger("coupled_net").setLevel(logging.WARNING)
     device = resolve_device(cfg.trainer.device)
     if world.active and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
@@ -180,7 +193,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     if checkpoint is not None:
         progress = trainer.load_state(checkpoint)
         resumes += 1
-        log.info("resuming from %s after epoch %d (resume #%d)", path, progress.epoch, resumes)
+        where = f"epoch {progress.epoch}" if not progress.partial else \
+            f"step {progress.partial['step']} of epoch {progress.partial['epoch']}"
+        log.info("resuming from %s after %s (resume #%d)", path, where, resumes)
     if main:
         files.epochs.keep_epochs_upto(progress.epoch)  # rows written after that checkpoint (or any, from scratch)
         if not files.summary.exists():
@@ -217,6 +232,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         monitor.close()
         trainer.logger.close()
 
+    if world.active:  # evidence that equalization kept every rank's coupled layers identical
+        results["coupled_layer_digest_per_rank"] = gather_digests(coupling)
     if not main:
         return results
     rows = files.epochs.rows()

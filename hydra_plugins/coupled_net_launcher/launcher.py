@@ -27,6 +27,20 @@ log = logging.getLogger(__name__)
 OWN_KEYS = ("detach", "skip_done")
 
 
+class _SacctOnce(logging.Filter):
+    """Clusters without accounting make submitit warn at every poll; say it once."""
+    said = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "Bypassing sacct error" not in record.getMessage():
+            return True
+        if _SacctOnce.said:
+            return False
+        _SacctOnce.said = True
+        record.msg, record.args = "sacct is unavailable (no SLURM accounting): job states come from result files", ()
+        return True
+
+
 class SweepAwareLauncher(BaseSubmititLauncher):
     def __init__(self, **params: Any) -> None:
         own = {k: params.pop(k) for k in OWN_KEYS if k in params}
@@ -38,10 +52,10 @@ class SweepAwareLauncher(BaseSubmititLauncher):
         cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
         with open_dict(cfg.hydra.job):
             cfg.hydra.job.num = job_num
-        return Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
+        return (Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)).absolute()
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        import submitit
+        logging.getLogger("submitit").addFilter(_SacctOnce())
 
         jobs = [(initial_job_idx + i, list(o), self.run_dir(o, initial_job_idx + i)) for i, o in enumerate(job_overrides)]
         returns: dict[int, JobReturn] = {}

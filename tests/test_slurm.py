@@ -1,0 +1,209 @@
+"""The sweep as SLURM jobs on a real one-node cluster (.ci/slurm_up.sh brings it up; no mocked
+sbatch): run dirs like a local sweep's, hard requeue, the pre-timeout signal, finishing a sweep,
+detached mode; and DistributedDataParallel with 2 gloo ranks, from torchrun and from SLURM tasks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from coupled_net.collect import collect
+from conftest import REPO, TRAIN, run_cli
+
+pytestmark = pytest.mark.slow
+
+SLURM = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",
+         "hydra.launcher.mem_per_cpu=1G", "hydra.launcher.timeout_min=20"]
+FAST = ["experiment=quickstart", "dataset.train_per_class=40", "dataset.test_per_class=10"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster():
+    """The real one-node SLURM cluster (started here if .ci/run has not already)."""
+    proc = subprocess.run(["bash", str(REPO / ".ci" / "slurm_up.sh")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def results(run_dir):
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def run_dirs(sweep):
+    return sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def manifest(sweep):
+    return json.loads((sweep / "manifest.json").read_text())
+
+
+def squeue(job_id):
+    out = subprocess.run(["squeue", "-h", "-r", "-j", job_id, "-o", "%T|%r"], capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def wait_for(predicate, timeout=240, every=0.2, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def epochs_done(run_dir) -> int:
+    path = run_dir / "epochs.csv"
+    return max(0, len(path.read_text().splitlines()) - 1) if path.exists() else 0
+
+
+def release_requeued(job_id):
+    """A requeued job waits ~2 min (BeginTime) unless released."""
+    wait_for(lambda: "PENDING" in squeue(job_id) or "REQUEUE" in squeue(job_id), what=f"{job_id} requeued")
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+
+
+def start_sweep(*args, cwd):
+    return subprocess.Popen([sys.executable, str(TRAIN), "-m", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_a_slurm_sweep_gives_the_run_dirs_of_a_local_sweep(tmp_path):
+    common = [*FAST, "trainer.epochs=2", "coupling.alpha=0,2", f"dataset.root={tmp_path}"]
+    slurm = run_cli("-m", *SLURM, *common, f"hydra.sweep.dir={tmp_path / 'slurm'}", cwd=tmp_path)
+    assert slurm.returncode == 0, slurm.stdout[-3000:] + slurm.stderr[-3000:]
+    local = run_cli("-m", *common, f"hydra.sweep.dir={tmp_path / 'local'}", cwd=tmp_path)
+    assert local.returncode == 0, local.stderr[-3000:]
+    jobs = {j["run_dir"]: j["job_id"] for j in manifest(tmp_path / "slurm")["jobs"]}
+    for s, l in zip(run_dirs(tmp_path / "slurm"), run_dirs(tmp_path / "local")):
+        assert s.name == l.name
+        files = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())  # noqa: E731
+        assert files(s) == files(l)
+        rs, rl = results(s), results(l)
+        assert rs.keys() == rl.keys() and rs["status"] == "done" and rs["epochs_run"] == 2
+        assert list(pd.read_csv(s / "epochs.csv").columns) == list(pd.read_csv(l / "epochs.csv").columns)
+        assert rs["provenance"]["slurm_job_id"] == jobs[str(s)] and rl["provenance"]["slurm_job_id"] is None
+    assert (tmp_path / "slurm" / "summary.md").is_file()
+
+
+def test_a_hard_requeued_job_resumes_and_matches_its_twin(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = start_sweep(*SLURM, *FAST, "dataset.train_per_class=150", "trainer.epochs=4", "+copy=a,b",
+                       f"hydra.sweep.dir={sweep}", f"dataset.root={tmp_path}", cwd=tmp_path)
+    twin = wait_for(lambda: (sweep / "manifest.json").exists() and manifest(sweep), what="manifest")["jobs"][1]
+    run_dir = sweep / twin["run_dir"].split("/")[-1]
+    wait_for(lambda: epochs_done(run_dir) >= 2, what="two epochs")
+    subprocess.run(["scontrol", "requeue", twin["job_id"]], check=True)
+    release_requeued(twin["job_id"])
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    a, b = run_dirs(sweep)
+    assert b == run_dir
+    ra, rb = results(a), results(b)
+    assert (rb["status"], ra["resumes"]) == ("done", 0) and rb["resumes"] >= 1
+    assert list(pd.read_csv(b / "epochs.csv")["epoch"]) == [1, 2, 3, 4]
+    assert rb["metrics"] == ra["metrics"]
+
+
+def test_the_pre_timeout_signal_saves_mid_epoch_and_the_requeued_job_finishes_the_same(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = start_sweep(*SLURM, *FAST, "dataset.train_per_class=300", "trainer.epochs=3", "+copy=a,b",
+                       f"hydra.sweep.dir={sweep}", f"dataset.root={tmp_path}", cwd=tmp_path)
+    twin = wait_for(lambda: (sweep / "manifest.json").exists() and manifest(sweep), what="manifest")["jobs"][1]
+    run_dir = sweep / twin["run_dir"].split("/")[-1]
+    wait_for(lambda: epochs_done(run_dir) >= 1, what="one epoch")
+    time.sleep(1.0)  # into epoch 2
+    subprocess.run(["scancel", "--signal=USR2", twin["job_id"]], check=True)  # what SLURM sends before a timeout
+    release_requeued(twin["job_id"])
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    a, b = run_dirs(sweep)
+    log = (b / "train.log").read_text()
+    assert "caught SIGUSR2: saving a checkpoint at the end of this step" in log
+    assert "of epoch 2 (resume #1)" in log  # resumed mid-epoch, from the step it stopped at
+    ra, rb = results(a), results(b)
+    assert (rb["status"], rb["resumes"]) == ("done", 1)
+    assert list(pd.read_csv(b / "epochs.csv")["epoch"]) == [1, 2, 3]
+    assert rb["metrics"] == ra["metrics"]
+    ea = pd.read_csv(a / "epochs.csv").drop(columns=["epoch_time_s", "ke_time_s", "ke_eval_time_s"])
+    eb = pd.read_csv(b / "epochs.csv").drop(columns=["epoch_time_s", "ke_time_s", "ke_eval_time_s"])
+    pd.testing.assert_frame_equal(ea, eb)
+
+
+def test_relaunching_a_half_finished_sweep_submits_only_the_unfinished_runs(tmp_path):
+    args = [*SLURM, *FAST, "trainer.epochs=2", "coupling.alpha=0,2", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+            f"dataset.root={tmp_path}"]
+    first = run_cli("-m", *args, cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    done, unfinished = run_dirs(tmp_path / "sweep")
+    res = results(unfinished)
+    res["status"] = "running"  # as a job killed before its final evaluation leaves it
+    (unfinished / "results.json").write_text(json.dumps(res))
+    before = (done / "results.json").read_bytes()
+
+    again = run_cli("-m", *args, cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    jobs = manifest(tmp_path / "sweep")["jobs"]
+    assert [j["job_num"] for j in jobs] == [0, 1, 1]  # the second launch submitted job 1 only
+    assert "already done, not submitted" in again.stdout + again.stderr
+    assert (done / "results.json").read_bytes() == before
+    assert (results(unfinished)["status"], results(unfinished)["resumes"]) == ("done", 1)
+
+
+def test_detached_mode_returns_at_once_and_collect_follows_the_jobs(tmp_path):
+    sweep = tmp_path / "sweep"
+    start = time.perf_counter()
+    proc = run_cli("-m", *SLURM, "hydra.launcher.detach=true", *FAST, "trainer.epochs=3", "coupling.alpha=0,2",
+                   f"hydra.sweep.dir={sweep}", f"dataset.root={tmp_path}", cwd=tmp_path)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    jobs = manifest(sweep)["jobs"]
+    assert len(jobs) == 2 and all(j["job_id"] and j["run_dir"] and j["submitted_at"] for j in jobs)
+    early = collect([sweep])
+    assert elapsed < 60 and not (early["status"] == "done").all()
+    assert set(early["slurm_state"]) <= {"pending", "running", "completed"}
+    assert set(early["slurm_state"]) & {"pending", "running"}
+    for job in jobs:
+        wait_for(lambda: (json.loads(open(f"{job['run_dir']}/results.json").read()) if
+                          (sweep / job["run_dir"].split("/")[-1] / "results.json").exists() else {})
+                 .get("status") == "done", timeout=300, what="the detached runs to finish")
+    late = collect([sweep])
+    assert list(late["slurm_state"]) == ["completed", "completed"]
+    assert list(late["slurm_job_id"]) == [j["job_id"] for j in jobs]
+
+
+def ddp_checks(run_dir):
+    res = results(run_dir)
+    assert (res["status"], res["world_size"]) == ("done", 2)
+    digests = res["coupled_layer_digest_per_rank"]
+    assert len(digests) == 2 and digests[0] == digests[1]  # KE kept the ranks' coupled layers identical
+    assert list(pd.read_csv(run_dir / "epochs.csv")["epoch"]) == [1, 2]  # one row per epoch: rank 0 writes
+    import torch
+
+    best = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
+    w = best["features.0.weight"]
+    assert torch.equal(w[0], w[1]) and torch.equal(w[2], w[3]) and not torch.equal(w[4], w[5])
+    return res
+
+
+def test_ddp_with_two_gloo_ranks_from_torchrun(tmp_path):
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(TRAIN), *FAST,
+            "trainer.epochs=2", "coupling.alpha=2", "trainer.device=cpu", f"hydra.run.dir={tmp_path / 'run'}",
+            f"dataset.root={tmp_path}"]
+    proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = ddp_checks(tmp_path / "run")
+    assert res["metrics"]["val"]["top1"] >= 0
+
+
+def test_ddp_with_two_slurm_tasks(tmp_path):
+    proc = run_cli("-m", *SLURM, "hydra.launcher.tasks_per_node=2", *FAST, "trainer.epochs=2", "coupling.alpha=2",
+                   "trainer.device=cpu", f"hydra.sweep.dir={tmp_path / 'sweep'}", f"dataset.root={tmp_path}",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run_dir,) = run_dirs(tmp_path / "sweep")
+    ddp_checks(run_dir)
