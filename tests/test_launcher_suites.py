@@ -1,0 +1,43 @@
+"""Our launchers subclass hydra-submitit-launcher's; like it, their local (blocking) variant must pass
+Hydra's own launcher test suites."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.core.plugins import Plugins
+from hydra.plugins.launcher import Launcher
+from hydra.test_utils.launcher_common_tests import IntegrationTestSuite, LauncherTestSuite
+
+from hydra_plugins.coupled_net_launcher.launcher import LocalLauncher, SlurmLauncher
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def plugin_on_path(monkeypatch):
+    """Hydra discovers plugins by scanning hydra_plugins/ on sys.path; the suites' subprocesses too."""
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+
+
+@pytest.mark.parametrize("cls", [LocalLauncher, SlurmLauncher])
+def test_discovery(cls) -> None:
+    assert cls.__name__ in [x.__name__ for x in Plugins.instance().discover(Launcher)]
+
+
+@pytest.mark.parametrize("launcher_name, overrides",
+                         [("coupled_net_local", ["hydra.launcher.gpus_per_node=0", "hydra.launcher.timeout_min=1"])])
+class TestCoupledNetLocalLauncher(LauncherTestSuite):
+    pass
+
+
+@pytest.mark.parametrize("task_launcher_cfg, extra_flags", [(
+    {"defaults": [{"override hydra/launcher": "coupled_net_local"}, {"override hydra/hydra_logging": "disabled"},
+                  {"override hydra/job_logging": "disabled"}, "_self_"],
+     "hydra": {"launcher": {"gpus_per_node": 0, "timeout_min": 1}}},
+    ["-m"],
+)])
+class TestCoupledNetLocalLauncherIntegration(IntegrationTestSuite):
+    pass
