@@ -4,6 +4,7 @@ user's image folder, and the offline synthetic letters; seeded splits; the seed'
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -217,8 +218,8 @@ def build_splits(dcfg, input_size: int, seed: int) -> DataSplits:
     random_split) and the dataset's own test set, with the seed's transforms."""
     if dcfg.name not in NAMES:
         raise ConfigError("dataset", dcfg.name, f"allowed: {', '.join(NAMES)}")
-    if dcfg.get("pipeline", "pil") != "pil":
-        raise ConfigError("dataset.pipeline", dcfg.pipeline, "allowed: pil")
+    if dcfg.get("pipeline", "pil") not in PIPELINES:
+        raise ConfigError("dataset.pipeline", dcfg.get("pipeline"), f"allowed: {', '.join(PIPELINES)}")
     train_tf, eval_tf = seed_transforms(input_size, dcfg.mean, dcfg.std)
     if dcfg.name == "image_folder":
         train_src, pool, test_src, test_idx, _ = image_folder_sources(dcfg, seed)
@@ -299,6 +300,58 @@ class EpochLoader:
 
     def __iter__(self):
         return iter(self.loader)
+
+
+class TensorLoader:
+    """Batches of a split held as one uint8 tensor on the training device, augmented a whole batch
+    at a time (coupled_net.augment) instead of image by image; no DataLoader, no workers. The order
+    and every batch's random parameters are functions of (seed, epoch, batch, rank) alone."""
+
+    def __init__(self, split: SplitDataset, device: torch.device, size: int, mean, std, batch_size: int,
+                 train: bool, seed: int, rank: int = 0, world_size: int = 1):
+        src = split.source
+        if not isinstance(src, ArraySource):
+            raise ConfigError("dataset.pipeline", "tensor", "needs a dataset held in memory; use pil for image_folder")
+        images = src.images[split.indices]
+        images = images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2)
+        self.images = images.contiguous().to(device)
+        self.labels = (src.labels[split.indices] - split.label_offset).to(device)
+        self.mean = torch.tensor(list(mean), dtype=torch.float32, device=device)
+        self.std = torch.tensor(list(std), dtype=torch.float32, device=device)
+        self.size, self.batch_size, self.train, self.seed, self.rank = size, batch_size, train, seed, rank
+        self.sampler = EpochSampler(len(split), train, seed, rank, world_size)
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start_batch * self.batch_size)
+        self.start_batch = start_batch
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    def __iter__(self):
+        from .augment import augment_batch
+
+        order = self.sampler._order()[0][self.sampler.start:].to(self.images.device)
+        for b, first in enumerate(range(0, len(order), self.batch_size), start=self.start_batch):
+            idx = order[first:first + self.batch_size]
+            gen = None
+            if self.train:
+                key = ((self.seed * 1_000_003 + self.sampler.epoch) * 1_000_003 + b) * 4096 + self.rank
+                gen = torch.Generator().manual_seed(key % 2**63)
+            yield augment_batch(self.images[idx], self.size, self.mean, self.std, gen), self.labels[idx]
+
+
+PIPELINES = ("tensor", "pil")
+
+
+def build_loader(split: SplitDataset, dcfg, *, train: bool, device: torch.device, size: int, batch_size: int,
+                 workers: int, seed: int, rank: int = 0, world_size: int = 1):
+    """`dataset.pipeline`: tensor (the split in memory, batch augmentation) or pil (the seed's per-image
+    transforms in DataLoader workers)."""
+    if dcfg.pipeline == "tensor":
+        return TensorLoader(split, device, size, dcfg.mean, dcfg.std, batch_size, train, seed, rank, world_size)
+    return EpochLoader(split, batch_size, train, workers, device.type == "cuda", seed, rank, world_size)
 
 
 def prepare(dcfg) -> str:

@@ -147,12 +147,14 @@ def build(cfg: DictConfig) -> Experiment:
     model = instantiate(cfg.model)
     coupling = Coupling(model, **cfg.coupling)
     splits = data.build_splits(cfg.dataset, cfg.model.input_size, cfg.seed)
-    pin = device.type == "cuda"
-    t, shard = cfg.trainer, dict(rank=world.rank, world_size=world.size)
+    t = cfg.trainer
+    common = dict(device=device, size=cfg.model.input_size, workers=workers, seed=cfg.seed, rank=world.rank,
+                  world_size=world.size)
     loaders = {
-        "train": data.EpochLoader(splits.train, t.batch_size // world.size, True, workers, pin, cfg.seed, **shard),
-        "val": data.EpochLoader(splits.val, t.eval_batch_size, False, workers, pin, cfg.seed, **shard),
-        "test": data.EpochLoader(splits.test, t.eval_batch_size, False, workers, pin, cfg.seed, **shard),
+        "train": data.build_loader(splits.train, cfg.dataset, train=True, batch_size=t.batch_size // world.size,
+                                   **common),
+        "val": data.build_loader(splits.val, cfg.dataset, train=False, batch_size=t.eval_batch_size, **common),
+        "test": data.build_loader(splits.test, cfg.dataset, train=False, batch_size=t.eval_batch_size, **common),
     }
     return Experiment(model.to(device), coupling, device, loaders, threads, workers, world)
 

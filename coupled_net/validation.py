@@ -66,6 +66,7 @@ def validate(cfg: DictConfig) -> None:
     _choice("trainer.deterministic", t.deterministic, (True, False))
     _choice("trainer.progress", t.progress, ("auto", True, False))
     _fraction("dataset.val_fraction", d.val_fraction)
+    _choice("dataset.pipeline", d.get("pipeline"), ("tensor", "pil"))
     _int("model.input_size", cfg.model.input_size, 1)
     _choice("coupling.mode", cfg.coupling.mode, MODES)
     _choice("coupling.schedule", cfg.coupling.schedule, SCHEDULES)

@@ -22,6 +22,18 @@ def plugin_on_path(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(REPO))
 
 
+@pytest.fixture(autouse=True)
+def unset_version_base():
+    """The suites' apps expect Hydra's default version base; our other tests composed with 1.3 in this
+    process, and Hydra keeps the version base in a process-wide singleton."""
+    from hydra.version import VersionBase, _UNSPECIFIED_
+
+    instance = VersionBase.instance()
+    saved, instance.version_base = instance.version_base, _UNSPECIFIED_
+    yield
+    instance.version_base = saved
+
+
 @pytest.mark.parametrize("cls", [LocalLauncher, SlurmLauncher])
 def test_discovery(cls) -> None:
     assert cls.__name__ in [x.__name__ for x in Plugins.instance().discover(Launcher)]
