@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from .results import RunFiles, write_json
 from .run import build
-from .trainer import evaluate
+from .trainer import Numerics, evaluate
 
 SPLITS = {"val": ["val"], "test": ["test"], "both": ["val", "test"]}
 
@@ -23,10 +23,11 @@ def evaluate_run(run_dir: str | Path, split: str = "both") -> dict:
     exp = build(cfg)
     exp.model.load_state_dict(torch.load(files.best, map_location=exp.device, weights_only=True))
     limit = cfg.trainer.limit_batches
+    numerics = Numerics.from_config(cfg.trainer, exp.device)
 
     def on(name):
         loader = exp.loaders[name]
-        return evaluate(exp.model, loader if limit is None else islice(loader, limit), exp.device)
+        return evaluate(exp.model, loader if limit is None else islice(loader, limit), exp.device, numerics)
 
     out = {"run_dir": str(files.dir), "checkpoint": str(files.best), "alpha": exp.coupling.alpha, "splits": {}}
     before = {name: on(name) for name in SPLITS[split]}

@@ -24,7 +24,7 @@ from .distributed import World, init_world
 from .errors import ConfigError, DatasetUnavailable
 from .monitor import SystemMonitor
 from .results import RunFiles, provenance
-from .trainer import Progress, Trainer
+from .trainer import Numerics, Progress, Trainer
 from .validation import resolve_device, usable_cpus, validate
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,8 @@ def build(cfg: DictConfig) -> Experiment:
         "val": data.build_loader(splits.val, cfg.dataset, train=False, batch_size=t.eval_batch_size, **common),
         "test": data.build_loader(splits.test, cfg.dataset, train=False, batch_size=t.eval_batch_size, **common),
     }
-    return Experiment(model.to(device), coupling, device, loaders, threads, workers, world)
+    model = model.to(device, memory_format=torch.channels_last if t.get("channels_last") else torch.preserve_format)
+    return Experiment(model, coupling, device, loaders, threads, workers, world)
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:
@@ -182,13 +183,16 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     monitor = SystemMonitor()
     bars = {"auto": os.isatty(2)}.get(str(cfg.trainer.progress).lower(), bool(cfg.trainer.progress))
     logger = instantiate(cfg.logger, run_dir=files.dir) if "logger" in cfg and main else None
-    ddp = None
+    train_model = model
     if world.active:
         from torch.nn.parallel import DistributedDataParallel
 
-        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.trainer.compile:
+        train_model = torch.compile(train_model)
+    numerics = Numerics.from_config(cfg.trainer, device)
     trainer = Trainer(model, coupling, optimizer, scheduler, loaders, device, cfg.trainer, files, monitor, bars,
-                      logger, world, ddp)
+                      logger, world, train_model, numerics)
 
     progress, resumes = Progress(), int(previous.get("resumes", 0))
     checkpoint, path = load_resume_point(files, device)

@@ -54,16 +54,40 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Numerics:
+    """trainer.precision (autocast; fp16 with a GradScaler) and trainer.channels_last."""
+
+    def __init__(self, device: torch.device, precision: str = "fp32", channels_last: bool = False):
+        self.device, self.dtype, self.channels_last = device, PRECISIONS[precision], channels_last
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    @classmethod
+    def from_config(cls, tcfg, device: torch.device) -> "Numerics":
+        return cls(device, tcfg.get("precision", "fp32"), bool(tcfg.get("channels_last", False)))
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, device: torch.device) -> dict:
+def evaluate(model: nn.Module, batches, device: torch.device, numerics: Numerics | None = None) -> dict:
     """Per-sample mean loss, top-1 and top-5 accuracy (percent) over `batches` of (images, labels),
     summed over all ranks."""
+    numerics = numerics or Numerics(device)
     model.eval()
     sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, top-1 hits, top-5 hits, samples
     for images, labels in batches:
-        images = images.to(device, non_blocking=True)
+        images = numerics.inputs(images)
         labels = labels.to(device, non_blocking=True)
-        outputs = model(images)
+        with numerics.autocast():
+            outputs = model(images).float()
         hits = outputs.topk(min(5, outputs.size(1)), dim=1).indices == labels.unsqueeze(1)
         sums += torch.stack([F.cross_entropy(outputs, labels, reduction="sum").double(),
                              hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
@@ -89,15 +113,17 @@ class Progress:
 class Trainer:
     def __init__(self, model: nn.Module, coupling: Coupling, optimizer, scheduler, loaders: dict[str, EpochLoader],
                  device: torch.device, tcfg, files: RunFiles, monitor: SystemMonitor, progress_bars: bool,
-                 logger=None, world: World = World(), ddp_model: nn.Module | None = None):
+                 logger=None, world: World = World(), train_model: nn.Module | None = None,
+                 numerics: Numerics | None = None):
         self.model, self.coupling, self.optimizer, self.scheduler = model, coupling, optimizer, scheduler
-        self.train_model = ddp_model or model   # what the training step runs (DDP-wrapped under DDP)
+        self.train_model = model if train_model is None else train_model  # DDP-wrapped and/or compiled
         self.loaders, self.device, self.cfg, self.files = loaders, device, tcfg, files
         self.monitor, self.bars, self.world = monitor, progress_bars and world.is_main, world
         self.logger = logger or NullLogger()
         self.system_log = CsvLog(files.dir / "system.csv", ["epoch", "phase", "time"] + monitor.columns)
         self.limit = tcfg.limit_batches
         self.guard = PreemptionGuard()
+        self.numerics = numerics or Numerics(device)
         self._started, self._carried = time.perf_counter(), 0.0
 
     # ---- one pass over the data ----------------------------------------------------------------
@@ -114,14 +140,17 @@ class Trainer:
         step = partial["step"]
         self.loaders["train"].set_epoch(epoch, step)
         sums = torch.tensor(partial["sums"], device=self.device, dtype=torch.float64)  # loss, correct, samples
+        scaler = self.numerics.scaler
         for images, labels in self._batches("train", f"epoch {epoch} train", done=step):
-            images = images.to(self.device, non_blocking=True)
+            images = self.numerics.inputs(images)
             labels = labels.to(self.device, non_blocking=True)
-            outputs = self.train_model(images)
+            with self.numerics.autocast():
+                outputs = self.train_model(images).float()
             loss = F.cross_entropy(outputs, labels)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(self.optimizer)
+            scaler.update()
             if self.coupling.schedule == "step":
                 self.coupling.equalize()
             n = labels.size(0)
@@ -139,7 +168,7 @@ class Trainer:
         return loss_sum / seen, 100.0 * correct / seen
 
     def evaluate(self, name: str, desc: str = "") -> dict:
-        return evaluate(self.model, self._batches(name, desc or name), self.device)
+        return evaluate(self.model, self._batches(name, desc or name), self.device, self.numerics)
 
     def _timed(self, fn):
         synchronize(self.device)
@@ -152,13 +181,16 @@ class Trainer:
 
     def state(self, progress: Progress) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": None, "progress": asdict(progress),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.numerics.scaler.state_dict(),
+                "progress": asdict(progress),
                 "rng": rng_state()}
 
     def load_state(self, ckpt: dict) -> Progress:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            self.numerics.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
         return Progress(**ckpt["progress"])
 

@@ -57,3 +57,21 @@ def test_step_scheduler_decays_every_step_size_epochs(tmp_path, monkeypatch):
                     f"dataset.root={tmp_path}"), tmp_path / "run")
     with open(tmp_path / "run" / "epochs.csv") as f:
         assert [float(r["lr"]) for r in csv.DictReader(f)] == pytest.approx([0.05, 0.05, 0.005, 0.005, 0.0005])
+
+
+@pytest.mark.parametrize("overrides", [
+    ["trainer.precision=bf16"], ["trainer.precision=fp16"], ["trainer.channels_last=true"],
+    pytest.param(["trainer.compile=true"], marks=pytest.mark.slow),
+], ids=["bf16", "fp16", "channels_last", "compile"])
+def test_precision_memory_format_and_compile_train_and_resume(tmp_path, overrides):
+    import torch
+
+    cfg = compose_cfg("experiment=quickstart", "dataset.train_per_class=8", "dataset.test_per_class=2",
+                      "trainer.batch_size=32", "trainer.epochs=2", *overrides, f"dataset.root={tmp_path}")
+    res = run(cfg, tmp_path / "run")
+    assert res["status"] == "done" and res["epochs_run"] == 2
+    assert 0 < res["metrics"]["val"]["loss"] < 10
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    assert ckpt["scaler"]["scale"] if overrides == ["trainer.precision=fp16"] else True  # the GradScaler's state
+    best = torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=True)
+    assert best["features.0.weight"].dtype == torch.float32  # autocast never changes the stored weights
