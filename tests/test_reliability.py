@@ -146,18 +146,23 @@ def test_a_diverging_run_is_recorded_and_the_sweep_goes_on(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_that_raises_is_recorded_and_the_sweep_exits_non_zero_naming_it(tmp_path):
+@pytest.mark.parametrize("bad, error", [
+    ("optimizer.momentum=-1", "ValueError: Invalid momentum value: -1"),          # raises while building the run
+    ("coupling.alpha=17", "coupling.alpha=17: at most 16: layer features.0 has 32 filters"),  # bad input
+], ids=["raises", "bad-input"])
+def test_a_failing_run_is_recorded_and_the_sweep_exits_non_zero_naming_it(tmp_path, bad, error):
     sweep = tmp_path / "sweep"
-    proc = run_cli("-m", *FAST, "trainer.epochs=1", "optimizer.momentum=-1,0.9", f"hydra.sweep.dir={sweep}",
+    key, value = bad.split("=")
+    good = "0.9" if key == "optimizer.momentum" else "2"
+    proc = run_cli("-m", *FAST, "trainer.epochs=1", f"{key}={value},{good}", f"hydra.sweep.dir={sweep}",
                    f"dataset.root={tmp_path}", cwd=tmp_path)
     assert proc.returncode == 1
     failed_dir, done_dir = sorted(p for p in sweep.iterdir() if p.is_dir())
     failed = read_results(failed_dir)
-    assert failed["status"] == "failed"
-    assert failed["error"] == "ValueError: Invalid momentum value: -1"
-    assert "Traceback" in (failed_dir / "train.log").read_text()
-    assert read_results(done_dir)["status"] == "done"
+    assert (failed["status"], failed["error"]) == ("failed", error)
+    if key == "optimizer.momentum":
+        assert "Traceback" in (failed_dir / "train.log").read_text()
+    assert read_results(done_dir)["status"] == "done"  # ran after the failure
     assert sorted(pd.read_csv(sweep / "summary.csv")["status"]) == ["done", "failed"]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last == (f"coupled_net: error: 1 of 2 runs failed in {sweep}: {failed_dir.name} "
-                    "(failed: ValueError: Invalid momentum value: -1)")
+    assert last == f"coupled_net: error: 1 of 2 runs failed in {sweep}: {failed_dir.name} (failed: {error})"

@@ -90,12 +90,18 @@ def test_a_slurm_sweep_gives_the_run_dirs_of_a_local_sweep(tmp_path):
     assert (tmp_path / "slurm" / "summary.md").is_file()
 
 
-def test_a_hard_requeued_job_resumes_and_matches_its_twin(tmp_path):
+def start_twins(tmp_path, *overrides):
+    """A SLURM sweep of two identical runs (+copy=a,b); returns the process, the sweep dir, and the
+    second run's manifest entry and directory (the one a test interrupts)."""
     sweep = tmp_path / "sweep"
-    proc = start_sweep(*SLURM, *FAST, "dataset.train_per_class=150", "trainer.epochs=4", "+copy=a,b",
-                       f"hydra.sweep.dir={sweep}", f"dataset.root={tmp_path}", cwd=tmp_path)
+    proc = start_sweep(*SLURM, *FAST, *overrides, "+copy=a,b", f"hydra.sweep.dir={sweep}",
+                       f"dataset.root={tmp_path}", cwd=tmp_path)
     twin = wait_for(lambda: (sweep / "manifest.json").exists() and manifest(sweep), what="manifest")["jobs"][1]
-    run_dir = sweep / twin["run_dir"].split("/")[-1]
+    return proc, sweep, twin, sweep / twin["run_dir"].split("/")[-1]
+
+
+def test_a_hard_requeued_job_resumes_and_matches_its_twin(tmp_path):
+    proc, sweep, twin, run_dir = start_twins(tmp_path, "dataset.train_per_class=150", "trainer.epochs=4")
     wait_for(lambda: epochs_done(run_dir) >= 2, what="two epochs")
     subprocess.run(["scontrol", "requeue", twin["job_id"]], check=True)
     release_requeued(twin["job_id"])
@@ -110,11 +116,7 @@ def test_a_hard_requeued_job_resumes_and_matches_its_twin(tmp_path):
 
 
 def test_the_pre_timeout_signal_saves_mid_epoch_and_the_requeued_job_finishes_the_same(tmp_path):
-    sweep = tmp_path / "sweep"
-    proc = start_sweep(*SLURM, *FAST, "dataset.train_per_class=300", "trainer.epochs=3", "+copy=a,b",
-                       f"hydra.sweep.dir={sweep}", f"dataset.root={tmp_path}", cwd=tmp_path)
-    twin = wait_for(lambda: (sweep / "manifest.json").exists() and manifest(sweep), what="manifest")["jobs"][1]
-    run_dir = sweep / twin["run_dir"].split("/")[-1]
+    proc, sweep, twin, run_dir = start_twins(tmp_path, "dataset.train_per_class=300", "trainer.epochs=3")
     wait_for(lambda: epochs_done(run_dir) >= 1, what="one epoch")
     time.sleep(1.0)  # into epoch 2
     subprocess.run(["scancel", "--signal=USR2", twin["job_id"]], check=True)  # what SLURM sends before a timeout
