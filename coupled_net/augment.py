@@ -61,16 +61,19 @@ def augment_batch(images_u8: torch.Tensor, size: int, mean: torch.Tensor, std: t
                   generator: torch.Generator | None, dtype=torch.float32) -> torch.Tensor:
     """uint8 [N, C, h, w] -> normalized `dtype` [N, C, size, size]; random affine when `generator`
     is given (training), plain resize otherwise. On a GPU the warp samples the output grid
-    directly (one op); on a CPU it warps at the native size, then resizes (far fewer samples)."""
-    x = images_u8.float().div_(255)
+    directly (one op). On a CPU it warps and normalizes at the native size, then resizes: the
+    bilinear resize is linear with weights summing to one, so normalizing first gives the same
+    values while touching the large output only once."""
+    x = images_u8.float()
     n, _, h, w = x.shape
+    scale = (1.0 / (255.0 * std)).view(1, -1, 1, 1)
+    shift = (mean / std).view(1, -1, 1, 1)
     if generator is not None:
         theta = affine_theta(sample_params(n, generator))
-        if x.is_cuda or size <= h:
-            x = warp(x, theta, size)
-        else:
-            x = warp(x, theta)
-    if x.shape[-1] != size or x.shape[-2] != size:
+        if x.is_cuda and size != h:
+            return warp(x, theta, size).mul_(scale).sub_(shift).to(dtype)
+        x = warp(x, theta)  # on raw 0..255 values: the zero fill stays black after normalizing
+    x = x.mul_(scale).sub_(shift)
+    if size != h or size != w:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=size < h)
-    x = x.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
     return x.to(dtype)
