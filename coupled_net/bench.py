@@ -110,6 +110,20 @@ def alexnet_steps(device, steps: int, batch: int) -> list[tuple]:
     return [(f"AlexNet@224 train steps (batch {batch})", seed, ours)]
 
 
+def seed_protocol_epoch(device, workers: int, per_class: int = 4000, batch: int = 128) -> list[tuple]:
+    """The seed's epoch (AlexNet@224, EMNIST-letters-sized: 26 x 4000 images) both ways: PIL
+    transforms in DataLoader workers with the seed's per-batch `.item()` loop, against the tensor
+    pipeline on the device with the trainer's loop. Only run on a GPU by default (minutes on a CPU)."""
+    split = _split(per_class)
+    model = build_model("alexnet", 1, 26, 224).to(device)
+    n = len(split)
+    seed = _rate(lambda: train_steps(model, pil_loader(split, 224, batch, workers), device, True), n)
+    ours = _rate(lambda: train_steps(model, tensor_loader(split, 224, batch, device), device, False), n)
+    prebuilt = list(islice(tensor_loader(split, 224, batch, device), 20))
+    floor = _rate(lambda: train_steps(model, prebuilt, device, False), 20 * batch)
+    return [(f"seed-protocol epoch (AlexNet@224, {n:,} images)", seed, ours), ("  … its compute floor", None, floor)]
+
+
 def bookkeeping(device, epoch_seconds: float) -> list[tuple]:
     """KE + monitoring + CSV row + last.pt/best.pt, against one quickstart epoch."""
     model = build_model("small_cnn", 1, 26, 28).to(device)
@@ -132,7 +146,7 @@ def bookkeeping(device, epoch_seconds: float) -> list[tuple]:
     return [("bookkeeping per epoch (s) / share of a quickstart epoch", per_epoch, per_epoch / epoch_seconds)]
 
 
-def run(quick: bool = False) -> str:
+def run() -> str:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     workers = min(2, data_workers())
@@ -141,6 +155,8 @@ def run(quick: bool = False) -> str:
     epoch_s = 13000 / rows[-2][2]  # the tensor quickstart epoch
     rows += alexnet_steps(device, steps=5 if device.type == "cpu" else 50, batch=32 if device.type == "cpu" else 128)
     rows += bookkeeping(device, epoch_s)
+    if device.type == "cuda":
+        rows += seed_protocol_epoch(device, data_workers())
     return table(rows, device, workers)
 
 

@@ -127,3 +127,14 @@ def test_both_pipelines_run_a_quickstart_epoch(tmp_path, pipeline):
     res = run(cfg, tmp_path / "run")
     assert res["status"] == "done" and res["epochs_run"] == 1
     assert 0 <= res["metrics"]["test"]["top1"] <= res["metrics"]["test"]["top5"] <= 100
+
+
+def test_the_gpu_benchmark_row_runs_on_a_cpu_at_toy_size():
+    """launch/bench.py adds the seed-protocol epoch only on a GPU; its code path runs here, tiny."""
+    from coupled_net.bench import seed_protocol_epoch, table
+
+    rows = seed_protocol_epoch(torch.device("cpu"), workers=0, per_class=1, batch=13)
+    (name, seed_rate, ours), (_, none, floor) = rows
+    assert name.startswith("seed-protocol epoch (AlexNet@224, 26 images)") and none is None
+    assert seed_rate > 0 and ours > 0 and floor > 0
+    assert "× |" in table(rows, torch.device("cpu"), 0)
