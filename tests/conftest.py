@@ -33,6 +33,16 @@ def run_cli(*args: str, cwd: Path, script: Path = TRAIN, timeout: int = 600, env
                           timeout=timeout, env=full_env)
 
 
+def run_sweep(tmp_path: Path, *overrides: str, **kwargs):
+    """`python launch/train.py -m OVERRIDES` into tmp_path/sweep (data root tmp_path);
+    returns (process, sweep dir, its run dirs in job order)."""
+    sweep = tmp_path / "sweep"
+    proc = run_cli("-m", *overrides, f"hydra.sweep.dir={sweep}", f"dataset.root={tmp_path}", cwd=tmp_path, **kwargs)
+    runs = sorted((p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                  key=lambda p: int(p.name.split("_")[0])) if sweep.is_dir() else []
+    return proc, sweep, runs
+
+
 def standin_loader(channels: int, size: int, num_classes: int, label_offset: int, n_train=64, n_test=32):
     """A loader factory for data.LOADERS: random uint8 images in the dataset's own layout."""
     def factory(dcfg):

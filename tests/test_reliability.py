@@ -15,7 +15,7 @@ import pytest
 
 from coupled_net.run import run
 from coupled_net.trainer import Trainer
-from conftest import TRAIN, compose_cfg, run_cli
+from conftest import TRAIN, compose_cfg, run_cli, run_sweep
 
 FAST = ["experiment=quickstart", "dataset.train_per_class=40", "dataset.test_per_class=10"]
 
@@ -133,11 +133,9 @@ def test_an_unreadable_last_checkpoint_falls_back_instead_of_crashing(tmp_path, 
 
 @pytest.mark.slow
 def test_a_diverging_run_is_recorded_and_the_sweep_goes_on(tmp_path):
-    sweep = tmp_path / "sweep"
-    proc = run_cli("-m", *FAST, "trainer.epochs=2", "optimizer.lr=1e9,0.01", f"hydra.sweep.dir={sweep}",
-                   f"dataset.root={tmp_path}", cwd=tmp_path)
+    proc, sweep, runs = run_sweep(tmp_path, *FAST, "trainer.epochs=2", "optimizer.lr=1e9,0.01")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    diverged, done = (read_results(p) for p in sorted(p for p in sweep.iterdir() if p.is_dir()))
+    diverged, done = (read_results(p) for p in runs)
     assert (diverged["status"], diverged["epochs_run"]) == ("diverged", 1)
     assert diverged["error"] == "training loss became non-finite at epoch 1"
     assert (done["status"], done["epochs_run"]) == ("done", 2)
@@ -151,13 +149,10 @@ def test_a_diverging_run_is_recorded_and_the_sweep_goes_on(tmp_path):
     ("coupling.alpha=17", "coupling.alpha=17: at most 16: layer features.0 has 32 filters"),  # bad input
 ], ids=["raises", "bad-input"])
 def test_a_failing_run_is_recorded_and_the_sweep_exits_non_zero_naming_it(tmp_path, bad, error):
-    sweep = tmp_path / "sweep"
     key, value = bad.split("=")
     good = "0.9" if key == "optimizer.momentum" else "2"
-    proc = run_cli("-m", *FAST, "trainer.epochs=1", f"{key}={value},{good}", f"hydra.sweep.dir={sweep}",
-                   f"dataset.root={tmp_path}", cwd=tmp_path)
+    proc, sweep, (failed_dir, done_dir) = run_sweep(tmp_path, *FAST, "trainer.epochs=1", f"{key}={value},{good}")
     assert proc.returncode == 1
-    failed_dir, done_dir = sorted(p for p in sweep.iterdir() if p.is_dir())
     failed = read_results(failed_dir)
     assert (failed["status"], failed["error"]) == ("failed", error)
     if key == "optimizer.momentum":

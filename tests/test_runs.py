@@ -12,7 +12,7 @@ import torch
 from coupled_net.results import EPOCH_COLUMNS
 from coupled_net.run import run
 from coupled_net.trainer import Trainer
-from conftest import compose_cfg, run_cli
+from conftest import compose_cfg, run_cli, run_sweep
 
 FAST = ["experiment=quickstart", "dataset.train_per_class=40", "dataset.test_per_class=10"]
 RESULT_KEYS = {"status", "stopped_early", "epochs_run", "best_epoch", "resumes", "model", "dataset", "alpha",
@@ -35,11 +35,8 @@ def metric_rows(run_dir):
 
 @pytest.mark.slow
 def test_quickstart_sweep_through_the_cli(tmp_path):
-    sweep = tmp_path / "sweep"
-    proc = run_cli("-m", *FAST, "coupling.alpha=0,2", "trainer.epochs=2", f"hydra.sweep.dir={sweep}",
-                   f"dataset.root={tmp_path / 'data'}", cwd=tmp_path)
+    proc, sweep, run_dirs = run_sweep(tmp_path, *FAST, "coupling.alpha=0,2", "trainer.epochs=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dirs = sorted(p for p in sweep.iterdir() if p.is_dir())
     # job number + the run's overrides, path-valued ones (dataset.root) left out
     common = "dataset.test_per_class=10,dataset.train_per_class=40,experiment=quickstart,trainer.epochs=2"
     assert [p.name for p in run_dirs] == [f"0_coupling.alpha=0,{common}", f"1_coupling.alpha=2,{common}"]
