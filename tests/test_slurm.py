@@ -62,8 +62,11 @@ def epochs_done(run_dir) -> int:
 
 
 def release_requeued(job_id):
-    """A requeued job waits ~2 min (BeginTime) unless released."""
-    wait_for(lambda: "PENDING" in squeue(job_id) or "REQUEUE" in squeue(job_id), what=f"{job_id} requeued")
+    """A requeued job waits ~2 min (BeginTime) unless released. Released while its previous run is
+    still being torn down, SLURM kills the new start ("Job credential revoked"), so wait for the
+    requeue hold to settle (KillWait is 2 s on the test cluster) before releasing it."""
+    wait_for(lambda: squeue(job_id) == "PENDING|BeginTime", what=f"{job_id} requeued and held")
+    time.sleep(4)
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
 
 
