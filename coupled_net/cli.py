@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from hydra_plugins.coupled_net_launcher.launcher import register_plugins
 
-from .errors import ConfigError, DatasetUnavailable
+from .errors import ConfigError, DatasetUnavailable, one_line
 
 log = logging.getLogger("coupled_net")
 
@@ -25,10 +25,6 @@ def fail(message: str, code: int = 2):
     sys.stderr.flush()
     print(f"coupled_net: error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(code)
-
-
-def one_line(e: BaseException) -> str:
-    return " ".join(f"{type(e).__name__}: {e}".split())[:500]
 
 
 def setup() -> None:

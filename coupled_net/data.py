@@ -20,7 +20,7 @@ from torchvision import datasets as tvd
 from torchvision.transforms import v2
 
 from . import synthetic
-from .errors import ConfigError, DatasetUnavailable
+from .errors import ConfigError, DatasetUnavailable, one_line
 
 log = logging.getLogger(__name__)
 DOWNLOAD_TIMEOUT_S = 30
@@ -147,7 +147,7 @@ def load_source(dcfg, train: bool) -> ArraySource:
             log.info("downloading %s into %s", name, root)
             return load(root, train, download=True)
         except Exception as e:  # noqa: BLE001 - any failure means: not downloadable from here
-            raise _unavailable(name, root, " ".join(f"{type(e).__name__}: {e}".split())[:300]) from None
+            raise _unavailable(name, root, one_line(e, 300)) from None
         finally:
             socket.setdefaulttimeout(previous)
 
@@ -276,12 +276,17 @@ class EpochSampler(Sampler):
             order, seeds = order[:usable], seeds[:usable]
         return order[self.rank::self.world_size], seeds[self.rank::self.world_size]
 
-    def __iter__(self):
+    def positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's (positions, sample seeds) for the current epoch, from `start` on."""
         order, seeds = self._order()
-        return iter(zip(order[self.start:].tolist(), seeds[self.start:].tolist()))
+        return order[self.start:], seeds[self.start:]
+
+    def __iter__(self):
+        return iter(zip(*(t.tolist() for t in self.positions())))
 
     def __len__(self) -> int:
-        return max(0, len(self._order()[0]) - self.start)
+        usable = self.n - self.n % self.world_size if self.shuffle else self.n
+        return max(0, len(range(self.rank, usable, self.world_size)) - self.start)
 
 
 class EpochLoader:
@@ -324,11 +329,9 @@ class TensorLoader:
         self.std = torch.tensor(list(std), dtype=torch.float32, device=device)
         self.size, self.batch_size, self.train, self.seed, self.rank = size, batch_size, train, seed, rank
         self.sampler = EpochSampler(len(split), train, seed, rank, world_size)
-        self.start_batch = 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.sampler.set_epoch(epoch, start_batch * self.batch_size)
-        self.start_batch = start_batch
 
     def __len__(self) -> int:
         return math.ceil(len(self.sampler) / self.batch_size)
@@ -336,8 +339,9 @@ class TensorLoader:
     def __iter__(self):
         from .augment import augment_batch
 
-        order = self.sampler._order()[0][self.sampler.start:].to(self.images.device)
-        for b, first in enumerate(range(0, len(order), self.batch_size), start=self.start_batch):
+        order = self.sampler.positions()[0].to(self.images.device)
+        start_batch = self.sampler.start // self.batch_size
+        for b, first in enumerate(range(0, len(order), self.batch_size), start=start_batch):
             idx = order[first:first + self.batch_size]
             gen = None
             if self.train:

@@ -11,3 +11,8 @@ class ConfigError(ValueError):
 
 class DatasetUnavailable(RuntimeError):
     """A dataset that is not on disk and could not be downloaded."""
+
+
+def one_line(e: BaseException, limit: int = 500) -> str:
+    """`Type: message` with the message's whitespace (newlines included) folded, cut at `limit`."""
+    return " ".join(f"{type(e).__name__}: {e}".split())[:limit]

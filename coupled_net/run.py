@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from . import data
 from .coupling import Coupling
 from .distributed import World, init_world
-from .errors import ConfigError, DatasetUnavailable
+from .errors import ConfigError, DatasetUnavailable, one_line
 from .monitor import SystemMonitor
 from .results import RunFiles, provenance
 from .trainer import Numerics, Progress, Trainer
@@ -91,7 +91,7 @@ def load_resume_point(files: RunFiles, device: torch.device) -> tuple[dict | Non
         try:
             return torch.load(path, map_location=device, weights_only=False), path
         except Exception as e:  # noqa: BLE001 - truncated or corrupt: try the next one
-            log.warning("checkpoint %s is unreadable (%s); trying an older one", path, " ".join(str(e).split())[:200])
+            log.warning("checkpoint %s is unreadable (%s); trying an older one", path, one_line(e, 200))
     if any(map(Path.exists, candidates)):
         log.warning("no readable checkpoint in %s: starting from scratch", files.checkpoints)
     return None, None
@@ -233,7 +233,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
             results["status"] = "done"
     except Exception as e:  # noqa: BLE001 - recorded, logged, and the sweep goes on
         log.error("run failed:\n%s", traceback.format_exc())
-        results["status"], results["error"] = "failed", f"{type(e).__name__}: {e}".splitlines()[0]
+        results["status"], results["error"] = "failed", one_line(e)
     finally:
         monitor.close()
         trainer.logger.close()

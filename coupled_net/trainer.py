@@ -76,13 +76,21 @@ class Numerics:
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
 
+def _summed_over_ranks(sums: torch.Tensor, seen: int) -> list[float]:
+    """Device-side sums and the host's sample count, added over all ranks; one read."""
+    total = torch.cat([sums, torch.tensor([float(seen)], dtype=torch.float64, device=sums.device)])
+    all_reduce_sum(total)
+    return total.tolist()
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, batches, device: torch.device, numerics: Numerics | None = None) -> dict:
     """Per-sample mean loss, top-1 and top-5 accuracy (percent) over `batches` of (images, labels),
     summed over all ranks."""
     numerics = numerics or Numerics(device)
     model.eval()
-    sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, top-1 hits, top-5 hits, samples
+    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss, top-1 hits, top-5 hits
+    seen = 0  # batch sizes are known on the host: no per-batch host-to-device copy
     for images, labels in batches:
         images = numerics.inputs(images)
         labels = labels.to(device, non_blocking=True)
@@ -90,10 +98,9 @@ def evaluate(model: nn.Module, batches, device: torch.device, numerics: Numerics
             outputs = model(images).float()
         hits = outputs.topk(min(5, outputs.size(1)), dim=1).indices == labels.unsqueeze(1)
         sums += torch.stack([F.cross_entropy(outputs, labels, reduction="sum").double(),
-                             hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
-                             torch.tensor(float(labels.size(0)), device=device, dtype=torch.float64)])
-    all_reduce_sum(sums)
-    loss, top1, top5, seen = sums.tolist()
+                             hits[:, 0].sum().double(), hits.any(dim=1).sum().double()])
+        seen += labels.size(0)
+    loss, top1, top5, seen = _summed_over_ranks(sums, seen)
     return {"loss": loss / seen, "top1": 100.0 * top1 / seen, "top5": 100.0 * top5 / seen}
 
 
@@ -139,7 +146,8 @@ class Trainer:
         partial = progress.partial or {"epoch": epoch, "step": 0, "sums": [0.0, 0.0, 0.0]}
         step = partial["step"]
         self.loaders["train"].set_epoch(epoch, step)
-        sums = torch.tensor(partial["sums"], device=self.device, dtype=torch.float64)  # loss, correct, samples
+        sums = torch.tensor(partial["sums"][:2], device=self.device, dtype=torch.float64)  # loss, correct
+        seen = partial["sums"][2]
         scaler = self.numerics.scaler
         for images, labels in self._batches("train", f"epoch {epoch} train", done=step):
             images = self.numerics.inputs(images)
@@ -154,17 +162,16 @@ class Trainer:
             if self.coupling.schedule == "step":
                 self.coupling.equalize()
             n = labels.size(0)
-            sums += torch.stack([loss.detach().double() * n, (outputs.detach().argmax(1) == labels).sum().double(),
-                                 torch.tensor(float(n), device=self.device, dtype=torch.float64)])
+            sums += torch.stack([loss.detach().double() * n, (outputs.detach().argmax(1) == labels).sum().double()])
+            seen += n
             step += 1
             if self.guard.pending and not self.world.active:  # a safe point: the step is complete
-                progress.partial = {"epoch": epoch, "step": step, "sums": sums.tolist(),
+                progress.partial = {"epoch": epoch, "step": step, "sums": sums.tolist() + [seen],
                                     "elapsed_s": self._carried + time.perf_counter() - self._started}
                 self._save_last(progress, periodic=False)
                 self.guard.release()  # submitit requeues the job and exits this process
         progress.partial = None
-        all_reduce_sum(sums)
-        loss_sum, correct, seen = sums.tolist()
+        loss_sum, correct, seen = _summed_over_ranks(sums, seen)
         return loss_sum / seen, 100.0 * correct / seen
 
     def evaluate(self, name: str, desc: str = "") -> dict:

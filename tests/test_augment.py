@@ -138,3 +138,12 @@ def test_the_gpu_benchmark_row_runs_on_a_cpu_at_toy_size():
     assert name.startswith("seed-protocol epoch (AlexNet@224, 26 images)") and none is None
     assert seed_rate > 0 and ours > 0 and floor > 0
     assert "× |" in table(rows, torch.device("cpu"), 0)
+
+
+@pytest.mark.parametrize("n, world, shuffle, start", [(10, 1, True, 0), (10, 3, True, 2), (10, 3, False, 1),
+                                                      (7, 2, False, 0), (5, 4, True, 3)])
+def test_the_sampler_length_is_what_it_yields(n, world, shuffle, start):
+    for rank in range(world):
+        sampler = data.EpochSampler(n, shuffle, seed=0, rank=rank, world_size=world)
+        sampler.set_epoch(1, start)
+        assert len(sampler) == len(list(sampler))
