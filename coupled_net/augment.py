@@ -6,7 +6,6 @@ are fractions of the image size."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

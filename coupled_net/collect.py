@@ -3,12 +3,18 @@ aggregated as mean ± std), summary.tex and summary_*.png plots."""
 
 from __future__ import annotations
 
+import json
+import logging
+import socket
 from pathlib import Path
 
 import pandas as pd
 from omegaconf import OmegaConf
 
+from .identity import is_non_identity
 from .results import read_json
+
+log = logging.getLogger(__name__)
 
 LEADING = ["model", "dataset", "alpha", "seed", "status", "epochs_run", "best_epoch", "val_top1", "val_top5",
            "test_top1", "test_top5", "best_val_acc", "best_ke_val_acc", "ke_time_s_mean", "epoch_time_s_mean",
@@ -18,6 +24,8 @@ IDENTITY = ["coupling_mode", "coupling_schedule"]
 SHOWN = {"model.name": "model", "dataset.name": "dataset", "coupling.alpha": "alpha", "seed": "seed",
          "coupling.mode": "coupling_mode", "coupling.schedule": "coupling_schedule"}
 TRAILING = ["last_val_acc", "error"]  # what a run that is not done shows instead of metrics
+BOOKKEEPING = ["slurm_job_id", "slurm_state", "duplicate_of"]
+STALE_AFTER_S = 15 * 60
 METRICS = ["val_top1", "val_top5", "test_top1", "test_top5", "best_val_acc", "best_ke_val_acc", "epochs_run",
            "ke_time_s_mean", "epoch_time_s_mean", "total_time_s"]
 
@@ -46,7 +54,11 @@ def _flatten(node, prefix="") -> dict:
     return out
 
 
-def run_config(run_dir: Path) -> dict:
+def run_config(run_dir: Path, res: dict | None = None) -> dict:
+    """The keys that tell this run from others: its identity keys and +labels (SPEC §5), from
+    results.json, else from .hydra/config.yaml without the keys that only say where it ran."""
+    if res and isinstance(res.get("identity"), dict):
+        return _flatten({**res["identity"], **(res.get("labels") or {})})
     path = run_dir / ".hydra" / "config.yaml"
     if not path.is_file():
         return {}
@@ -59,7 +71,47 @@ def run_config(run_dir: Path) -> dict:
     except Exception:  # noqa: BLE001
         return {}
     plain.pop("hydra", None)
-    return _flatten(plain)
+    return {k: v for k, v in _flatten(plain).items() if not is_non_identity(k)}
+
+
+# ---- is a `running` run still alive? (SPEC §5) ---------------------------------------------------
+
+def _pid_alive(owner: dict) -> bool:
+    import psutil
+
+    try:
+        proc = psutil.Process(int(owner["pid"]))
+        started = owner.get("process_started")
+        return started is None or abs(proc.create_time() - float(started)) < 1.0  # not a reused pid
+    except (psutil.Error, ValueError, TypeError):
+        return False
+
+
+def _age_s(iso: str | None) -> float | None:
+    from datetime import datetime
+
+    try:
+        return (datetime.now().astimezone() - datetime.strptime(iso, "%Y-%m-%dT%H:%M:%S%z")).total_seconds()
+    except (TypeError, ValueError):
+        return None
+
+
+def owner_gone(res: dict, epochs: pd.DataFrame, queue: dict | None) -> str | None:
+    """Why a `running` run's owner is gone (a short reason), or None while it may be alive: the SLURM
+    job is no longer known (when squeue answers), else its pid is dead on this host, else its
+    heartbeat is older than max(15 min, 3 x its mean epoch time)."""
+    owner = res.get("owner") or {}
+    job = owner.get("slurm_job_id")
+    if job and queue is not None:
+        return None if str(job) in queue else f"SLURM job {job} is no longer known"
+    if owner.get("host") == socket.gethostname() and owner.get("pid"):
+        return None if _pid_alive(owner) else f"pid {owner['pid']} on {owner['host']} is gone"
+    age = _age_s(res.get("heartbeat_at"))
+    mean_epoch = float(epochs["epoch_time_s"].mean()) if len(epochs) and "epoch_time_s" in epochs else 0.0
+    limit = max(STALE_AFTER_S, 3 * mean_epoch)
+    if age is not None and age > limit:
+        return f"no heartbeat for {age / 60:.0f} min"
+    return None
 
 
 def epoch_rows(run_dir: Path) -> pd.DataFrame:
@@ -69,14 +121,23 @@ def epoch_rows(run_dir: Path) -> pd.DataFrame:
         return pd.DataFrame()
 
 
-def run_row(run_dir: Path, cfg: dict) -> dict:
+def read_results(run_dir: Path) -> dict | None:
     res = read_json(run_dir / "results.json")
+    return res if isinstance(res, dict) else None
+
+
+def run_row(run_dir: Path, cfg: dict, res: dict | None, queue: dict | None = None) -> dict:
     epochs = epoch_rows(run_dir)
+    error = None
     if res is None:
         status = "unreadable" if (run_dir / "results.json").exists() else "no results"
         res = {}
     else:
         status = res.get("status", "unknown")
+        if status == "running":
+            gone = owner_gone(res, epochs, queue)
+            if gone:
+                status, error = "stale", f"{gone}: it ended without recording why; the same command resumes it"
     metrics = res.get("metrics") or {}
     row = {
         "model": res.get("model", cfg.get("model.name")), "dataset": res.get("dataset", cfg.get("dataset.name")),
@@ -89,7 +150,7 @@ def run_row(run_dir: Path, cfg: dict) -> dict:
         "last_val_acc": float(epochs["val_acc"].iloc[-1]) if len(epochs) else None,
         "ke_time_s_mean": res.get("ke_time_s_mean"), "epoch_time_s_mean": res.get("epoch_time_s_mean"),
         "total_time_s": res.get("total_time_s"), "device": (res.get("provenance") or {}).get("device"),
-        "run_dir": str(run_dir), "error": res.get("error"),
+        "run_dir": str(run_dir), "error": error or res.get("error"),
         "coupling_mode": res.get("coupling_mode", cfg.get("coupling.mode")),
         "coupling_schedule": res.get("coupling_schedule", cfg.get("coupling.schedule")),
     }
@@ -109,16 +170,16 @@ def manifest_jobs(paths) -> dict[str, str]:
     return jobs
 
 
-def squeue_states() -> dict[str, tuple[str, str]]:
-    """job id -> (state, reason) of every job SLURM still knows about; {} without SLURM."""
+def squeue_states() -> dict[str, tuple[str, str]] | None:
+    """job id -> (state, reason) of every job SLURM still knows about; None without SLURM."""
     import subprocess
 
     try:
         out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T|%r"], capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.SubprocessError):
-        return {}
+        return None
     if out.returncode != 0:
-        return {}
+        return None
     states = {}
     for line in out.stdout.splitlines():
         job_id, state, reason = (line.split("|") + ["", ""])[:3]
@@ -131,8 +192,8 @@ def slurm_state(job_id: str, status: str, queue: dict) -> str:
     knows the job; else what the run dir says."""
     if status == "done":
         return "completed"
-    if status in ("failed", "diverged", "unreadable"):
-        return "failed"
+    if status in ("failed", "diverged", "unreadable", "stale", "interrupted"):
+        return "failed" if status != "interrupted" else "interrupted"
     if job_id in queue:
         state, reason = queue[job_id]
         if state in ("REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED") or (state == "PENDING" and reason == "BeginTime"):
@@ -142,25 +203,51 @@ def slurm_state(job_id: str, status: str, queue: dict) -> str:
     return "pending" if status == "no results" else "failed"  # running, but SLURM no longer has it
 
 
+def duplicates(runs: list[Path], results: list[dict | None]) -> dict[Path, Path]:
+    """run dir -> the run dir it repeats: two directories holding the same fingerprint and labels are
+    one run twice (SPEC §6). The one kept is a finished one if any, else the first by path."""
+    seen: dict[str, Path] = {}
+    order = sorted(range(len(runs)), key=lambda i: ((results[i] or {}).get("status") != "done", str(runs[i])))
+    repeats = {}
+    for i in order:
+        res = results[i] or {}
+        if not res.get("fingerprint"):
+            continue
+        key = json.dumps([res["fingerprint"], res.get("labels") or {}], sort_keys=True, default=str)
+        if key in seen:
+            repeats[runs[i]] = seen[key]
+        else:
+            seen[key] = runs[i]
+    return repeats
+
+
 def collect(paths) -> pd.DataFrame:
     """One row per run below `paths`: SPEC §6's columns, then coupling mode/schedule and every
-    config key or +label that varies across the runs (and the SLURM state of detached sweeps)."""
+    identity key or +label that varies across the runs (and the SLURM state of detached sweeps).
+    A run found twice (same fingerprint and labels) is marked `duplicate_of` and counted once."""
     jobs = manifest_jobs(paths)
     runs = sorted(set(find_runs(paths)) | {Path(r) for r in jobs})  # submitted runs may not have a dir yet
-    configs = [run_config(r) for r in runs]
-    rows = [run_row(r, c) for r, c in zip(runs, configs)]
+    results = [read_results(r) for r in runs]
+    configs = [run_config(r, res) for r, res in zip(runs, results)]
+    owners = [(res or {}).get("owner") or {} for res in results]
+    queue = squeue_states() if jobs or any(o.get("slurm_job_id") for o in owners) else None
+    rows = [run_row(r, c, res, queue) for r, c, res in zip(runs, configs, results)]
     keys = sorted({k for c in configs for k in c} - SHOWN.keys())
     varying = [k for k in keys if len({repr(c.get(k)) for c in configs}) > 1]
     df = pd.DataFrame(rows, columns=LEADING + IDENTITY + TRAILING)
     for k in varying:
         df[k] = [c.get(k) for c in configs]
+    repeats = duplicates(runs, results)
+    for run_dir, first in repeats.items():
+        log.warning("%s holds the same run as %s (same fingerprint and labels): counted once", run_dir, first)
+    df["duplicate_of"] = [str(repeats[r]) if r in repeats else None for r in runs]
     slurm = []
     if jobs:
-        queue = squeue_states()
         df["slurm_job_id"] = [jobs.get(r) for r in df["run_dir"]]
-        df["slurm_state"] = [slurm_state(j, s, queue) if j else None for j, s in zip(df["slurm_job_id"], df["status"])]
+        df["slurm_state"] = [slurm_state(j, s, queue or {}) if j else None
+                             for j, s in zip(df["slurm_job_id"], df["status"])]
         slurm = ["slurm_job_id", "slurm_state"]
-    return df[LEADING + IDENTITY + slurm + varying + TRAILING]
+    return df[LEADING + IDENTITY + slurm + varying + TRAILING + ["duplicate_of"]]
 
 
 def _mean_std(values: pd.Series) -> str:
@@ -178,10 +265,10 @@ def _mean_std(values: pd.Series) -> str:
 
 def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     """Finished runs that differ only by seed, as mean ± std with n; timings never mix devices."""
-    done = df[df["status"] == "done"]
+    done = df[(df["status"] == "done") & df.get("duplicate_of", pd.Series(None, index=df.index)).isna()]
     if done.empty:
         return pd.DataFrame()
-    extra = [c for c in df.columns if c not in LEADING + IDENTITY + TRAILING + ["slurm_job_id", "slurm_state"]]
+    extra = [c for c in df.columns if c not in LEADING + IDENTITY + TRAILING + BOOKKEEPING]
     group = ["model", "dataset", "alpha", *IDENTITY, *extra, "device"]
     rows = []
     for key, g in done.groupby([done[c].astype(str) for c in group], sort=False, dropna=False):
@@ -195,9 +282,11 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def not_aggregated(df: pd.DataFrame) -> pd.DataFrame:
+    """Runs not done, and done runs that repeat another (duplicate_of)."""
     cols = ["run_dir", "status", *[c for c in ("slurm_job_id", "slurm_state") if c in df], "epochs_run",
-            "last_val_acc", "error"]
-    return df.loc[df["status"] != "done", cols]
+            "last_val_acc", "error", *[c for c in ("duplicate_of",) if c in df]]
+    repeated = df["duplicate_of"].notna() if "duplicate_of" in df else False
+    return df.loc[(df["status"] != "done") | repeated, cols]
 
 
 def markdown(df: pd.DataFrame) -> str:
@@ -223,6 +312,7 @@ def plots(df: pd.DataFrame, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
+    df = df[df["duplicate_of"].isna()] if "duplicate_of" in df else df  # a repeated run is drawn once
     done = df[df["status"] == "done"].copy()
     if not done.empty:
         fig, ax = plt.subplots(figsize=(6, 4))

@@ -8,7 +8,6 @@ import math
 import os
 import socket
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np

@@ -4,6 +4,7 @@ Whole-file writes are atomic (temp file + fsync + rename); CSV rows are appended
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import os
@@ -11,13 +12,15 @@ import platform
 import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 EPOCH_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "ke_val_loss", "ke_val_acc",
                  "epoch_time_s", "ke_time_s", "ke_eval_time_s"]
-STATUSES = ("running", "done", "diverged", "failed")
+STATUSES = ("running", "done", "diverged", "failed", "interrupted")
+FINISHED = ("done", "diverged")  # a run in one of these is never trained again: starting it does nothing
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -92,6 +95,37 @@ class CsvLog:
         atomic_write(self.path, lambda f: f.write(buf.getvalue().encode()))
 
 
+# ---- results.json (SPEC §5): the one place its keys are made ------------------------------------
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def new_results(cfg, identity, *, owner: dict, resumes: int, world_size: int, provenance: dict) -> dict:
+    """The record a run starts with (`status: running`); run.py fills in the rest as it goes."""
+    return {
+        "status": "running", "stopped_early": False, "epochs_run": 0, "best_epoch": None, "resumes": resumes,
+        "model": cfg.model.get("name"), "dataset": cfg.dataset.get("name"), "alpha": cfg.coupling.get("alpha"),
+        "coupling_mode": cfg.coupling.get("mode"), "coupling_schedule": cfg.coupling.get("schedule"),
+        "seed": cfg.get("seed"), "coupled_layers": None, "metrics": None,
+        "ke_time_s_mean": None, "epoch_time_s_mean": None, "total_time_s": None,
+        "best_val_acc": None, "best_ke_val_acc": None, "error": None,
+        **identity.record(),  # fingerprint, identity (the keys it digests), labels
+        "owner": owner, "heartbeat_at": now_iso(), "started_at": now_iso(), "finished_at": None,
+        "world_size": world_size, "provenance": provenance,
+    }
+
+
+def epoch_aggregates(rows: list[dict]) -> dict:
+    """What results.json reports from epochs.csv once a run ends."""
+    if not rows:
+        return {"ke_time_s_mean": None, "epoch_time_s_mean": None, "best_val_acc": None, "best_ke_val_acc": None}
+    col = lambda name: [float(r[name]) for r in rows]  # noqa: E731
+    mean = lambda name: sum(col(name)) / len(rows)  # noqa: E731
+    return {"ke_time_s_mean": mean("ke_time_s"), "epoch_time_s_mean": mean("epoch_time_s"),
+            "best_val_acc": max(col("val_acc")), "best_ke_val_acc": max(col("ke_val_acc"))}
+
+
 class RunFiles:
     """Paths of one run directory."""
 
@@ -104,6 +138,14 @@ class RunFiles:
         self.summary = self.dir / "model_summary.txt"
         self.epochs = CsvLog(self.dir / "epochs.csv", EPOCH_COLUMNS)
 
+    @property
+    def lock(self) -> Path:
+        return self.dir / ".lock"
+
+    @property
+    def hydra(self) -> Path:
+        return self.dir / ".hydra"
+
     def periodic(self, epoch: int) -> Path:
         return self.checkpoints / f"epoch_{epoch:03d}.pt"
 
@@ -114,6 +156,7 @@ class RunFiles:
         write_json(self.results, results)
 
 
+@functools.lru_cache(maxsize=None)  # the code this process runs was loaded when it started
 def _git(*args: str) -> str | None:
     try:
         out = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True,
@@ -145,18 +188,24 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def provenance(device: torch.device) -> dict:
+def provenance(device: torch.device | None) -> dict:
+    """Where and with what a run executes; `device` None: not chosen yet."""
     import torchvision
 
     status = _git("status", "--porcelain", "--untracked-files=no")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    if device is None:
+        shown = None
+    elif device.type == "cuda":
+        shown = torch.cuda.get_device_name(device)
+    else:
+        shown = f"cpu ({_cpu_name()})"
     return {
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": None if status is None else bool(status),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
-        "device": name if device.type == "cuda" else f"cpu ({name})",
+        "device": shown,
         "host": socket.gethostname(),
         "slurm_job_id": slurm_job_id(),
     }

@@ -1,61 +1,285 @@
-"""One run, from a composed config to a finished run directory: validate, build, train or resume,
-evaluate, record. Each run catches its own failures so a sweep goes on (SPEC §8)."""
+"""One run directory's lifecycle (SPEC §5): identity, ownership, resume, status, results.
+
+    run(cfg, run_dir)
+      identity = identity_of(cfg)                 the fingerprint (coupled_net.identity)
+      claim:  inspect (read-only) -> lock .lock -> inspect again -> take ownership
+              a run of another fingerprint, or a directory in use: RunRefused, no byte changed
+              a finished run of this fingerprint: nothing to do, no byte changed
+      build:  coupled_net.build (validate once, model, data, optimizer, ...)
+      train:  Trainer.fit, resuming from the newest readable checkpoint of this fingerprint
+      finish: results.json `done` / `diverged` / `failed` / `interrupted`
+
+Each run catches its own failures so a sweep goes on (SPEC §8); a stop signal ends it with
+`status: interrupted` (coupled_net.signals)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
-import random
+import socket
+import threading
 import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate as hydra_instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig
 
-from . import data
+from .build import build, make_trainer, resolve
 from .coupling import Coupling
 from .distributed import World, init_world
 from .errors import ConfigError, DatasetUnavailable, one_line
+from .identity import Identity, differences, identity_of
+from .logs import claim_file_logs
 from .monitor import SystemMonitor
-from .results import RunFiles, provenance
-from .trainer import Numerics, Progress, Trainer
-from .validation import resolve_device, usable_cpus, validate
+from .results import FINISHED, RunFiles, atomic_write, epoch_aggregates, new_results, now_iso, provenance, \
+    slurm_job_id
+from .signals import RunInterrupted, StopGuard
+from .trainer import Progress
 
 log = logging.getLogger(__name__)
-os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS; read at CUDA init
+HEARTBEAT_S = 300           # results.json's heartbeat_at is refreshed at least this often while a run lives
+SAME_JOB_LOCK_WAIT_S = 120  # a requeued SLURM job waits this long for its previous incarnation's lock
 
 
-def instantiate(node, **kwargs):
-    """hydra.utils.instantiate, letting our own ConfigError through unwrapped (one line for the user)."""
-    try:
-        return hydra_instantiate(node, **kwargs)
-    except InstantiationException as e:
-        if isinstance(e.__cause__, (ConfigError, DatasetUnavailable)):
-            raise e.__cause__ from None
-        raise
+class RunRefused(RuntimeError):
+    """This process may not run in this directory: it holds a run of another config, or is in use."""
 
 
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-    torch.backends.cudnn.deterministic = deterministic
-    torch.backends.cudnn.benchmark = not deterministic
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+# ---- what a directory holds --------------------------------------------------------------------
+
+@dataclass
+class Verdict:
+    kind: str                        # new | resume | done | conflict
+    results: dict | None = None      # results.json as found
+    problem: str = ""                # conflict: why, naming the differing keys
+    checkpoint: dict | None = None   # resume: the newest readable checkpoint of this fingerprint
+    checkpoint_path: Path | None = None
 
 
-def config_key(cfg: DictConfig) -> str:
-    """A digest of the resolved task config: tells a finished run of this config from another's."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    plain.get("trainer", {}).pop("progress", None)
-    return hashlib.sha256(OmegaConf.to_yaml(OmegaConf.create(plain)).encode()).hexdigest()[:16]
+def read_checkpoint(path: Path) -> dict:
+    """A training checkpoint, memory-mapped on the CPU (cheap to open just to read its fingerprint)."""
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
 
+
+def resume_point(files: RunFiles) -> tuple[dict | None, Path | None]:
+    """The newest readable checkpoint: last.pt, else the newest periodic one. An unreadable file (a
+    kill mid-write on a filesystem without atomic rename, a full disk) is skipped with a warning
+    rather than crashing the run again at every restart. Reads only."""
+    candidates = [files.last, *sorted(files.checkpoints.glob("epoch_*.pt"), reverse=True)]
+    existing = [p for p in candidates if p.is_file()]
+    for path in existing:
+        try:
+            return read_checkpoint(path), path
+        except Exception as e:  # noqa: BLE001 - truncated or corrupt: try the next one
+            log.warning("checkpoint %s is unreadable (%s); trying an older one", path, one_line(e, 200))
+    if existing:
+        log.warning("no readable checkpoint in %s: starting from scratch", files.checkpoints)
+    return None, None
+
+
+def _holds_training(files: RunFiles, results: dict | None) -> bool:
+    """Has anything been trained here? A run that failed before its first epoch has not."""
+    if results and (results.get("status") in FINISHED or (results.get("epochs_run") or 0) > 0):
+        return True
+    return files.last.is_file() or any(files.checkpoints.glob("epoch_*.pt")) or bool(files.epochs.rows())
+
+
+def inspect(run_dir: Path, identity: Identity, checkpoint: bool = True) -> Verdict:
+    """What `run_dir` holds, compared with `identity`; reads only. With `checkpoint`, the newest
+    readable checkpoint's fingerprint is compared too (and the checkpoint kept for resuming)."""
+    files = RunFiles(run_dir)
+    results = files.read_results()
+    results = results if isinstance(results, dict) else None
+    trained = _holds_training(files, results)
+    stored = (results or {}).get("fingerprint")
+    if trained and results is not None and stored != identity.fingerprint:
+        return Verdict("conflict", results, _mismatch("results.json", results, identity))
+    if stored == identity.fingerprint and results.get("status") in FINISHED:
+        return Verdict("done", results)
+    if checkpoint:
+        ckpt, path = resume_point(files)
+        if ckpt is not None:
+            if ckpt.get("fingerprint") != identity.fingerprint:
+                return Verdict("conflict", results, _mismatch(f"checkpoints/{path.name}", ckpt, identity))
+            return Verdict("resume", results, checkpoint=ckpt, checkpoint_path=path)
+    return Verdict("resume" if trained else "new", results)
+
+
+def _mismatch(where: str, record: dict, identity: Identity) -> str:
+    if not record.get("fingerprint"):
+        return f"{where} has no fingerprint (written by an older coupled_net): its config cannot be checked"
+    diff = differences(record.get("identity") or {}, identity.keys)
+    return f"{where} is a run of another config: {'; '.join(diff) or 'fingerprint ' + record['fingerprint']}"
+
+
+# ---- ownership -----------------------------------------------------------------------------------
+
+def owner_record() -> dict:
+    import psutil
+
+    return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": slurm_job_id(),
+            "process_started": psutil.Process().create_time(), "since": now_iso()}
+
+
+def describe_owner(owner: dict | None) -> str:
+    if not owner:
+        return "another process (it has not recorded itself yet)"
+    job = f", SLURM job {owner['slurm_job_id']}" if owner.get("slurm_job_id") else ""
+    return f"pid {owner.get('pid')} on host {owner.get('host')}{job}, since {owner.get('since')}"
+
+
+class RunLock:
+    """An exclusive flock on `<run dir>/.lock`, held for the life of the process that trains there;
+    the kernel releases it on any death (SIGKILL included). The holder writes who it is into the
+    file once it owns the directory, so a refused process can name it."""
+
+    def __init__(self, path: Path):
+        self.path, self.fd = Path(path), None
+
+    def holder(self) -> dict | None:
+        try:
+            text = self.path.read_text()
+            return json.loads(text) if text.strip() else None
+        except (OSError, ValueError):
+            return None
+
+    def acquire(self, wait_s: float = 0.0) -> None:
+        """Take the lock or raise RunRefused naming its holder. A holder that is this very SLURM job
+        (a requeue whose previous incarnation is still being torn down) is waited for up to `wait_s`."""
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self.fd = fd
+                return
+            except BlockingIOError:
+                pass
+            except OSError as e:  # ENOLCK: a filesystem without locks (NFS mounted nolock)
+                log.warning("cannot lock %s (%s): a second process starting in this directory would not be "
+                            "stopped", self.path, e.strerror)
+                self.fd = fd
+                return
+            holder = self.holder()
+            mine = slurm_job_id()
+            if mine and holder and holder.get("slurm_job_id") == mine and time.monotonic() < deadline:
+                time.sleep(1.0)
+                continue
+            os.close(fd)
+            raise RunRefused(f"{self.path.parent}: in use by {describe_owner(holder)}; "
+                             "wait for it to end, or stop it, then start again")
+
+    def record(self, owner: dict) -> None:
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, (json.dumps(owner) + "\n").encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = None
+
+
+class RunDirectory:
+    """The owner's handle on one run directory: claim it, keep results.json (and its heartbeat)
+    current, release it. Under DDP rank 0 claims and holds the lock; the other ranks follow its verdict."""
+
+    def __init__(self, path: Path, identity: Identity, world: World = World()):
+        self.files, self.identity, self.world = RunFiles(path), identity, world
+        self.lock = RunLock(self.files.lock)
+        self.results: dict | None = None
+        self._io = threading.Lock()
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    def __enter__(self) -> "RunDirectory":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join(timeout=10)
+        self.lock.release()
+
+    # -- claiming
+
+    def claim(self, hydra_files: dict[str, str] | None = None) -> Verdict:
+        """Decide (rank 0) and agree (all ranks): a refusal raises RunRefused, `done` changes nothing,
+        otherwise this process owns the directory and the verdict says where to resume from."""
+        decision: list = [None, ""]
+        if self.world.is_main:
+            try:
+                verdict = self._claim(hydra_files)
+                decision = [verdict.kind, ""]
+            except RunRefused as e:
+                decision = ["refused", str(e)]
+        if self.world.active:
+            import torch.distributed as dist
+
+            dist.broadcast_object_list(decision, src=0)
+        kind, problem = decision
+        if kind == "refused":
+            raise RunRefused(problem)
+        if not self.world.is_main:  # rank 0 owns the directory; the others read the same checkpoint
+            verdict = inspect(self.files.dir, self.identity) if kind != "done" else Verdict("done")
+        return verdict
+
+    def _claim(self, hydra_files: dict[str, str] | None) -> Verdict:
+        quick = inspect(self.files.dir, self.identity, checkpoint=False)  # refuse or skip without locking
+        if quick.kind == "conflict":
+            raise RunRefused(f"{self.files.dir}: {quick.problem}; choose another directory, or start it with "
+                             "the config it was made with")
+        if quick.kind == "done":
+            return quick
+        self.files.dir.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire(wait_s=SAME_JOB_LOCK_WAIT_S)
+        verdict = inspect(self.files.dir, self.identity)  # under the lock: authoritative
+        if verdict.kind in ("conflict", "done"):
+            self.lock.release()
+            if verdict.kind == "conflict":
+                raise RunRefused(f"{self.files.dir}: {verdict.problem}; choose another directory, or start it "
+                                 "with the config it was made with")
+            return verdict
+        # this process owns the directory from here on
+        self.lock.record(owner_record())
+        claim_file_logs(self.files.dir)
+        for name, text in (hydra_files or {}).items():
+            atomic_write(self.files.hydra / name, lambda f, t=text: f.write(t.encode()))
+        for stale in self.files.checkpoints.glob(".*.tmp"):  # temp files of writes a kill interrupted
+            stale.unlink(missing_ok=True)
+        return verdict
+
+    # -- results.json
+
+    def write(self, **fields) -> dict:
+        """Update results.json (rank 0; atomic); `heartbeat_at` is refreshed with every write."""
+        with self._io:
+            self.results.update(fields, heartbeat_at=now_iso())
+            if self.world.is_main:
+                self.files.write_results(self.results)
+            return dict(self.results)
+
+    def start(self, results: dict) -> None:
+        self.results = results
+        self.write()
+        if self.world.is_main and self._beat is None:
+            self._beat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
+            self._beat.start()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                self.write()
+            except Exception as e:  # noqa: BLE001 - a full disk must not kill the run from this thread
+                log.warning("could not refresh the heartbeat in %s: %s", self.files.results, one_line(e, 200))
+
+
+# ---- one run ---------------------------------------------------------------------------------------
 
 def write_model_summary(model: torch.nn.Module, channels: int, size: int, coupling: Coupling, path: Path) -> None:
     from torchinfo import summary
@@ -65,36 +289,7 @@ def write_model_summary(model: torch.nn.Module, channels: int, size: int, coupli
                     col_names=("output_size", "num_params", "kernel_size"), depth=4)
     model.train(was_training)
     text = f"{stats}\n\ncoupled layer(s): {', '.join(coupling.layer_paths)}; alpha={coupling.alpha}\n"
-    path.write_text(text)
-
-
-def _settings(tcfg, device: torch.device) -> tuple[int, int]:
-    cpus = max(1, usable_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # torchrun: ranks share a node
-    threads = cpus if tcfg.threads == "auto" else int(tcfg.threads)
-    if tcfg.num_workers != "auto":
-        workers = int(tcfg.num_workers)
-    elif device.type == "cuda":
-        workers = min(16, max(1, cpus - 1))
-    else:  # on a CPU the workers take cores from the training itself
-        workers = 0 if cpus <= 2 else min(8, cpus // 2)
-    return threads, workers
-
-
-def load_resume_point(files: RunFiles, device: torch.device) -> tuple[dict | None, Path | None]:
-    """The newest readable checkpoint to continue from: last.pt, else the newest periodic one.
-    An unreadable file (a kill mid-write on a filesystem without atomic rename, a full disk) is
-    skipped with a warning rather than crashing the run again at every restart."""
-    for stale in files.checkpoints.glob(".*.tmp"):  # temp files of writes a kill interrupted
-        stale.unlink(missing_ok=True)
-    candidates = [files.last, *sorted(files.checkpoints.glob("epoch_*.pt"), reverse=True)]
-    for path in filter(Path.exists, candidates):
-        try:
-            return torch.load(path, map_location=device, weights_only=False), path
-        except Exception as e:  # noqa: BLE001 - truncated or corrupt: try the next one
-            log.warning("checkpoint %s is unreadable (%s); trying an older one", path, one_line(e, 200))
-    if any(map(Path.exists, candidates)):
-        log.warning("no readable checkpoint in %s: starting from scratch", files.checkpoints)
-    return None, None
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def gather_digests(coupling: Coupling) -> list[str]:
@@ -108,156 +303,101 @@ def gather_digests(coupling: Coupling) -> list[str]:
     return out
 
 
-def prepare_config(cfg: DictConfig) -> None:
-    """Fill what follows from the data itself (image_folder's class count) before the model is built."""
-    if cfg.dataset.name == "image_folder" and cfg.dataset.get("num_classes") is None:
-        with open_dict(cfg):
-            cfg.dataset.num_classes = data.count_classes(cfg.dataset)
+def run(cfg: DictConfig, run_dir: str | Path, hydra_files: dict[str, str] | None = None) -> dict:
+    """Train (or resume, or skip as finished) the run described by `cfg` in `run_dir`; returns its
+    results.json. Raises RunRefused (nothing changed), ConfigError / DatasetUnavailable (bad input,
+    recorded as failed, before any training) and RunInterrupted (recorded as interrupted).
+    `hydra_files` (name -> text) are written into `.hydra/` once the directory is this run's."""
+    identity = identity_of(cfg)
+    world = init_world(str(cfg.trainer.get("device", "auto")))
+    with StopGuard() as guard, RunDirectory(Path(run_dir), identity, world) as rd:
+        verdict = rd.claim(hydra_files)
+        if verdict.kind == "done":
+            log.info("%s already holds a finished run (status: %s); nothing to do", rd.files.dir,
+                     verdict.results["status"])
+            return verdict.results
+        return _train(cfg, rd, verdict, guard)
 
 
-@dataclass
-class Experiment:
-    model: torch.nn.Module
-    coupling: Coupling
-    device: torch.device
-    loaders: dict
-    threads: int
-    workers: int
-    world: World
-
-
-def build(cfg: DictConfig) -> Experiment:
-    """Validate the config, then build the model (on its device), its coupling and the data loaders.
-    Seeds everything first, so the model's initial weights follow `seed`."""
-    validate(cfg)
-    prepare_config(cfg)  # idempotent: fills only what is missing
-    world = init_world(cfg.trainer.device)
-    if not world.is_main:  # one voice in the log: rank 0's
-        logging.getLogger("coupled_net").setLevel(logging.WARNING)
-    device = resolve_device(cfg.trainer.device)
-    if world.active and device.type == "cuda":
-        device = torch.device("cuda", world.local_rank)
-        torch.cuda.set_device(device)
-    if cfg.trainer.batch_size % world.size:
-        raise ConfigError("trainer.batch_size", cfg.trainer.batch_size,
-                          f"must be divisible by the {world.size} processes of this run (it is the global batch)")
-    threads, workers = _settings(cfg.trainer, device)
-    torch.set_num_threads(threads)
-    seed_everything(cfg.seed, cfg.trainer.deterministic)
-    model = instantiate(cfg.model)
-    coupling = Coupling(model, **cfg.coupling)
-    splits = data.build_splits(cfg.dataset, cfg.model.input_size, cfg.seed)
-    t = cfg.trainer
-    common = dict(device=device, size=cfg.model.input_size, workers=workers, seed=cfg.seed, rank=world.rank,
-                  world_size=world.size)
-    loaders = {
-        "train": data.build_loader(splits.train, cfg.dataset, train=True, batch_size=t.batch_size // world.size,
-                                   **common),
-        "val": data.build_loader(splits.val, cfg.dataset, train=False, batch_size=t.eval_batch_size, **common),
-        "test": data.build_loader(splits.test, cfg.dataset, train=False, batch_size=t.eval_batch_size, **common),
-    }
-    model = model.to(device, memory_format=torch.channels_last if t.get("channels_last") else torch.preserve_format)
-    return Experiment(model, coupling, device, loaders, threads, workers, world)
-
-
-def run(cfg: DictConfig, run_dir: str | Path) -> dict:
-    """Train (or resume, or skip as done) the run described by `cfg` in `run_dir`; returns results.json.
-    Raises ConfigError / DatasetUnavailable for bad input, before any training."""
-    files = RunFiles(run_dir)
-    validate(cfg)
-    prepare_config(cfg)
-    previous = files.read_results() or {}
-    if previous.get("status") == "done":
-        if previous.get("config_key") not in (None, config_key(cfg)):
-            raise ConfigError("hydra.run.dir", str(files.dir),
-                              "holds a finished run of a different config; choose another directory")
-        log.info("%s already holds a finished run (status: done); nothing to do", files.dir)
-        return previous
-
-    exp = build(cfg)
-    model, coupling, device, loaders, world = exp.model, exp.coupling, exp.device, exp.loaders, exp.world
-    main = world.is_main
-    optimizer = instantiate(cfg.optimizer)(model.parameters())
-    scheduler = instantiate(cfg.scheduler)(optimizer)
-    files.checkpoints.mkdir(parents=True, exist_ok=True)
-    monitor = SystemMonitor()
-    bars = {"auto": os.isatty(2)}.get(str(cfg.trainer.progress).lower(), bool(cfg.trainer.progress))
-    logger = instantiate(cfg.logger, run_dir=files.dir) if "logger" in cfg and main else None
-    train_model = model
-    if world.active:
-        from torch.nn.parallel import DistributedDataParallel
-
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.trainer.compile:
-        train_model = torch.compile(train_model)
-    numerics = Numerics.from_config(cfg.trainer, device)
-    trainer = Trainer(model, coupling, optimizer, scheduler, loaders, device, cfg.trainer, files, monitor, bars,
-                      logger, world, train_model, numerics)
-
-    progress, resumes = Progress(), int(previous.get("resumes", 0))
-    checkpoint, path = load_resume_point(files, device)
-    if checkpoint is not None:
-        progress = trainer.load_state(checkpoint)
-        resumes += 1
-        where = f"epoch {progress.epoch}" if not progress.partial else \
-            f"step {progress.partial['step']} of epoch {progress.partial['epoch']}"
-        log.info("resuming from %s after %s (resume #%d)", path, where, resumes)
-    if main:
-        files.epochs.keep_epochs_upto(progress.epoch)  # rows written after that checkpoint (or any, from scratch)
-        if not files.summary.exists():
-            write_model_summary(model, cfg.dataset.channels, cfg.model.input_size, coupling, files.summary)
-
-    results = {
-        "status": "running", "stopped_early": False, "epochs_run": progress.epoch, "best_epoch": progress.best_epoch,
-        "resumes": resumes, "model": cfg.model.name, "dataset": cfg.dataset.name, "alpha": coupling.alpha,
-        "coupling_mode": coupling.mode, "coupling_schedule": coupling.schedule, "seed": cfg.seed,
-        "coupled_layers": coupling.layer_paths, "metrics": None, "ke_time_s_mean": None,
-        "epoch_time_s_mean": None, "total_time_s": None, "best_val_acc": None, "best_ke_val_acc": None,
-        "error": None, "config_key": config_key(cfg), "provenance": provenance(device),
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": world.size,
-    }
-    if main:
-        files.write_results(results)
-    log.info("run %s: %s on %s, alpha=%d (%s, %s) on %s, %d threads, %d workers, %d process(es)", files.dir,
-             cfg.model.name, cfg.dataset.name, coupling.alpha, coupling.mode, coupling.schedule,
-             results["provenance"]["device"], exp.threads, exp.workers, world.size)
+def _train(cfg: DictConfig, rd: RunDirectory, verdict: Verdict, guard: StopGuard) -> dict:
+    files, world = rd.files, rd.world
+    ckpt = verdict.checkpoint
+    progress = Progress(**ckpt["progress"]) if ckpt is not None else Progress()
+    previous = verdict.results if verdict.results and verdict.results.get("fingerprint") == rd.identity.fingerprint \
+        else {}
+    resumes = int(previous.get("resumes") or 0) + (ckpt is not None)
+    results = new_results(cfg, rd.identity, owner=owner_record(), resumes=resumes, world_size=world.size,
+                          provenance=provenance(None))
+    rd.start({**results, "epochs_run": progress.epoch, "best_epoch": progress.best_epoch})
+    monitor, trainer = None, None
     try:
+        spec = resolve(cfg, world)
+        parts = build(spec)
+        rd.write(coupled_layers=parts.coupling.layer_paths, provenance=provenance(spec.device))
+        monitor = SystemMonitor()
+        bars = {"auto": os.isatty(2)}.get(str(cfg.trainer.progress).lower(), bool(cfg.trainer.progress))
+        logger = build_logger(cfg, files) if world.is_main else None
+        trainer = make_trainer(spec, parts, files=files, monitor=monitor, logger=logger, progress_bars=bars,
+                               guard=guard, stamp={"fingerprint": rd.identity.fingerprint,
+                                                   "identity": rd.identity.keys},
+                               on_epoch_end=lambda p: rd.write(epochs_run=p.epoch, best_epoch=p.best_epoch))
+        if ckpt is not None:
+            progress = trainer.load_state(ckpt)
+            where = f"epoch {progress.epoch}" if not progress.partial else \
+                f"step {progress.partial['step']} of epoch {progress.partial['epoch']}"
+            log.info("resuming from %s after %s (resume #%d)", verdict.checkpoint_path, where, resumes)
+        ckpt = verdict.checkpoint = None  # the memory-mapped file is not needed any more
+        if world.is_main:
+            files.epochs.keep_epochs_upto(progress.epoch)  # rows written after that checkpoint (or any, from scratch)
+            if not files.summary.exists():
+                write_model_summary(parts.model, cfg.dataset.channels, cfg.model.input_size, parts.coupling,
+                                    files.summary)
+        log.info("run %s: %s on %s, alpha=%d (%s, %s) on %s, %d threads, %d workers, %d process(es)", files.dir,
+                 cfg.model.name, cfg.dataset.name, parts.coupling.alpha, parts.coupling.mode,
+                 parts.coupling.schedule, rd.results["provenance"]["device"], spec.threads, spec.workers, world.size)
         progress = trainer.fit(progress)
         final_start = time.perf_counter()
-        results["metrics"] = trainer.final_metrics() if progress.best_epoch is not None else None
+        metrics = trainer.final_metrics() if progress.best_epoch is not None else None
         progress.elapsed_s += time.perf_counter() - final_start
+        status, error = "done", None
         if progress.diverged_at is not None:
-            results["status"] = "diverged"
-            results["error"] = f"training loss became non-finite at epoch {progress.diverged_at}"
-        else:
-            results["status"] = "done"
+            status, error = "diverged", f"training loss became non-finite at epoch {progress.diverged_at}"
+        if world.active:  # evidence that equalization kept every rank's coupled layers identical
+            rd.results["coupled_layer_digest_per_rank"] = gather_digests(parts.coupling)
+    except (ConfigError, DatasetUnavailable) as e:
+        log.error("bad input: %s", e)
+        rd.write(status="failed", error=str(e), finished_at=now_iso())
+        raise
+    except RunInterrupted as e:
+        rd.write(status="interrupted", error=f"{e}; the same command resumes it", finished_at=now_iso(),
+                 epochs_run=progress.epoch, best_epoch=progress.best_epoch)
+        raise
     except Exception as e:  # noqa: BLE001 - recorded, logged, and the sweep goes on
         log.error("run failed:\n%s", traceback.format_exc())
-        results["status"], results["error"] = "failed", one_line(e)
+        return rd.write(status="failed", error=one_line(e), finished_at=now_iso())
     finally:
-        monitor.close()
-        trainer.logger.close()
+        if monitor is not None:
+            monitor.close()
+        if trainer is not None:
+            trainer.logger.close()
 
-    if world.active:  # evidence that equalization kept every rank's coupled layers identical
-        results["coupled_layer_digest_per_rank"] = gather_digests(coupling)
-    if not main:
-        return results
-    rows = files.epochs.rows()
-    mean = lambda col: float(np.mean([float(r[col]) for r in rows])) if rows else None  # noqa: E731
-    top = lambda col: max(float(r[col]) for r in rows) if rows else None  # noqa: E731
-    results.update({
-        "stopped_early": progress.stopped_early, "epochs_run": progress.epoch, "best_epoch": progress.best_epoch,
-        "ke_time_s_mean": mean("ke_time_s"), "epoch_time_s_mean": mean("epoch_time_s"),
-        "total_time_s": round(progress.elapsed_s, 3), "best_val_acc": top("val_acc"),
-        "best_ke_val_acc": top("ke_val_acc"), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    })
-    files.write_results(results)
-    if results["metrics"]:
-        m = results["metrics"]
+    if not world.is_main:
+        return dict(rd.results)
+    results = rd.write(status=status, error=error, metrics=metrics, stopped_early=progress.stopped_early,
+                       epochs_run=progress.epoch, best_epoch=progress.best_epoch,
+                       total_time_s=round(progress.elapsed_s, 3), finished_at=now_iso(),
+                       **epoch_aggregates(files.epochs.rows()))
+    if metrics:
         log.info("%s: best epoch %s; val top-1 %.2f%% top-5 %.2f%%; test top-1 %.2f%% top-5 %.2f%% (after KE)",
-                 results["status"], progress.best_epoch, m["val"]["top1"], m["val"]["top5"],
-                 m["test"]["top1"], m["test"]["top5"])
+                 status, progress.best_epoch, metrics["val"]["top1"], metrics["val"]["top5"],
+                 metrics["test"]["top1"], metrics["test"]["top5"])
     return results
 
 
-__all__ = ["run", "ConfigError", "DatasetUnavailable"]
+def build_logger(cfg: DictConfig, files: RunFiles):
+    from .build import instantiate
+
+    return instantiate(cfg.logger, run_dir=files.dir) if "logger" in cfg else None
+
+
+__all__ = ["run", "inspect", "RunRefused", "ConfigError", "DatasetUnavailable"]

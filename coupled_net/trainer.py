@@ -14,8 +14,10 @@ import logging
 import math
 import random
 import shutil
+import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from itertools import islice
 
@@ -30,8 +32,8 @@ from .data import EpochLoader
 from .distributed import World, all_reduce_sum, any_rank, barrier
 from .loggers import NullLogger
 from .monitor import SystemMonitor
-from .preemption import PreemptionGuard
 from .results import EPOCH_COLUMNS, CsvLog, RunFiles, save_torch
+from .signals import RunInterrupted, StopGuard
 
 log = logging.getLogger(__name__)
 
@@ -118,19 +120,32 @@ class Progress:
 
 
 class Trainer:
-    def __init__(self, model: nn.Module, coupling: Coupling, optimizer, scheduler, loaders: dict[str, EpochLoader],
-                 device: torch.device, tcfg, files: RunFiles, monitor: SystemMonitor, progress_bars: bool,
-                 logger=None, world: World = World(), train_model: nn.Module | None = None,
-                 numerics: Numerics | None = None):
+    """The epoch loop. Without `files` nothing is written: epoch rows are kept in `self.rows` and
+    the best weights in memory, so a Trainer can be built and run in a unit test."""
+
+    def __init__(self, *, model: nn.Module, coupling: Coupling, optimizer, scheduler, loaders: dict[str, EpochLoader],
+                 device: torch.device, epochs: int, patience: int = 15, select_by: str = "val_loss",
+                 checkpoint_every: int = 30, limit_batches: int | None = None, numerics: Numerics | None = None,
+                 world: World = World(), train_model: nn.Module | None = None, files: RunFiles | None = None,
+                 monitor: SystemMonitor | None = None, logger=None, progress_bars: bool = False,
+                 guard: StopGuard | None = None, stamp: dict | None = None,
+                 on_epoch_end: Callable[[Progress], None] | None = None):
         self.model, self.coupling, self.optimizer, self.scheduler = model, coupling, optimizer, scheduler
         self.train_model = model if train_model is None else train_model  # DDP-wrapped and/or compiled
-        self.loaders, self.device, self.cfg, self.files = loaders, device, tcfg, files
-        self.monitor, self.bars, self.world = monitor, progress_bars and world.is_main, world
-        self.logger = logger or NullLogger()
-        self.system_log = CsvLog(files.dir / "system.csv", ["epoch", "phase", "time"] + monitor.columns)
-        self.limit = tcfg.limit_batches
-        self.guard = PreemptionGuard()
+        self.loaders, self.device, self.world = loaders, device, world
+        self.epochs, self.patience, self.select_by = epochs, patience, select_by
+        self.checkpoint_every, self.limit = checkpoint_every, limit_batches
         self.numerics = numerics or Numerics(device)
+        self.files, self.monitor, self.logger = files, monitor, logger or NullLogger()
+        self.bars = progress_bars and world.is_main
+        self.guard = guard or StopGuard()  # not entered: no handlers, never pending
+        self.stamp = stamp or {}           # stored in every checkpoint (the run's fingerprint)
+        self.on_epoch_end = on_epoch_end
+        self.writes = files is not None and world.is_main
+        self.rows: list[dict] = []
+        self.best_state: dict | None = None
+        self.system_log = CsvLog(files.dir / "system.csv", ["epoch", "phase", "time"] + monitor.columns) \
+            if self.writes and monitor is not None else None
         self._started, self._carried = time.perf_counter(), 0.0
 
     # ---- one pass over the data ----------------------------------------------------------------
@@ -169,7 +184,7 @@ class Trainer:
                 progress.partial = {"epoch": epoch, "step": step, "sums": sums.tolist() + [seen],
                                     "elapsed_s": self._carried + time.perf_counter() - self._started}
                 self._save_last(progress, periodic=False)
-                self.guard.release()  # submitit requeues the job and exits this process
+                self.guard.release(f"at step {step} of epoch {epoch}")  # requeue (exits) or RunInterrupted
         progress.partial = None
         loss_sum, correct, seen = _summed_over_ranks(sums, seen)
         return loss_sum / seen, 100.0 * correct / seen
@@ -189,8 +204,7 @@ class Trainer:
     def state(self, progress: Progress) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.numerics.scaler.state_dict(),
-                "progress": asdict(progress),
-                "rng": rng_state()}
+                "progress": asdict(progress), "rng": rng_state(), **self.stamp}
 
     def load_state(self, ckpt: dict) -> Progress:
         self.model.load_state_dict(ckpt["model"])
@@ -202,34 +216,43 @@ class Trainer:
         return Progress(**ckpt["progress"])
 
     def _save_last(self, progress: Progress, periodic: bool = True) -> None:
-        if not self.world.is_main:
+        if not self.writes:
             return
         save_torch(self.files.last, self.state(progress))
-        if periodic and progress.epoch % self.cfg.checkpoint_every == 0:
+        if periodic and progress.epoch % self.checkpoint_every == 0:
             shutil.copyfile(self.files.last, self.files.periodic(progress.epoch))
 
+    def _save_best(self) -> None:
+        """The equalized weights of the best epoch: best.pt (a plain state_dict, the fingerprint in
+        its `_metadata`, which load_state_dict ignores), or kept in memory without a run directory."""
+        state = self.model.state_dict()
+        if not self.writes:
+            self.best_state = {k: v.detach().clone() for k, v in state.items()}
+            return
+        if self.stamp:
+            state._metadata["coupled_net"] = {"fingerprint": self.stamp.get("fingerprint")}
+        save_torch(self.files.best, state)
+
     def _record_system(self, epoch: int, phase: str) -> None:
-        if self.world.is_main:
+        if self.system_log is not None:
             self.system_log.append({"epoch": epoch, "phase": phase, "time": round(time.time(), 3),
                                     **self.monitor.sample()})
 
     # ---- the loop --------------------------------------------------------------------------------
 
     def fit(self, progress: Progress) -> Progress:
-        cfg = self.cfg
-        try:
-            while progress.epoch < cfg.epochs and not progress.stopped_early and progress.diverged_at is None:
+        """Epochs until `epochs`, early stopping or divergence. A stop signal is acted on at the next
+        step boundary (mid-epoch checkpoint) or, under DDP or during validation, after the epoch."""
+        with self.guard.deferred():
+            while progress.epoch < self.epochs and not progress.stopped_early and progress.diverged_at is None:
                 self._one_epoch(progress)
                 if any_rank(self.guard.pending is not None, self.device):  # a signal during validation or DDP
                     if self.guard.pending:
-                        self.guard.release()
-                    raise SystemExit(-1)  # ranks without the signal: the requeued job starts them again
-        finally:
-            self.guard.restore()
+                        self.guard.release(f"after epoch {progress.epoch}")
+                    raise RunInterrupted(signal.SIGTERM, f"after epoch {progress.epoch} (another rank was signalled)")
         return progress
 
     def _one_epoch(self, progress: Progress) -> None:
-        cfg = self.cfg
         epoch = progress.epoch + 1
         self._started = started = time.perf_counter()
         self._record_system(epoch, "start")
@@ -244,11 +267,13 @@ class Trainer:
         row = dict(zip(EPOCH_COLUMNS, [
             epoch, lr, train_loss, train_acc, val["loss"], val["top1"], ke_val["loss"], ke_val["top1"],
             round(carried + epoch_time, 6), round(ke_time, 9), round(ke_time + ke_eval_extra, 6)]))
-        if self.world.is_main:
+        self.rows.append(row)
+        if self.writes:
             self.files.epochs.append(row)
+        if self.world.is_main:
             self.logger.log_epoch(row)
         log.info("epoch %d/%d  lr %.3g  train loss %.4f acc %.2f%%  val loss %.4f acc %.2f%%  "
-                 "after KE: val loss %.4f acc %.2f%%  (%.1fs, KE %.2gs)", epoch, cfg.epochs, lr, train_loss,
+                 "after KE: val loss %.4f acc %.2f%%  (%.1fs, KE %.2gs)", epoch, self.epochs, lr, train_loss,
                  train_acc, val["loss"], val["top1"], ke_val["loss"], ke_val["top1"], epoch_time, ke_time)
         self._record_system(epoch, "end")
 
@@ -257,25 +282,28 @@ class Trainer:
             progress.diverged_at = epoch
             log.error("training loss is %s at epoch %d: stopping (diverged)", train_loss, epoch)
         else:
-            metric = val["loss"] if cfg.select_by == "val_loss" else ke_val["loss"]
+            metric = val["loss"] if self.select_by == "val_loss" else ke_val["loss"]
             if metric < progress.best_metric:  # the weights are the equalized ones, as in the seed
                 progress.best_metric, progress.best_epoch, progress.bad_epochs = metric, epoch, 0
-                if self.world.is_main:
-                    save_torch(self.files.best, self.model.state_dict())
+                self._save_best()
             else:
                 progress.bad_epochs += 1
-            if progress.bad_epochs >= cfg.patience:
+            if progress.bad_epochs >= self.patience:
                 progress.stopped_early = True
-                log.info("early stopping: %s has not improved for %d epochs", cfg.select_by, cfg.patience)
+                log.info("early stopping: %s has not improved for %d epochs", self.select_by, self.patience)
             else:
                 self.scheduler.step()
         progress.elapsed_s += carried + time.perf_counter() - started
         self._save_last(progress)
+        if self.on_epoch_end is not None:
+            self.on_epoch_end(progress)
 
     def final_metrics(self) -> dict:
         """The best model, equalized, on validation and test (the seed's last cells, test added)."""
         barrier()  # rank 0 has written best.pt
-        if self.files.best.exists():
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        elif self.files is not None and self.files.best.exists():
             self.model.load_state_dict(torch.load(self.files.best, map_location=self.device, weights_only=True))
         self.coupling.equalize()
         return {split: self.evaluate(split, f"final {split}") for split in ("val", "test")}

@@ -6,6 +6,7 @@ Writes summary.csv, summary.md, summary.tex and summary_*.png into --out (defaul
 directory) and prints the Markdown table."""
 
 import argparse
+import logging
 import sys
 
 from coupled_net.collect import write_summary
@@ -16,6 +17,7 @@ def main() -> None:
     parser.add_argument("dirs", nargs="+", help="sweep directories, run directories, or folders holding them")
     parser.add_argument("--out", help="where to write the summary files (default: the first directory)")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="collect: %(levelname)s: %(message)s")
     try:
         _, md = write_summary(args.dirs, args.out)
     except FileNotFoundError as e:

@@ -10,7 +10,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from coupled_net.cli import check_group_choices, setup, train_task
+from coupled_net.cli import check_group_choices, interrupted, setup, train_task
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
@@ -21,4 +21,5 @@ def main(cfg: DictConfig) -> str:
 if __name__ == "__main__":
     check_group_choices(sys.argv[1:], Path(__file__).resolve().parents[1] / "conf")
     setup()
-    main()
+    with interrupted():
+        main()

@@ -13,7 +13,7 @@ from torchvision.transforms.v2 import functional as TF
 from coupled_net import data
 from coupled_net.augment import AffineRanges, affine_theta, augment_batch, sample_params, warp
 from coupled_net.run import run
-from conftest import compose_cfg
+from helpers import compose_cfg
 
 BILINEAR = InterpolationMode.BILINEAR
 

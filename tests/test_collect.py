@@ -9,9 +9,11 @@ import time
 import pandas as pd
 import pytest
 
-from coupled_net.collect import LEADING, aggregate, write_summary
+from pathlib import Path
+
+from coupled_net.collect import LEADING, aggregate, collect, write_summary
 from coupled_net.run import run
-from conftest import REPO, compose_cfg, run_cli
+from helpers import REPO, compose_cfg, run_cli
 
 COLLECT = REPO / "launch" / "collect.py"
 EVALUATE = REPO / "launch" / "evaluate.py"
@@ -21,21 +23,23 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def sweeps(tmp_path_factory):
-    """Two real sweeps: 2 alphas x 2 seeds, and a +label swept over 2 values."""
+    """Real sweeps: 2 alphas x 2 seeds in a/; in b/x and b/y the same alpha=4 run labelled +label=x
+    and +label=y (labels are not part of a run's identity: in one sweep they would be one run)."""
     base = tmp_path_factory.mktemp("sweeps")
     first = run_cli("-m", *FAST, "coupling.alpha=0,2", "seed=1,2", f"hydra.sweep.dir={base / 'a'}",
                     f"dataset.root={base}", cwd=base)
-    second = run_cli("-m", *FAST, "coupling.alpha=4", "+label=x,y", f"hydra.sweep.dir={base / 'b'}",
-                     f"dataset.root={base}", cwd=base)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert second.returncode == 0, second.stderr[-3000:]
+    for label in ("x", "y"):
+        labelled = run_cli("-m", *FAST, "coupling.alpha=4", f"+label={label}", f"hydra.sweep.dir={base / 'b' / label}",
+                           f"dataset.root={base}", cwd=base)
+        assert labelled.returncode == 0, labelled.stderr[-3000:]
     return base, first
 
 
 def copy_sweep(src, dst):
     shutil.copytree(src, dst)
-    for name in ("summary.csv", "summary.md", "summary.tex"):
-        (dst / name).unlink(missing_ok=True)
+    for summary in dst.rglob("summary.*"):
+        summary.unlink()
     return dst
 
 
@@ -121,7 +125,7 @@ def test_collecting_a_hundred_runs_is_quick(sweeps, tmp_path):
 
 @pytest.mark.slow
 def test_evaluate_reproduces_the_runs_test_metrics(sweeps, tmp_path):
-    run_dir = next(p for p in (sweeps[0] / "a").iterdir() if p.name.startswith("2_coupling.alpha=2"))
+    run_dir = next(p for p in (sweeps[0] / "a").iterdir() if p.name.startswith("coupling.alpha=2,"))
     run_dir = shutil.copytree(run_dir, tmp_path / "run")
     proc = run_cli(str(run_dir), "--split", "test", script=EVALUATE, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -150,3 +154,95 @@ def test_tensorboard_logger_writes_the_epoch_scalars(tmp_path):
 def test_no_logger_writes_no_tensorboard_files(tmp_path):
     run(compose_cfg(*FAST, "dataset.train_per_class=8", f"dataset.root={tmp_path}"), tmp_path / "run")
     assert not (tmp_path / "run" / "tensorboard").exists()
+
+
+# ---- statuses that tell the truth, runs counted once (SPEC §5, §6): crafted run directories -------
+
+EPOCH_HEADER = "epoch,lr,train_loss,train_acc,val_loss,val_acc,ke_val_loss,ke_val_acc,epoch_time_s,ke_time_s,ke_eval_time_s\n"
+
+
+def crafted_run(run_dir, *, status="done", test_top1=50.0, fingerprint="f" * 16, labels=None, owner=None,
+                heartbeat_at=None, epoch_time_s=10.0, alpha=2, seed=1):
+    run_dir.mkdir(parents=True)
+    (run_dir / "epochs.csv").write_text(EPOCH_HEADER + f"1,0.1,1.0,50,1.0,40.0,1.1,39.0,{epoch_time_s},0.001,1.0\n")
+    metrics = {"val": {"top1": 40.0, "top5": 90.0, "loss": 1.0}, "test": {"top1": test_top1, "top5": 90.0, "loss": 1.0}}
+    res = {"status": status, "epochs_run": 1, "best_epoch": 1, "model": "small_cnn", "dataset": "synthetic_letters",
+           "alpha": alpha, "seed": seed, "coupling_mode": "copy", "coupling_schedule": "epoch",
+           "metrics": metrics if status == "done" else None, "fingerprint": fingerprint,
+           "identity": {"coupling.alpha": alpha, "seed": seed}, "labels": labels or {}, "owner": owner,
+           "heartbeat_at": heartbeat_at, "error": None}
+    (run_dir / "results.json").write_text(json.dumps(res))
+    return run_dir
+
+
+def iso(seconds_ago: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(time.time() - seconds_ago))
+
+
+def test_a_run_found_twice_is_counted_once_with_a_warning_naming_both(tmp_path, caplog):
+    first = crafted_run(tmp_path / "a" / "run", test_top1=60.0)
+    again = crafted_run(tmp_path / "b" / "run", test_top1=70.0)  # the same run copied into another sweep
+    labelled = crafted_run(tmp_path / "c" / "run", test_top1=80.0, labels={"note": "rerun"})  # not a repeat
+    df, md = write_summary([tmp_path], tmp_path / "out")
+    assert list(df["duplicate_of"].fillna("")) == ["", str(first), ""]
+    assert f"{again} holds the same run as {first} (same fingerprint and labels): counted once" in caplog.text
+    agg = aggregate(df)
+    assert list(zip(agg["note"].fillna(""), agg["n"], agg["test_top1"])) == [("", 1, "60"), ("rerun", 1, "80")]
+    assert str(labelled) not in set(df["duplicate_of"].dropna())
+    assert f"| {again} | done" in md  # listed below the table, not silently dropped
+
+
+def test_a_running_run_whose_process_is_gone_is_stale_not_running(tmp_path):
+    import os
+    import socket
+    import subprocess
+
+    import psutil
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    host = socket.gethostname()
+    me = {"host": host, "pid": os.getpid(), "process_started": psutil.Process().create_time(), "slurm_job_id": None}
+    crafted_run(tmp_path / "dead", status="running", owner={"host": host, "pid": gone.pid, "slurm_job_id": None},
+                heartbeat_at=iso(5))
+    crafted_run(tmp_path / "alive", status="running", owner=me, heartbeat_at=iso(5), seed=2)
+    crafted_run(tmp_path / "reused_pid", status="running", owner={**me, "process_started": 1.0}, heartbeat_at=iso(5),
+                seed=3)
+    elsewhere = {"host": "node-17", "pid": 4242, "slurm_job_id": None}
+    crafted_run(tmp_path / "silent", status="running", owner=elsewhere, heartbeat_at=iso(16 * 60), seed=4)
+    crafted_run(tmp_path / "slow_epochs", status="running", owner=elsewhere, heartbeat_at=iso(16 * 60),
+                epoch_time_s=400.0, seed=5)  # 3 x 400 s > 16 min: still within its heartbeat allowance
+    crafted_run(tmp_path / "interrupted", status="interrupted", owner=elsewhere, heartbeat_at=iso(5), seed=6)
+    df = collect([tmp_path]).set_index("run_dir")
+    status = {Path(k).name: v for k, v in df["status"].items()}
+    assert status == {"dead": "stale", "alive": "running", "reused_pid": "stale", "silent": "stale",
+                      "slow_epochs": "running", "interrupted": "interrupted"}
+    assert df.loc[str(tmp_path / "dead"), "error"] == (
+        f"pid {gone.pid} on {host} is gone: it ended without recording why; the same command resumes it")
+    assert df.loc[str(tmp_path / "silent"), "error"].startswith("no heartbeat for 16 min")
+
+
+def test_a_running_slurm_run_is_stale_once_slurm_no_longer_knows_its_job():
+    from coupled_net.collect import owner_gone
+
+    res = {"status": "running", "owner": {"host": "node-3", "pid": 1, "slurm_job_id": "41_2"}, "heartbeat_at": iso(3600)}
+    none = pd.DataFrame()
+    assert owner_gone(res, none, {"41_2": ("PENDING", "BeginTime")}) is None  # requeued, waiting: alive
+    assert owner_gone(res, none, {"41_3": ("RUNNING", "None")}) == "SLURM job 41_2 is no longer known"
+    assert owner_gone(res, none, None) == "no heartbeat for 60 min"  # no squeue here: the heartbeat decides
+
+
+def test_evaluate_refuses_a_config_that_is_not_the_runs(tmp_path):
+    from omegaconf import OmegaConf
+
+    from coupled_net.errors import ConfigError
+    from coupled_net.evaluate import evaluate_run
+
+    overrides = ["experiment=quickstart", "dataset.train_per_class=4", "dataset.test_per_class=2", "trainer.epochs=1",
+                 f"dataset.root={tmp_path}"]
+    run(compose_cfg(*overrides, "coupling.alpha=2"), tmp_path / "run")
+    (tmp_path / "run" / ".hydra").mkdir()
+    (tmp_path / "run" / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(compose_cfg(*overrides, "coupling.alpha=8")))
+    with pytest.raises(ConfigError, match=r"\.hydra/config.yaml is not the config of the run in results.json"):
+        evaluate_run(tmp_path / "run")
+    assert not (tmp_path / "run" / "evaluation.json").exists()

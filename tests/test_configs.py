@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from coupled_net.run import run
 from coupled_net.validation import validate
 
-from conftest import compose_cfg
+from helpers import compose_cfg
 
 MODELS = ["alexnet", "resnet18", "vgg11", "small_cnn"]
 DATASETS = ["emnist_letters", "mnist", "fashion_mnist", "cifar10", "synthetic_letters"]

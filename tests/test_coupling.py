@@ -8,12 +8,12 @@ import csv
 import pytest
 import torch
 
-import coupled_net.run as run_module
+import coupled_net.build as build_module
 from coupled_net.coupling import Coupling
 from coupled_net.errors import ConfigError
 from coupled_net.models import build_model
 from coupled_net.run import run
-from conftest import compose_cfg
+from helpers import compose_cfg
 
 TINY = ["experiment=quickstart", "dataset.train_per_class=12", "dataset.test_per_class=4", "trainer.batch_size=16",
         "trainer.num_workers=0"]
@@ -125,7 +125,7 @@ class RecordingCoupling(Coupling):
 
 @pytest.mark.parametrize("schedule", ["epoch", "step"])
 def test_schedule_decides_when_filters_are_equal(schedule, tmp_path, monkeypatch):
-    monkeypatch.setattr(run_module, "Coupling", RecordingCoupling)
+    monkeypatch.setattr(build_module, "Coupling", RecordingCoupling)
     cfg = compose_cfg(*TINY, "coupling.alpha=4", f"coupling.schedule={schedule}", "trainer.epochs=2",
                       "trainer.limit_batches=4", f"dataset.root={tmp_path}")
     assert run(cfg, tmp_path / "run")["status"] == "done"

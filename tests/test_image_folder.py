@@ -13,9 +13,10 @@ from PIL import Image
 
 from coupled_net import data
 from coupled_net.errors import ConfigError
-from coupled_net.run import prepare_config, run
+from coupled_net.build import prepare_config
+from coupled_net.run import run
 
-from conftest import compose_cfg
+from helpers import compose_cfg
 
 CLASSES = ["circle", "cross", "stripes"]
 SIZE = 28

@@ -3,7 +3,6 @@ Hydra's own launcher test suites."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 from hydra.core.plugins import Plugins
@@ -11,7 +10,7 @@ from hydra.plugins.launcher import Launcher
 from hydra.test_utils.launcher_common_tests import IntegrationTestSuite, LauncherTestSuite
 
 from hydra_plugins.coupled_net_launcher.launcher import LocalLauncher, SlurmLauncher
-from conftest import REPO
+from helpers import REPO
 
 pytestmark = pytest.mark.slow
 

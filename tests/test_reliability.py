@@ -3,7 +3,6 @@ unreadable checkpoints; divergence and failures isolated within a sweep."""
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import subprocess
@@ -13,9 +12,10 @@ import time
 import pandas as pd
 import pytest
 
+from coupled_net.collect import collect
 from coupled_net.run import run
 from coupled_net.trainer import Trainer
-from conftest import TRAIN, compose_cfg, run_cli, run_sweep
+from helpers import TRAIN, compose_cfg, epoch_numbers, metric_table, read_results, run_cli, run_sweep
 
 FAST = ["experiment=quickstart", "dataset.train_per_class=40", "dataset.test_per_class=10"]
 
@@ -34,18 +34,6 @@ BAD_INPUT = [
     (["optimizer.lr=-0.1"], "optimizer.lr=-0.1: must be a number > 0"),
     (["dataset=no_such_data"], "dataset='no_such_data': allowed: cifar10, emnist_letters"),
 ]
-
-
-def read_results(run_dir):
-    return json.loads((run_dir / "results.json").read_text())
-
-
-def epoch_numbers(run_dir):
-    return list(pd.read_csv(run_dir / "epochs.csv")["epoch"])
-
-
-def metric_table(run_dir):
-    return pd.read_csv(run_dir / "epochs.csv").drop(columns=["epoch_time_s", "ke_time_s", "ke_eval_time_s"])
 
 
 @pytest.mark.slow
@@ -84,7 +72,8 @@ def test_sigkill_after_the_second_epoch_then_the_same_command_finishes_it(tmp_pa
         time.sleep(0.02)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert read_results(tmp_path / "killed")["status"] == "running"
+    assert read_results(tmp_path / "killed")["status"] == "running"  # it could not say otherwise
+    assert collect([tmp_path / "killed"]).iloc[0]["status"] == "stale"  # its owner is gone: never shown as running
 
     again = run_cli(*common, f"hydra.run.dir={tmp_path / 'killed'}", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
@@ -135,7 +124,8 @@ def test_an_unreadable_last_checkpoint_falls_back_instead_of_crashing(tmp_path, 
 def test_a_diverging_run_is_recorded_and_the_sweep_goes_on(tmp_path):
     proc, sweep, runs = run_sweep(tmp_path, *FAST, "trainer.epochs=2", "optimizer.lr=1e9,0.01")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    diverged, done = (read_results(p) for p in runs)
+    by_lr = {float(p.name.split("optimizer.lr=")[1].split(",")[0]): read_results(p) for p in runs}
+    diverged, done = by_lr[1e9], by_lr[0.01]
     assert (diverged["status"], diverged["epochs_run"]) == ("diverged", 1)
     assert diverged["error"] == "training loss became non-finite at epoch 1"
     assert (done["status"], done["epochs_run"]) == ("done", 2)
@@ -151,7 +141,9 @@ def test_a_diverging_run_is_recorded_and_the_sweep_goes_on(tmp_path):
 def test_a_failing_run_is_recorded_and_the_sweep_exits_non_zero_naming_it(tmp_path, bad, error):
     key, value = bad.split("=")
     good = "0.9" if key == "optimizer.momentum" else "2"
-    proc, sweep, (failed_dir, done_dir) = run_sweep(tmp_path, *FAST, "trainer.epochs=1", f"{key}={value},{good}")
+    proc, sweep, runs = run_sweep(tmp_path, *FAST, "trainer.epochs=1", f"{key}={value},{good}")
+    (failed_dir,) = [p for p in runs if f"{key}={value}," in p.name]
+    (done_dir,) = [p for p in runs if f"{key}={good}," in p.name]
     assert proc.returncode == 1
     failed = read_results(failed_dir)
     assert (failed["status"], failed["error"]) == ("failed", error)

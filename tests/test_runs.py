@@ -5,25 +5,33 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 
 import pytest
 import torch
 
+from coupled_net.identity import identity_of
+from coupled_net.errors import ConfigError
 from coupled_net.results import EPOCH_COLUMNS
-from coupled_net.run import run
+from coupled_net.run import RunRefused, run
 from coupled_net.trainer import Trainer
-from conftest import compose_cfg, run_cli, run_sweep
+from helpers import compose_cfg, run_cli, run_sweep
 
 FAST = ["experiment=quickstart", "dataset.train_per_class=40", "dataset.test_per_class=10"]
 RESULT_KEYS = {"status", "stopped_early", "epochs_run", "best_epoch", "resumes", "model", "dataset", "alpha",
                "coupling_mode", "coupling_schedule", "seed", "metrics", "ke_time_s_mean", "epoch_time_s_mean",
-               "total_time_s", "error", "provenance"}
+               "total_time_s", "error", "provenance", "fingerprint", "identity", "labels", "owner", "heartbeat_at"}
 PROVENANCE_KEYS = {"git_commit", "git_dirty", "python", "torch", "torchvision", "device", "host", "slurm_job_id"}
 
 
 def read_rows(path):
     with open(path, newline="") as f:
         return list(csv.reader(f))
+
+
+def proc_pid(run_dir):
+    """The pid that owned `run_dir`, as its .lock file recorded it."""
+    return json.loads((run_dir / ".lock").read_text())["pid"]
 
 
 def metric_rows(run_dir):
@@ -37,9 +45,9 @@ def metric_rows(run_dir):
 def test_quickstart_sweep_through_the_cli(tmp_path):
     proc, sweep, run_dirs = run_sweep(tmp_path, *FAST, "coupling.alpha=0,2", "trainer.epochs=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # job number + the run's overrides, path-valued ones (dataset.root) left out
+    # the run's identity overrides, sorted by key; no job number, dataset.root (where, not what) left out
     common = "dataset.test_per_class=10,dataset.train_per_class=40,experiment=quickstart,trainer.epochs=2"
-    assert [p.name for p in run_dirs] == [f"0_coupling.alpha=0,{common}", f"1_coupling.alpha=2,{common}"]
+    assert [p.name for p in run_dirs] == [f"coupling.alpha=0,{common}", f"coupling.alpha=2,{common}"]
     for alpha, run_dir in zip((0, 2), run_dirs):
         for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "train.log", "epochs.csv", "results.json",
                      "system.csv", "model_summary.txt", "checkpoints/last.pt", "checkpoints/best.pt",
@@ -50,6 +58,15 @@ def test_quickstart_sweep_through_the_cli(tmp_path):
         assert [r[0] for r in rows[1:]] == ["1", "2"]
         res = json.loads((run_dir / "results.json").read_text())
         assert RESULT_KEYS <= res.keys() and PROVENANCE_KEYS <= res["provenance"].keys()
+        # its identity, in results.json and in every checkpoint
+        cfg = compose_cfg(*FAST, f"coupling.alpha={alpha}", "trainer.epochs=2", f"dataset.root={tmp_path}")
+        assert res["fingerprint"] == identity_of(cfg).fingerprint and res["identity"]["coupling.alpha"] == alpha
+        for name in ("last.pt", "epoch_002.pt"):
+            assert torch.load(run_dir / "checkpoints" / name, weights_only=False)["fingerprint"] == res["fingerprint"]
+        best = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
+        assert best._metadata["coupled_net"] == {"fingerprint": res["fingerprint"]}
+        assert (res["owner"]["host"], res["owner"]["slurm_job_id"]) == (res["provenance"]["host"], None)
+        assert res["owner"]["pid"] == proc_pid(run_dir) and res["heartbeat_at"] >= res["started_at"]
         assert (res["status"], res["alpha"], res["epochs_run"], res["resumes"]) == ("done", alpha, 2, 0)
         assert (res["model"], res["dataset"], res["seed"]) == ("small_cnn", "synthetic_letters", 42)
         for split in ("val", "test"):
@@ -147,3 +164,35 @@ def test_a_dataset_that_cannot_be_downloaded_fails_at_once_with_the_ways_out(tmp
     assert last.startswith(f"coupled_net: error: dataset=mnist: not found in {tmp_path / 'data'}")
     assert "launch/prepare.py dataset=mnist" in last and "dataset.root=" in last and "dataset=synthetic_letters" in last
     assert not (tmp_path / "run" / "epochs.csv").exists()
+
+
+def test_a_directory_whose_run_failed_before_training_is_taken_over_by_another_config(tmp_path):
+    bad = (*FAST, "coupling.alpha=17", f"dataset.root={tmp_path}")
+    with pytest.raises(ConfigError):
+        run(compose_cfg(*bad), tmp_path / "run")
+    failed = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert (failed["status"], failed["epochs_run"]) == ("failed", 0)  # recorded, nothing trained
+    fixed = run(compose_cfg(*FAST, "coupling.alpha=2", "trainer.epochs=1", f"dataset.root={tmp_path}"), tmp_path / "run")
+    assert (fixed["status"], fixed["alpha"], fixed["resumes"]) == ("done", 2, 0)
+    with pytest.raises(RunRefused, match="coupling.alpha: 2 → 3"):  # but a trained run is never taken over
+        run(compose_cfg(*FAST, "coupling.alpha=3", "trainer.epochs=1", f"dataset.root={tmp_path}"), tmp_path / "run")
+
+
+def test_the_heartbeat_is_refreshed_while_a_run_lives(tmp_path, monkeypatch):
+    import coupled_net.run as run_module
+    from coupled_net.results import RunFiles
+
+    monkeypatch.setattr(run_module, "HEARTBEAT_S", 0.05)
+    writes, during_fit = [], []
+    real_write, real_fit = RunFiles.write_results, Trainer.fit
+    monkeypatch.setattr(RunFiles, "write_results", lambda self, r: (writes.append(r["heartbeat_at"]), real_write(self, r)))
+
+    def slow_fit(self, progress):  # half a second in which the run itself writes nothing
+        before = len(writes)
+        time.sleep(0.5)
+        during_fit.append(len(writes) - before)
+        return real_fit(self, progress)
+    monkeypatch.setattr(Trainer, "fit", slow_fit)
+    run(compose_cfg(*FAST, "trainer.epochs=1", "dataset.train_per_class=4", f"dataset.root={tmp_path}"), tmp_path / "run")
+    assert during_fit[0] >= 3  # the heartbeat thread's writes, every 0.05 s
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["heartbeat_at"] == writes[-1]

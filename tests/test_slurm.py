@@ -8,12 +8,13 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from coupled_net.collect import collect
-from conftest import REPO, TRAIN, run_cli
+from helpers import REPO, TRAIN, read_results, run_cli, run_dirs, snapshot, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -29,14 +30,6 @@ def cluster():
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
-def results(run_dir):
-    return json.loads((run_dir / "results.json").read_text())
-
-
-def run_dirs(sweep):
-    return sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
 def manifest(sweep):
     return json.loads((sweep / "manifest.json").read_text())
 
@@ -44,16 +37,6 @@ def manifest(sweep):
 def squeue(job_id):
     out = subprocess.run(["squeue", "-h", "-r", "-j", job_id, "-o", "%T|%r"], capture_output=True, text=True)
     return out.stdout.strip()
-
-
-def wait_for(predicate, timeout=240, every=0.2, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def epochs_done(run_dir) -> int:
@@ -65,7 +48,7 @@ def release_requeued(job_id):
     """A requeued job waits ~2 min (BeginTime) unless released. Released while its previous run is
     still being torn down, SLURM kills the new start ("Job credential revoked"), so wait for the
     requeue hold to settle (KillWait is 2 s on the test cluster) before releasing it."""
-    wait_for(lambda: squeue(job_id) == "PENDING|BeginTime", what=f"{job_id} requeued and held")
+    wait_for(lambda: squeue(job_id) == "PENDING|BeginTime", every=0.2, what=f"{job_id} requeued and held")
     time.sleep(4)
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
 
@@ -86,7 +69,7 @@ def test_a_slurm_sweep_gives_the_run_dirs_of_a_local_sweep(tmp_path):
         assert s.name == l.name
         files = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())  # noqa: E731
         assert files(s) == files(l)
-        rs, rl = results(s), results(l)
+        rs, rl = read_results(s), read_results(l)
         assert rs.keys() == rl.keys() and rs["status"] == "done" and rs["epochs_run"] == 2
         assert list(pd.read_csv(s / "epochs.csv").columns) == list(pd.read_csv(l / "epochs.csv").columns)
         assert rs["provenance"]["slurm_job_id"] == jobs[str(s)] and rl["provenance"]["slurm_job_id"] is None
@@ -94,43 +77,45 @@ def test_a_slurm_sweep_gives_the_run_dirs_of_a_local_sweep(tmp_path):
 
 
 def start_twins(tmp_path, *overrides):
-    """A SLURM sweep of two identical runs (+copy=a,b); returns the process, the sweep dir, and the
-    second run's manifest entry and directory (the one a test interrupts)."""
-    sweep = tmp_path / "sweep"
-    proc = start_sweep(*SLURM, *FAST, *overrides, "+copy=a,b", f"hydra.sweep.dir={sweep}",
-                       f"dataset.root={tmp_path}", cwd=tmp_path)
-    twin = wait_for(lambda: (sweep / "manifest.json").exists() and manifest(sweep), what="manifest")["jobs"][1]
-    return proc, sweep, twin, sweep / twin["run_dir"].split("/")[-1]
+    """The same run as two SLURM sweeps (a/ and b/, one job each: within one sweep they would be one
+    run); returns both processes, a's run dir, and b's manifest entry and run dir (the one a test
+    interrupts)."""
+    procs = [start_sweep(*SLURM, *FAST, *overrides, f"hydra.sweep.dir={tmp_path / name}", f"dataset.root={tmp_path}",
+                         cwd=tmp_path) for name in ("a", "b")]
+    a, b = (wait_for(lambda s=s: (tmp_path / s / "manifest.json").exists() and manifest(tmp_path / s),
+                     what="manifest")["jobs"][0] for s in ("a", "b"))
+    return procs, Path(a["run_dir"]), b, Path(b["run_dir"])
+
+
+def finish(procs):
+    for proc in procs:
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-4000:]
 
 
 def test_a_hard_requeued_job_resumes_and_matches_its_twin(tmp_path):
-    proc, sweep, twin, run_dir = start_twins(tmp_path, "dataset.train_per_class=150", "trainer.epochs=4")
-    wait_for(lambda: epochs_done(run_dir) >= 2, what="two epochs")
+    procs, a, twin, b = start_twins(tmp_path, "dataset.train_per_class=150", "trainer.epochs=4")
+    wait_for(lambda: epochs_done(b) >= 2, what="two epochs")
     subprocess.run(["scontrol", "requeue", twin["job_id"]], check=True)
     release_requeued(twin["job_id"])
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-4000:]
-    a, b = run_dirs(sweep)
-    assert b == run_dir
-    ra, rb = results(a), results(b)
+    finish(procs)
+    ra, rb = read_results(a), read_results(b)
     assert (rb["status"], ra["resumes"]) == ("done", 0) and rb["resumes"] >= 1
     assert list(pd.read_csv(b / "epochs.csv")["epoch"]) == [1, 2, 3, 4]
     assert rb["metrics"] == ra["metrics"]
 
 
 def test_the_pre_timeout_signal_saves_mid_epoch_and_the_requeued_job_finishes_the_same(tmp_path):
-    proc, sweep, twin, run_dir = start_twins(tmp_path, "dataset.train_per_class=300", "trainer.epochs=3")
-    wait_for(lambda: epochs_done(run_dir) >= 1, what="one epoch")
+    procs, a, twin, b = start_twins(tmp_path, "dataset.train_per_class=300", "trainer.epochs=3")
+    wait_for(lambda: epochs_done(b) >= 1, what="one epoch")
     time.sleep(1.0)  # into epoch 2
     subprocess.run(["scancel", "--signal=USR2", twin["job_id"]], check=True)  # what SLURM sends before a timeout
     release_requeued(twin["job_id"])
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-4000:]
-    a, b = run_dirs(sweep)
+    finish(procs)
     log = (b / "train.log").read_text()
     assert "caught SIGUSR2: saving a checkpoint at the end of this step" in log
     assert "of epoch 2 (resume #1)" in log  # resumed mid-epoch, from the step it stopped at
-    ra, rb = results(a), results(b)
+    ra, rb = read_results(a), read_results(b)
     assert (rb["status"], rb["resumes"]) == ("done", 1)
     assert list(pd.read_csv(b / "epochs.csv")["epoch"]) == [1, 2, 3]
     assert rb["metrics"] == ra["metrics"]
@@ -139,24 +124,42 @@ def test_the_pre_timeout_signal_saves_mid_epoch_and_the_requeued_job_finishes_th
     pd.testing.assert_frame_equal(ea, eb)
 
 
-def test_relaunching_a_half_finished_sweep_submits_only_the_unfinished_runs(tmp_path):
-    args = [*SLURM, *FAST, "trainer.epochs=2", "coupling.alpha=0,2", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-            f"dataset.root={tmp_path}"]
+def test_relaunching_a_slurm_sweep_submits_only_unfinished_runs_and_refuses_another_config(tmp_path):
+    preset = tmp_path / "conf" / "experiment" / "mine.yaml"  # a user's own preset (--config-dir)
+    preset.parent.mkdir(parents=True)
+    preset.write_text((REPO / "conf" / "experiment" / "quickstart.yaml").read_text())
+    args = ["-cd", str(tmp_path / "conf"), *SLURM, "experiment=mine", *FAST[1:], "trainer.epochs=2", "coupling.alpha=0,2",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}", f"dataset.root={tmp_path}"]
     first = run_cli("-m", *args, cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     done, unfinished = run_dirs(tmp_path / "sweep")
-    res = results(unfinished)
+    res = read_results(unfinished)
     res["status"] = "running"  # as a job killed before its final evaluation leaves it
     (unfinished / "results.json").write_text(json.dumps(res))
-    before = (done / "results.json").read_bytes()
+    before = snapshot(done)
 
-    again = run_cli("-m", *args, cwd=tmp_path)
+    # another data root (not part of a run's identity): the finished run is skipped by its fingerprint
+    (tmp_path / "copy").mkdir()
+    again = run_cli("-m", *args, f"dataset.root={tmp_path / 'copy'}", cwd=tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     jobs = manifest(tmp_path / "sweep")["jobs"]
-    assert [j["job_num"] for j in jobs] == [0, 1, 1]  # the second launch submitted job 1 only
-    assert "already done, not submitted" in again.stdout + again.stderr
-    assert (done / "results.json").read_bytes() == before
-    assert (results(unfinished)["status"], results(unfinished)["resumes"]) == ("done", 1)
+    assert [j["run_dir"] for j in jobs] == [str(done), str(unfinished), str(unfinished)]  # only the unfinished one
+    assert f"already done ({done.name}), not run again" in again.stdout + again.stderr
+    assert snapshot(done) == before
+    assert (read_results(unfinished)["status"], read_results(unfinished)["resumes"]) == ("done", 1)
+
+    # the preset edited (a key the directory names do not show): refused before anything is submitted
+    preset.write_text(preset.read_text().replace("lr: 0.05", "lr: 0.02"))
+    whole = snapshot(tmp_path / "sweep")
+    refused = run_cli("-m", *args, cwd=tmp_path)
+    assert refused.returncode == 2
+    lines = refused.stderr.strip().splitlines()
+    assert lines[-1] == f"coupled_net: error: 2 conflict(s) in sweep {tmp_path / 'sweep'} (listed above): nothing was " \
+                        "started or submitted"
+    for run_dir in (done, unfinished):
+        assert f"coupled_net: error: {run_dir}: results.json is a run of another config: optimizer.lr: 0.05 → 0.02; " \
+               "choose another hydra.sweep.dir, or launch with the config it was made with" in lines
+    assert snapshot(tmp_path / "sweep") == whole  # manifest.json and multirun.yaml included
 
 
 def test_detached_mode_returns_at_once_and_collect_follows_the_jobs(tmp_path):
@@ -182,7 +185,7 @@ def test_detached_mode_returns_at_once_and_collect_follows_the_jobs(tmp_path):
 
 
 def ddp_checks(run_dir):
-    res = results(run_dir)
+    res = read_results(run_dir)
     assert (res["status"], res["world_size"]) == ("done", 2)
     digests = res["coupled_layer_digest_per_rank"]
     assert len(digests) == 2 and digests[0] == digests[1]  # KE kept the ranks' coupled layers identical

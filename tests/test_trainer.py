@@ -6,7 +6,7 @@ import pytest
 
 from coupled_net.run import run
 from coupled_net.trainer import Trainer
-from conftest import compose_cfg
+from helpers import compose_cfg
 
 TINY = ["experiment=quickstart", "dataset.train_per_class=4", "dataset.test_per_class=2", "trainer.batch_size=16",
         "trainer.limit_batches=1", "trainer.epochs=5", "trainer.patience=2"]

@@ -1,13 +1,13 @@
 """hydra-submitit-launcher's launchers, plus what a long sweep on a cluster needs:
 
-- runs whose directory already holds a finished run (`status: done`) are not submitted again, so
-  re-launching a sweep's command with `hydra.sweep.dir=<that sweep>` finishes it;
 - `detach: true` submits the job array and returns at once, writing `manifest.json` (job id ↔
-  overrides ↔ run dir ↔ submission time) into the sweep directory for `launch/collect.py`."""
+  overrides ↔ run dir ↔ submission time) into the sweep directory for `launch/collect.py`.
+
+Finished runs are left out, and conflicting ones refused, before this launcher sees the jobs
+(the coupled_net sweeper, coupled_net.sweep); each job checks its directory again when it starts."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -19,12 +19,13 @@ from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
+import coupled_net.identity  # noqa: F401 - registers the run-name resolver in SLURM job processes too
 from coupled_net.results import read_json, write_json
 
 log = logging.getLogger(__name__)
-OWN_KEYS = ("detach", "skip_done")
+OWN_KEYS = ("detach",)
 
 
 class _SacctOnce(logging.Filter):
@@ -45,44 +46,34 @@ class SweepAwareLauncher(BaseSubmititLauncher):
     def __init__(self, **params: Any) -> None:
         own = {k: params.pop(k) for k in OWN_KEYS if k in params}
         super().__init__(**params)
-        self.detach, self.skip_done = bool(own.get("detach", False)), bool(own.get("skip_done", True))
+        self.detach = bool(own.get("detach", False))
 
     def run_dir(self, overrides: Sequence[str], job_num: int) -> Path:
         """The directory Hydra will give job `job_num` of this sweep."""
-        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-        with open_dict(cfg.hydra.job):
-            cfg.hydra.job.num = job_num
-        return (Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)).absolute()
+        from coupled_net.sweep import job_config
+
+        return job_config(self.hydra_context.config_loader, self.config, overrides, job_num)[0]
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         logging.getLogger("submitit").addFilter(_SacctOnce())
 
-        jobs = [(initial_job_idx + i, list(o), self.run_dir(o, initial_job_idx + i)) for i, o in enumerate(job_overrides)]
-        returns: dict[int, JobReturn] = {}
-        todo = []
-        for num, overrides, run_dir in jobs:
-            if self.skip_done and (read_json(run_dir / "results.json") or {}).get("status") == "done":
-                log.info("\t#%d : %s — already done, not submitted", num, " ".join(filter_overrides(overrides)))
-                returns[num] = _finished(overrides, "done")
-            else:
-                log.info("\t#%d : %s", num, " ".join(filter_overrides(overrides)))
-                todo.append((num, overrides, run_dir))
-        if todo:
-            executor = self._executor()
-            sweep_dir = Path(str(self.config.hydra.sweep.dir))
-            sweep_dir.mkdir(parents=True, exist_ok=True)
-            params = [(o, "hydra.sweep.dir", num, f"job_id_for_{num}", Singleton.get_state()) for num, o, _ in todo]
-            submitted = executor.map_array(self, *zip(*params))
-            self._write_manifest(sweep_dir, todo, submitted)
-            if self.detach:
-                log.info("detached: %d job(s) submitted (%s); follow them with `python launch/collect.py %s`",
-                         len(submitted), ", ".join(j.job_id for j in submitted), sweep_dir)
-                for (num, overrides, _), job in zip(todo, submitted):
-                    returns[num] = _finished(overrides, f"submitted as SLURM job {job.job_id}")
-            else:
-                for (num, _, _), job in zip(todo, submitted):
-                    returns[num] = job.results()[0]
-        return [returns[num] for num, _, _ in jobs]
+        todo = [(num, list(o), self.run_dir(o, num)) for num, o in enumerate(job_overrides, start=initial_job_idx)]
+        for num, overrides, _ in todo:
+            log.info("\t#%d : %s", num, " ".join(filter_overrides(overrides)))
+        if not todo:
+            return []
+        executor = self._executor()
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        params = [(o, "hydra.sweep.dir", num, f"job_id_for_{num}", Singleton.get_state()) for num, o, _ in todo]
+        submitted = executor.map_array(self, *zip(*params))
+        self._write_manifest(sweep_dir, todo, submitted)
+        if not self.detach:
+            return [job.results()[0] for job in submitted]
+        log.info("detached: %d job(s) submitted (%s); follow them with `python launch/collect.py %s`",
+                 len(submitted), ", ".join(j.job_id for j in submitted), sweep_dir)
+        return [_finished(overrides, f"submitted as SLURM job {job.job_id}") for (_, overrides, _), job in
+                zip(todo, submitted)]
 
     def _executor(self):
         """Built as BaseSubmititLauncher.launch builds it."""
@@ -126,14 +117,12 @@ class LocalLauncher(SweepAwareLauncher):
 class CoupledSlurmConf(SlurmQueueConf):
     _target_: str = "hydra_plugins.coupled_net_launcher.launcher.SlurmLauncher"
     detach: bool = False
-    skip_done: bool = True
 
 
 @dataclass
 class CoupledLocalConf(LocalQueueConf):
     _target_: str = "hydra_plugins.coupled_net_launcher.launcher.LocalLauncher"
     detach: bool = False
-    skip_done: bool = True
 
 
 def register_configs() -> None:
@@ -145,8 +134,11 @@ def register_configs() -> None:
 
 def register_plugins() -> None:
     """Hydra finds plugins by scanning hydra_plugins/ on disk, which misses an editable install's
-    path hook: register the launchers explicitly (before Hydra starts)."""
+    path hook: register the launchers and the sweeper explicitly (before Hydra starts)."""
     from hydra.core.plugins import Plugins
 
-    for launcher in (SlurmLauncher, LocalLauncher):
-        Plugins.instance().register(launcher)
+    plugins = Plugins.instance()  # first: its scan re-executes hydra's core plugin modules, BasicSweeper's too
+    from .sweeper import CoupledSweeper  # so subclass the BasicSweeper that scan left behind
+
+    for plugin in (SlurmLauncher, LocalLauncher, CoupledSweeper):
+        plugins.register(plugin)

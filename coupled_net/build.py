@@ -1,0 +1,165 @@
+"""One place builds a run: the config is validated and resolved once per process (`resolve`), then
+everything the trainer needs is built from it (`build`): model and coupling, data loaders,
+optimizer, scheduler, numerics, the DDP world. Nothing here touches a run directory; `run.py`
+owns that. `evaluate.py` and the tests build through the same functions.
+
+    spec = resolve(cfg)                 # ConfigError for bad input, before any data or model
+    parts = build(spec)
+    trainer = make_trainer(spec, parts)  # no run directory: rows and the best weights in memory
+    trainer.fit(Progress())
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate as hydra_instantiate
+from omegaconf import DictConfig, open_dict
+
+from . import data
+from .coupling import Coupling
+from .distributed import World, init_world
+from .errors import ConfigError, DatasetUnavailable
+from .trainer import Numerics, Trainer
+from .validation import resolve_device, usable_cpus, validate
+
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS; read at CUDA init
+
+
+def instantiate(node, **kwargs):
+    """hydra.utils.instantiate, letting our own ConfigError through unwrapped (one line for the user)."""
+    try:
+        return hydra_instantiate(node, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, (ConfigError, DatasetUnavailable)):
+            raise e.__cause__ from None
+        raise
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
+def _threads_and_workers(tcfg, device: torch.device) -> tuple[int, int]:
+    cpus = max(1, usable_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # torchrun: ranks share a node
+    threads = cpus if tcfg.threads == "auto" else int(tcfg.threads)
+    if tcfg.num_workers != "auto":
+        workers = int(tcfg.num_workers)
+    elif device.type == "cuda":
+        workers = min(16, max(1, cpus - 1))
+    else:  # on a CPU the workers take cores from the training itself
+        workers = 0 if cpus <= 2 else min(8, cpus // 2)
+    return threads, workers
+
+
+@dataclass
+class RunSpec:
+    """A validated config and what it resolves to on this process."""
+    cfg: DictConfig
+    world: World
+    device: torch.device
+    threads: int
+    workers: int
+
+
+def prepare_config(cfg: DictConfig) -> None:
+    """Fill what follows from the data itself (image_folder's class count) before the model is built."""
+    if cfg.dataset.name == "image_folder" and cfg.dataset.get("num_classes") is None:
+        with open_dict(cfg):
+            cfg.dataset.num_classes = data.count_classes(cfg.dataset)
+
+
+def resolve(cfg: DictConfig, world: World | None = None) -> RunSpec:
+    """Validate the config (one line per mistake: ConfigError), fill what follows from the data itself
+    (image_folder's class count), join the DDP world and pick the device, threads and workers."""
+    validate(cfg)
+    prepare_config(cfg)
+    world = world or init_world(cfg.trainer.device)
+    if not world.is_main:  # one voice in the log: rank 0's
+        logging.getLogger("coupled_net").setLevel(logging.WARNING)
+    device = resolve_device(cfg.trainer.device)
+    if world.active and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    if cfg.trainer.batch_size % world.size:
+        raise ConfigError("trainer.batch_size", cfg.trainer.batch_size,
+                          f"must be divisible by the {world.size} processes of this run (it is the global batch)")
+    threads, workers = _threads_and_workers(cfg.trainer, device)
+    return RunSpec(cfg, world, device, threads, workers)
+
+
+def build_model(spec: RunSpec) -> tuple[torch.nn.Module, Coupling]:
+    """The model (initial weights from `seed`: everything is seeded first) and its coupled layers,
+    on the CPU."""
+    torch.set_num_threads(spec.threads)
+    seed_everything(spec.cfg.seed, spec.cfg.trainer.deterministic)
+    model = instantiate(spec.cfg.model)
+    return model, Coupling(model, **spec.cfg.coupling)
+
+
+def build_loaders(spec: RunSpec) -> dict:
+    """train / val / test loaders (this rank's shard of the training set)."""
+    cfg, world = spec.cfg, spec.world
+    splits = data.build_splits(cfg.dataset, cfg.model.input_size, cfg.seed)
+    common = dict(device=spec.device, size=cfg.model.input_size, workers=spec.workers, seed=cfg.seed,
+                  rank=world.rank, world_size=world.size)
+    t = cfg.trainer
+    return {
+        "train": data.build_loader(splits.train, cfg.dataset, train=True, batch_size=t.batch_size // world.size,
+                                   **common),
+        "val": data.build_loader(splits.val, cfg.dataset, train=False, batch_size=t.eval_batch_size, **common),
+        "test": data.build_loader(splits.test, cfg.dataset, train=False, batch_size=t.eval_batch_size, **common),
+    }
+
+
+@dataclass
+class Parts:
+    """Everything a Trainer is made of, built for one run."""
+    model: torch.nn.Module        # the plain model (checkpoints, KE, evaluation)
+    coupling: Coupling
+    loaders: dict
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    numerics: Numerics
+    train_model: torch.nn.Module  # what the training step calls: DDP-wrapped and/or compiled
+
+
+def build(spec: RunSpec) -> Parts:
+    cfg, device = spec.cfg, spec.device
+    model, coupling = build_model(spec)
+    loaders = build_loaders(spec)
+    memory = torch.channels_last if cfg.trainer.get("channels_last") else torch.preserve_format
+    model = model.to(device, memory_format=memory)
+    optimizer = instantiate(cfg.optimizer)(model.parameters())
+    scheduler = instantiate(cfg.scheduler)(optimizer)
+    train_model = model
+    if spec.world.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.trainer.compile:
+        train_model = torch.compile(train_model)
+    return Parts(model, coupling, loaders, optimizer, scheduler, Numerics.from_config(cfg.trainer, device),
+                 train_model)
+
+
+def make_trainer(spec: RunSpec, parts: Parts, **run_dir_parts) -> Trainer:
+    """A Trainer for `parts` with the loop settings of `spec`; `run_dir_parts` are the keyword
+    arguments that tie it to a run directory (files, monitor, logger, guard, stamp, on_epoch_end,
+    progress_bars), all optional."""
+    t = spec.cfg.trainer
+    return Trainer(model=parts.model, coupling=parts.coupling, optimizer=parts.optimizer, scheduler=parts.scheduler,
+                   loaders=parts.loaders, device=spec.device, numerics=parts.numerics, train_model=parts.train_model,
+                   world=spec.world, epochs=t.epochs, patience=t.patience, select_by=t.select_by,
+                   checkpoint_every=t.checkpoint_every, limit_batches=t.limit_batches, **run_dir_parts)

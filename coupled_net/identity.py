@@ -1,0 +1,128 @@
+"""What a run *is* (SPEC §5): its fingerprint, a digest of the resolved config without the keys that
+say only where and how it runs; and the sweep sub-directory name derived from the same rule (§6).
+
+This module is the one place that lists those keys. A directory holding a run of another
+fingerprint is never trained in, resumed or skipped into (coupled_net.run); the name of a sweep's
+run directory leaves out the same keys, so re-launching with another `dataset.root` or
+`trainer.device` finds the runs it already made."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import ConfigError, one_line
+
+# Keys (or whole sub-trees) that change where or how a run executes, never what it computes.
+NON_IDENTITY = ("dataset.root", "dataset.download", "trainer.device", "trainer.num_workers", "trainer.threads",
+                "trainer.progress", "trainer.compile", "trainer.channels_last", "logger", "hydra")
+# The task config's own top-level keys and the config groups that only select others (experiment).
+# Any other top-level key is a `+label`: recorded and reviewed, but not part of the fingerprint.
+TASK_ROOTS = ("model", "dataset", "optimizer", "scheduler", "coupling", "trainer", "logger", "seed")
+SELECTOR_GROUPS = ("experiment",)
+MAX_NAME_BYTES = 200
+
+
+def is_non_identity(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") or key.startswith(k + "/") for k in NON_IDENTITY)
+
+
+def _flatten(node, prefix: str = "") -> dict:
+    out = {}
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The identity keys of one run (dotted name -> resolved value), its labels and fingerprint."""
+    keys: dict
+    labels: dict = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(_canonical(self.keys).encode()).hexdigest()[:16]
+
+    def record(self) -> dict:
+        """How results.json and checkpoints store it."""
+        return {"fingerprint": self.fingerprint, "identity": self.keys, "labels": self.labels}
+
+
+def identity_of(cfg: DictConfig) -> Identity:
+    """The identity of the task config `cfg` (the `hydra` node, if present, is ignored)."""
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as e:  # noqa: BLE001 - an interpolation that cannot be resolved
+        raise ConfigError("config", "(composed)", f"cannot be resolved: {one_line(e, 300)}") from None
+    plain.pop("hydra", None)
+    labels = {k: plain.pop(k) for k in list(plain) if k not in TASK_ROOTS}
+    keys = {k: v for k, v in _flatten(plain).items() if not is_non_identity(k)}
+    return Identity(keys=dict(sorted(keys.items())), labels=labels)
+
+
+_ABSENT = object()
+
+
+def _canonical(value) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _show(value) -> str:
+    return "(absent)" if value is _ABSENT else _canonical(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def differences(stored: dict, wanted: dict) -> list[str]:
+    """`key: stored → wanted` for every identity key whose value differs, as the fingerprint sees it
+    (a key only one side has included)."""
+    out = []
+    for key in sorted(set(stored) | set(wanted)):
+        a, b = stored.get(key, _ABSENT), wanted.get(key, _ABSENT)
+        if a is _ABSENT or b is _ABSENT or _canonical(a) != _canonical(b):
+            out.append(f"{key}: {_show(a)} → {_show(b)}")
+    return out
+
+
+# ---- sweep sub-directory names (SPEC §6) -----------------------------------------------------
+
+def _is_label(key: str, is_add: bool) -> bool:
+    return is_add and "." not in key and "/" not in key and key not in TASK_ROOTS + SELECTOR_GROUPS
+
+
+def run_name(task_overrides) -> str:
+    """A sweep job's sub-directory, from its overrides alone: `key=value` of every identity key,
+    sorted by key, joined with commas; no job number, so the same overrides give the same directory
+    whatever else the sweep holds. Longer than 200 bytes: a readable prefix and an 8-hex digest."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = OverridesParser.create().parse_overrides([str(o) for o in task_overrides])
+    items = []
+    for o in overrides:
+        key = o.key_or_group
+        if is_non_identity(key) or _is_label(key, o.is_add()):
+            continue
+        item = f"~{key}" if o.is_delete() else f"{key}={o.get_value_element_as_str()}"
+        items.append(item.replace("/", "%2F"))  # a path-valued key must not nest directories
+    name = ",".join(sorted(items)) or "default"
+    raw = name.encode()
+    if len(raw) <= MAX_NAME_BYTES:
+        return name
+    digest = hashlib.sha256(raw).hexdigest()[:8]
+    prefix = raw[:MAX_NAME_BYTES - 9].decode(errors="ignore")
+    return f"{prefix}-{digest}"
+
+
+def register_resolver() -> None:
+    """`${coupled_net.run_name:${hydra.overrides.task}}`, used by conf/train.yaml's hydra.sweep.subdir."""
+    if not OmegaConf.has_resolver("coupled_net.run_name"):
+        OmegaConf.register_new_resolver("coupled_net.run_name", lambda overrides: run_name(list(overrides)))
+
+
+register_resolver()

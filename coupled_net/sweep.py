@@ -1,0 +1,74 @@
+"""A sweep is planned before anything in it starts (SPEC §6): every job's run directory (named from
+its identity overrides, coupled_net.identity.run_name) is inspected. A directory holding a run of
+another config, or two jobs that would share one directory, refuse the whole launch, listing every
+conflict, before anything is written or submitted; jobs whose directory holds their finished run
+are not launched again. Each run checks again when it starts (coupled_net.run.inspect, under the
+directory's lock), so a race between two launches is still caught."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from .errors import ConfigError
+from .identity import identity_of
+from .run import Verdict, inspect
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PlannedJob:
+    num: int
+    overrides: list[str]
+    run_dir: Path
+    verdict: Verdict | None  # None: the job's config cannot be resolved (the run itself will say why)
+
+
+def job_config(config_loader, config: DictConfig, overrides: Sequence[str], num: int) -> tuple[Path, DictConfig]:
+    """Job `num`'s composed config and the run directory Hydra will give it."""
+    cfg = config_loader.load_sweep_config(config, list(overrides))
+    with open_dict(cfg.hydra.job):
+        cfg.hydra.job.num = num
+        cfg.hydra.job.id = num
+    return (Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)).absolute(), cfg
+
+
+def plan(config_loader, config: DictConfig, jobs: Sequence[Sequence[str]], first_num: int = 0) -> list[PlannedJob]:
+    planned = []
+    for num, overrides in enumerate(jobs, start=first_num):
+        run_dir, cfg = job_config(config_loader, config, overrides, num)
+        task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+        try:
+            verdict = inspect(run_dir, identity_of(task))
+            verdict.checkpoint = None  # only its fingerprint was needed here
+        except ConfigError:
+            verdict = None
+        planned.append(PlannedJob(num, list(overrides), run_dir, verdict))
+    return planned
+
+
+def conflicts(planned: list[PlannedJob]) -> list[str]:
+    """One line per job that must not start: another config's run in its directory, or a directory
+    another job of this launch would use too."""
+    lines, by_dir = [], {}
+    for job in planned:
+        by_dir.setdefault(job.run_dir, []).append(job)
+        if job.verdict is not None and job.verdict.kind == "conflict":
+            lines.append(f"{job.run_dir}: {job.verdict.problem}; choose another hydra.sweep.dir, or launch with "
+                         "the config it was made with")
+    for run_dir, jobs in by_dir.items():
+        if len(jobs) > 1:
+            shown = "; ".join(" ".join(j.overrides) for j in jobs)
+            lines.append(f"{run_dir}: {len(jobs)} jobs of this sweep would share it ({shown}): they differ only "
+                         "in keys that do not change the run (dataset.root, trainer.device, +labels, ...), "
+                         "so they are one run")
+    return lines
+
+
+def finished(planned: list[PlannedJob]) -> list[PlannedJob]:
+    return [j for j in planned if j.verdict is not None and j.verdict.kind == "done"]

@@ -1,0 +1,41 @@
+"""The CUDA-only branches (skipped without a GPU: `requires_gpu`): the tensor pipeline holds the
+split on the GPU, autocast trains, and a run moved between CPU and GPU is the same run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from coupled_net.build import build, resolve
+from coupled_net.run import run
+
+from helpers import compose_cfg, read_results
+
+pytestmark = pytest.mark.requires_gpu
+TINY = ["experiment=quickstart", "dataset.train_per_class=8", "dataset.test_per_class=2", "trainer.batch_size=32"]
+
+
+def test_the_tensor_pipeline_holds_the_split_on_the_gpu_and_batches_arrive_there():
+    parts = build(resolve(compose_cfg(*TINY, "trainer.device=cuda")))
+    loader = parts.loaders["train"]
+    assert loader.images.device.type == "cuda"
+    images, labels = next(iter(loader))
+    assert images.device.type == labels.device.type == "cuda" and images.dtype == torch.float32
+    assert next(parts.model.parameters()).device.type == "cuda"
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_autocast_trains_on_the_gpu_and_stores_float32_weights(tmp_path, precision):
+    res = run(compose_cfg(*TINY, "trainer.epochs=2", "trainer.device=cuda", f"trainer.precision={precision}",
+                          f"dataset.root={tmp_path}"), tmp_path / "run")
+    assert res["status"] == "done" and res["provenance"]["device"] == torch.cuda.get_device_name(0)
+    best = torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=True)
+    assert best["features.0.weight"].dtype == torch.float32
+
+
+def test_a_run_finished_on_the_cpu_is_not_trained_again_on_the_gpu(tmp_path):
+    cpu = run(compose_cfg(*TINY, "trainer.epochs=1", "trainer.device=cpu", f"dataset.root={tmp_path}"), tmp_path / "run")
+    before = (tmp_path / "run" / "results.json").read_bytes()
+    gpu = run(compose_cfg(*TINY, "trainer.epochs=1", "trainer.device=cuda", f"dataset.root={tmp_path}"), tmp_path / "run")
+    assert gpu == cpu and (tmp_path / "run" / "results.json").read_bytes() == before
+    assert read_results(tmp_path / "run")["fingerprint"] == cpu["fingerprint"]

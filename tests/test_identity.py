@@ -1,0 +1,80 @@
+"""A run's identity (SPEC §5) and its sweep sub-directory name (§6): which keys count, how a
+difference is named, how names are made. In-process, no training."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from coupled_net.identity import NON_IDENTITY, differences, identity_of, run_name
+
+from helpers import compose_cfg
+
+QUICK = ["experiment=quickstart"]
+
+
+def fingerprint(*overrides: str) -> str:
+    return identity_of(compose_cfg(*QUICK, *overrides)).fingerprint
+
+
+def test_the_non_identity_keys_are_the_ones_the_spec_lists():
+    assert NON_IDENTITY == ("dataset.root", "dataset.download", "trainer.device", "trainer.num_workers",
+                            "trainer.threads", "trainer.progress", "trainer.compile", "trainer.channels_last",
+                            "logger", "hydra")
+
+
+@pytest.mark.parametrize("override", [
+    "dataset.root=/somewhere/else", "dataset.download=true", "trainer.device=cpu", "trainer.num_workers=3",
+    "trainer.threads=1", "trainer.progress=false", "trainer.compile=true", "trainer.channels_last=true",
+    "logger=tensorboard", "+note=first-try",
+])
+def test_where_and_how_a_run_executes_and_labels_leave_the_fingerprint_unchanged(override):
+    assert fingerprint(override) == fingerprint()
+
+
+@pytest.mark.parametrize("override", [
+    "optimizer.lr=0.02", "seed=7", "coupling.alpha=2", "coupling.mode=mean", "trainer.epochs=5",
+    "trainer.limit_batches=3", "trainer.precision=bf16", "dataset.val_fraction=0.2", "scheduler=step",
+    "model.width=16", "trainer.eval_batch_size=64",
+])
+def test_anything_that_changes_what_is_computed_changes_the_fingerprint(override):
+    assert fingerprint(override) != fingerprint()
+
+
+def test_the_fingerprint_is_a_digest_of_the_identity_keys():
+    ident = identity_of(compose_cfg(*QUICK, "+note=x"))
+    assert ident.labels == {"note": "x"}
+    assert "dataset.root" not in ident.keys and "note" not in ident.keys
+    assert ident.keys["optimizer.lr"] == 0.05 and ident.keys["scheduler.T_max"] == 4  # resolved
+    assert len(ident.fingerprint) == 16 and int(ident.fingerprint, 16) >= 0
+
+
+def test_differences_name_each_key_with_both_values():
+    stored = identity_of(compose_cfg(*QUICK)).keys
+    wanted = identity_of(compose_cfg(*QUICK, "optimizer.lr=0.02", "seed=3", "coupling.layer=[features.0]")).keys
+    assert differences(stored, wanted) == [
+        'coupling.layer: None → ["features.0"]', "optimizer.lr: 0.05 → 0.02", "seed: 42 → 3"]
+    assert differences({"a": 1}, {"b": 2}) == ["a: 1 → (absent)", "b: (absent) → 2"]
+    assert differences(stored, dict(stored)) == []
+
+
+def test_run_names_keep_identity_keys_sorted_and_leave_out_the_rest():
+    overrides = ["seed=1", "coupling.alpha=2", "dataset.root=/data", "+note=x", "experiment=quickstart",
+                 "trainer.device=cpu", "logger=tensorboard", "hydra/launcher=slurm", "optimizer.lr=0.02"]
+    assert run_name(overrides) == "coupling.alpha=2,experiment=quickstart,optimizer.lr=0.02,seed=1"
+    assert run_name(list(reversed(overrides))) == run_name(overrides)  # the order typed does not matter
+
+
+def test_a_run_name_never_nests_directories_and_is_never_empty():
+    assert run_name(["model.weights=/w/alex.pt"]) == "model.weights=%2Fw%2Falex.pt"
+    assert run_name(["dataset.root=/data"]) == "default"
+
+
+def test_a_long_run_name_keeps_a_readable_prefix_and_ends_in_a_digest_of_the_whole():
+    overrides = [f"+extra.key{i}={'v' * 20}" for i in range(12)]
+    whole = ",".join(sorted(f"extra.key{i}={'v' * 20}" for i in range(12)))
+    assert len(whole.encode()) > 200
+    name = run_name(overrides)
+    assert name == f"{whole.encode()[:191].decode()}-{hashlib.sha256(whole.encode()).hexdigest()[:8]}"
+    assert len(name.encode()) == 200
