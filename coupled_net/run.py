@@ -226,7 +226,7 @@ class RunDirectory:
         if kind == "refused":
             raise RunRefused(problem)
         if not self.world.is_main:  # rank 0 owns the directory; the others read the same checkpoint
-            verdict = inspect(self.files.dir, self.identity) if kind != "done" else Verdict("done")
+            verdict = inspect(self.files.dir, self.identity, checkpoint=kind != "done")
         return verdict
 
     def _claim(self, hydra_files: dict[str, str] | None) -> Verdict:
