@@ -9,6 +9,8 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from .results import read_json
+
 log = logging.getLogger("coupled_net")
 
 
@@ -19,6 +21,7 @@ class SweepReport(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         from .collect import write_summary
+        from .sweep import launched
 
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
@@ -32,9 +35,27 @@ class SweepReport(Callback):
             log.info("detached sweep: its runs go on in SLURM; `python launch/collect.py %s` shows their state",
                      sweep_dir)
             return
-        bad = df[~df["status"].isin(["done", "diverged"])]
+        bad = unfinished(df, launched())
         if len(bad):
-            names = "; ".join(f"{Path(r.run_dir).name} ({r.status}: {r.error})" for r in bad.itertuples())
-            print(f"coupled_net: error: {len(bad)} of {len(df)} runs failed in {sweep_dir}: {names}",
+            names = "; ".join(f"{Path(r.run_dir).name} ({r.status}: {r.detail})" for r in bad.itertuples())
+            total = len(launched() or df)
+            print(f"coupled_net: error: {len(bad)} of {total} runs failed in {sweep_dir}: {names}",
                   file=sys.stderr, flush=True)
             raise SystemExit(1)
+
+
+def unfinished(df, planned=None):
+    """The runs of this launch (`planned`; all of `df` without a plan) that did not finish, with what
+    stopped them: their error, or who holds a run still in progress."""
+    from .run import describe_owner
+
+    if planned is not None:
+        mine = {str(job.done_in or job.run_dir) for job in planned}
+        df = df[df["run_dir"].isin(mine)]
+    bad = df[~df["status"].isin(["done", "diverged"])].copy()
+    owners = {}
+    for run_dir in bad["run_dir"]:
+        res = read_json(Path(run_dir) / "results.json") or {}
+        owners[run_dir] = f"in use by {describe_owner(res.get('owner'))}" if res.get("status") == "running" else None
+    bad["detail"] = [owners.get(r.run_dir) or r.error for r in bad.itertuples()]
+    return bad

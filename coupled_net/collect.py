@@ -33,7 +33,7 @@ METRICS = ["val_top1", "val_top5", "test_top1", "test_top5", "best_val_acc", "be
 def find_runs(paths) -> list[Path]:
     """Every run directory at or below `paths`: one with a Hydra config, results.json or epochs.csv."""
     found = set()
-    for root in map(Path, paths):
+    for root in (Path(p).absolute() for p in paths):
         for marker in ("results.json", "epochs.csv", ".hydra/config.yaml"):
             if (root / marker).is_file():
                 found.add(root)
@@ -161,12 +161,17 @@ def run_row(run_dir: Path, cfg: dict, res: dict | None, queue: dict | None = Non
 
 
 def manifest_jobs(paths) -> dict[str, str]:
-    """run_dir -> SLURM job id, from the manifest.json of every sweep at or below `paths`."""
+    """run_dir -> SLURM job id, from the manifest.json of every sweep at or below `paths`. A run
+    directory is taken as a child of the manifest's own directory (so a copied or moved sweep names
+    its own runs, not the original's)."""
     jobs = {}
-    for root in map(Path, paths):
+    for root in (Path(p).absolute() for p in paths):
         for manifest in [root / "manifest.json", *root.rglob("*/manifest.json")]:
             for job in (read_json(manifest) or {}).get("jobs", []):
-                jobs[str(Path(job["run_dir"]))] = job["job_id"]  # a later submission of the same run wins
+                if job.get("executor", "slurm") != "slurm":
+                    continue  # the local executor's job ids are not SLURM's
+                run_dir = manifest.parent / Path(job["run_dir"]).name
+                jobs[str(run_dir)] = job["job_id"]  # a later submission of the same run wins
     return jobs
 
 

@@ -86,7 +86,10 @@ def differences(stored: dict, wanted: dict) -> list[str]:
     for key in sorted(set(stored) | set(wanted)):
         a, b = stored.get(key, _ABSENT), wanted.get(key, _ABSENT)
         if a is _ABSENT or b is _ABSENT or _canonical(a) != _canonical(b):
-            out.append(f"{key}: {_show(a)} → {_show(b)}")
+            shown = _show(a), _show(b)
+            if shown[0] == shown[1]:  # '0.05' (a string) and 0.05: show what tells them apart
+                shown = _canonical(a), _canonical(b)
+            out.append(f"{key}: {shown[0]} → {shown[1]}")
     return out
 
 
@@ -94,6 +97,18 @@ def differences(stored: dict, wanted: dict) -> list[str]:
 
 def _is_label(key: str, is_add: bool) -> bool:
     return is_add and "." not in key and "/" not in key and key not in TASK_ROOTS + SELECTOR_GROUPS
+
+
+def _value_text(o) -> str:
+    """An override's value as one text whatever quoting was typed: 'mean', "mean" and mean alike."""
+    from hydra.core.override_parser.types import QuotedString
+
+    value = o.value()
+    if isinstance(value, QuotedString):
+        return value.text
+    if isinstance(value, str):
+        return value
+    return o.get_value_element_as_str()
 
 
 def run_name(task_overrides) -> str:
@@ -106,9 +121,9 @@ def run_name(task_overrides) -> str:
     items = []
     for o in overrides:
         key = o.key_or_group
-        if is_non_identity(key) or _is_label(key, o.is_add()):
+        if is_non_identity(key) or _is_label(key, o.is_add() or o.is_force_add()):
             continue
-        item = f"~{key}" if o.is_delete() else f"{key}={o.get_value_element_as_str()}"
+        item = f"~{key}" if o.is_delete() else f"{key}={_value_text(o)}"
         items.append(item.replace("/", "%2F"))  # a path-valued key must not nest directories
     name = ",".join(sorted(items)) or "default"
     raw = name.encode()

@@ -167,10 +167,14 @@ def _git(*args: str) -> str | None:
 
 
 def slurm_job_id() -> str | None:
+    """This process's SLURM job (`13_0` for an array task), or None: also inside submitit's local
+    executor (hydra/launcher=local), whose job ids are process ids, not SLURM's."""
     try:
         import submitit
 
-        return str(submitit.JobEnvironment().job_id)
+        env = submitit.JobEnvironment()
+        if env.cluster == "slurm":
+            return str(env.job_id)
     except Exception:  # noqa: BLE001 - not inside a submitit job
         pass
     if "SLURM_ARRAY_JOB_ID" in os.environ:

@@ -230,28 +230,34 @@ class RunDirectory:
         return verdict
 
     def _claim(self, hydra_files: dict[str, str] | None) -> Verdict:
-        quick = inspect(self.files.dir, self.identity, checkpoint=False)  # refuse or skip without locking
-        if quick.kind == "conflict":
-            raise RunRefused(f"{self.files.dir}: {quick.problem}; choose another directory, or start it with "
-                             "the config it was made with")
-        if quick.kind == "done":
-            return quick
+        quick = inspect(self.files.dir, self.identity)  # refuse or skip without locking (nor writing)
+        if quick.kind in ("conflict", "done"):
+            return self._refuse_or_skip(quick)
+        quick.checkpoint = None
         self.files.dir.mkdir(parents=True, exist_ok=True)
+        created = not self.lock.path.exists()
         self.lock.acquire(wait_s=SAME_JOB_LOCK_WAIT_S)
         verdict = inspect(self.files.dir, self.identity)  # under the lock: authoritative
-        if verdict.kind in ("conflict", "done"):
+        if verdict.kind in ("conflict", "done"):  # another process got here first
+            if created:
+                self.lock.path.unlink(missing_ok=True)
             self.lock.release()
-            if verdict.kind == "conflict":
-                raise RunRefused(f"{self.files.dir}: {verdict.problem}; choose another directory, or start it "
-                                 "with the config it was made with")
-            return verdict
+            return self._refuse_or_skip(verdict)
         # this process owns the directory from here on
         self.lock.record(owner_record())
         claim_file_logs(self.files.dir)
+        log.info("%s: run %s owned by pid %d on %s", self.files.dir, self.identity.fingerprint, os.getpid(),
+                 socket.gethostname())
         for name, text in (hydra_files or {}).items():
             atomic_write(self.files.hydra / name, lambda f, t=text: f.write(t.encode()))
         for stale in self.files.checkpoints.glob(".*.tmp"):  # temp files of writes a kill interrupted
             stale.unlink(missing_ok=True)
+        return verdict
+
+    def _refuse_or_skip(self, verdict: Verdict) -> Verdict:
+        if verdict.kind == "conflict":
+            raise RunRefused(f"{self.files.dir}: {verdict.problem}; choose another directory, or start it with "
+                             "the config it was made with")
         return verdict
 
     # -- results.json
@@ -347,11 +353,12 @@ def _train(cfg: DictConfig, rd: RunDirectory, verdict: Verdict, guard: StopGuard
                 f"step {progress.partial['step']} of epoch {progress.partial['epoch']}"
             log.info("resuming from %s after %s (resume #%d)", verdict.checkpoint_path, where, resumes)
         ckpt = verdict.checkpoint = None  # the memory-mapped file is not needed any more
-        if world.is_main:
-            files.epochs.keep_epochs_upto(progress.epoch)  # rows written after that checkpoint (or any, from scratch)
-            if not files.summary.exists():
-                write_model_summary(parts.model, cfg.dataset.channels, cfg.model.input_size, parts.coupling,
-                                    files.summary)
+        if world.is_main:  # rows written after that checkpoint (or any, from scratch) are not this run's
+            files.epochs.keep_epochs_upto(progress.epoch)
+            if trainer.system_log is not None:
+                trainer.system_log.keep_epochs_upto(progress.epoch)
+            write_model_summary(parts.model, cfg.dataset.channels, cfg.model.input_size, parts.coupling,
+                                files.summary)
         log.info("run %s: %s on %s, alpha=%d (%s, %s) on %s, %d threads, %d workers, %d process(es)", files.dir,
                  cfg.model.name, cfg.dataset.name, parts.coupling.alpha, parts.coupling.mode,
                  parts.coupling.schedule, rd.results["provenance"]["device"], spec.threads, spec.workers, world.size)

@@ -7,7 +7,7 @@
 - SIGINT / SIGTERM outside that path (Ctrl-C, `kill`, a container stop): the same checkpoint at the
   end of the current step, then the run ends with `status: interrupted` and one line; the same
   command resumes it. A second signal stops at once (the run resumes from the last epoch). Inside a
-  submitit job SIGTERM stays submitit's (it ignores it: SLURM sends it before a requeue too).
+  SLURM job SIGTERM stays submitit's (it ignores it: SLURM sends it before a requeue too).
 
 Outside the training loop (building, final evaluation) a stop signal ends the run at once."""
 
@@ -45,6 +45,14 @@ def _is_default(sig: int, handler) -> bool:
     return handler is signal.default_int_handler if sig == signal.SIGINT else handler in (signal.SIG_DFL, None)
 
 
+def _outside_slurm(handler) -> bool:
+    """submitit's SIGTERM bypass is SLURM's business; in submitit's local executor (hydra/launcher=local)
+    SIGTERM comes from its controller stopping the job: a stop like any other."""
+    from .results import slurm_job_id
+
+    return _is_submitit_handler(handler) and slurm_job_id() is None
+
+
 class StopGuard:
     """`with StopGuard() as guard:` for a run's lifetime; `with guard.deferred():` around the
     training loop, which polls `guard.pending` at each step and calls `guard.release(where)`."""
@@ -64,7 +72,8 @@ class StopGuard:
                 self.requeue_handlers[sig] = handler
                 self._install(sig, self._hold_requeue)
         for sig in STOP_SIGNALS:
-            if _is_default(sig, signal.getsignal(sig)):
+            handler = signal.getsignal(sig)
+            if _is_default(sig, handler) or sig == signal.SIGTERM and _outside_slurm(handler):
                 self._install(sig, self._stop)
         return self
 

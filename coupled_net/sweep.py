@@ -27,6 +27,46 @@ class PlannedJob:
     overrides: list[str]
     run_dir: Path
     verdict: Verdict | None  # None: the job's config cannot be resolved (the run itself will say why)
+    done_in: Path | None = None  # finished: where (its own directory, or another one of the sweep)
+
+
+_launch: list[PlannedJob] | None = None  # the jobs of this process's current launch (set by the sweeper)
+
+
+def remember(planned: list[PlannedJob]) -> None:
+    global _launch
+    _launch = planned
+
+
+def launched() -> list[PlannedJob] | None:
+    """The jobs the current launch planned (finished ones included), or None outside a planned sweep."""
+    return _launch
+
+
+def planned_num(overrides, default: int) -> int:
+    """A job's number in the whole launch (finished jobs are left out of the batches the launchers see)."""
+    for job in _launch or ():
+        if job.overrides == list(overrides):
+            return job.num
+    return default
+
+
+def _finished_runs(sweep_dir: Path) -> dict[str, Path]:
+    """(fingerprint, labels) -> run dir, for the finished runs directly below `sweep_dir`."""
+    from .results import FINISHED, read_json
+
+    found = {}
+    for run_dir in sorted(sweep_dir.iterdir()) if sweep_dir.is_dir() else ():
+        res = read_json(run_dir / "results.json") if run_dir.is_dir() else None
+        if isinstance(res, dict) and res.get("fingerprint") and res.get("status") in FINISHED:
+            found.setdefault(_key(res["fingerprint"], res.get("labels")), run_dir)
+    return found
+
+
+def _key(fingerprint: str, labels) -> str:
+    import json
+
+    return json.dumps([fingerprint, labels or {}], sort_keys=True, default=str)
 
 
 def job_config(config_loader, config: DictConfig, overrides: Sequence[str], num: int) -> tuple[Path, DictConfig]:
@@ -39,16 +79,28 @@ def job_config(config_loader, config: DictConfig, overrides: Sequence[str], num:
 
 
 def plan(config_loader, config: DictConfig, jobs: Sequence[Sequence[str]], first_num: int = 0) -> list[PlannedJob]:
-    planned = []
+    """Every job's run directory and what it holds. A job whose run (same fingerprint and labels) is
+    already finished in another directory of the sweep — the same overrides spelt another way, a
+    default value typed out — counts as done there, not as a run to train again."""
+    planned, elsewhere = [], None
     for num, overrides in enumerate(jobs, start=first_num):
         run_dir, cfg = job_config(config_loader, config, overrides, num)
         task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+        job = PlannedJob(num, list(overrides), run_dir, None)
         try:
-            verdict = inspect(run_dir, identity_of(task))
-            verdict.checkpoint = None  # only its fingerprint was needed here
+            identity = identity_of(task)
+            job.verdict = inspect(run_dir, identity)
+            job.verdict.checkpoint = None  # only its fingerprint was needed here
         except ConfigError:
-            verdict = None
-        planned.append(PlannedJob(num, list(overrides), run_dir, verdict))
+            planned.append(job)
+            continue
+        if job.verdict.kind == "done":
+            job.done_in = run_dir
+        elif job.verdict.kind == "new":
+            if elsewhere is None:
+                elsewhere = _finished_runs(run_dir.parent)
+            job.done_in = elsewhere.get(_key(identity.fingerprint, identity.labels))
+        planned.append(job)
     return planned
 
 
@@ -71,4 +123,4 @@ def conflicts(planned: list[PlannedJob]) -> list[str]:
 
 
 def finished(planned: list[PlannedJob]) -> list[PlannedJob]:
-    return [j for j in planned if j.verdict is not None and j.verdict.kind == "done"]
+    return [j for j in planned if j.done_in is not None]

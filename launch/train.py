@@ -7,10 +7,14 @@
 import sys
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
+try:  # importing torch takes seconds: Ctrl-C meanwhile ends with one line too
+    import hydra
+    from omegaconf import DictConfig
 
-from coupled_net.cli import check_group_choices, interrupted, setup, train_task
+    from coupled_net.cli import check_group_choices, interrupted, setup, train_task
+except KeyboardInterrupt:
+    print("\ncoupled_net: error: interrupted (SIGINT) while starting; nothing was run", file=sys.stderr)
+    raise SystemExit(130) from None
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
@@ -19,7 +23,7 @@ def main(cfg: DictConfig) -> str:
 
 
 if __name__ == "__main__":
-    check_group_choices(sys.argv[1:], Path(__file__).resolve().parents[1] / "conf")
-    setup()
     with interrupted():
+        check_group_choices(sys.argv[1:], Path(__file__).resolve().parents[1] / "conf")
+        setup()
         main()

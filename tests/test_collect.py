@@ -246,3 +246,35 @@ def test_evaluate_refuses_a_config_that_is_not_the_runs(tmp_path):
     with pytest.raises(ConfigError, match=r"\.hydra/config.yaml is not the config of the run in results.json"):
         evaluate_run(tmp_path / "run")
     assert not (tmp_path / "run" / "evaluation.json").exists()
+
+
+def test_a_slurm_sweep_collected_by_a_relative_path_or_after_a_move_counts_each_of_its_runs_once(tmp_path, monkeypatch):
+    sweep = tmp_path / "sweep"
+    runs = [crafted_run(sweep / f"coupling.alpha={a}", alpha=a, fingerprint=f"{a:016x}") for a in (0, 8)]
+    jobs = [{"job_id": f"7_{i}", "job_num": i, "run_dir": str(r), "executor": "slurm"} for i, r in enumerate(runs)]
+    (sweep / "manifest.json").write_text(json.dumps({"sweep_dir": str(sweep), "jobs": jobs}))
+    monkeypatch.chdir(tmp_path)
+    df = collect(["sweep"])  # relative, as typed
+    assert list(df["run_dir"]) == [str(r) for r in runs] and df["duplicate_of"].isna().all()
+    assert list(df["slurm_job_id"]) == ["7_0", "7_1"]
+    moved = tmp_path / "moved"
+    shutil.copytree(sweep, moved)
+    df = collect([moved])  # its manifest still names the original's directories
+    assert list(df["run_dir"]) == [str(moved / r.name) for r in runs] and df["duplicate_of"].isna().all()
+    assert list(df["slurm_job_id"]) == ["7_0", "7_1"]
+
+
+def test_a_job_of_submitits_local_executor_is_not_a_slurm_job(monkeypatch):
+    import submitit
+
+    from coupled_net.results import slurm_job_id
+
+    class Env:
+        def __init__(self, cluster):
+            self.cluster, self.job_id = cluster, "31337_0"
+    for var in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(submitit, "JobEnvironment", lambda: Env("local"))
+    assert slurm_job_id() is None  # its owner is then judged by host and pid, not by squeue
+    monkeypatch.setattr(submitit, "JobEnvironment", lambda: Env("slurm"))
+    assert slurm_job_id() == "31337_0"

@@ -66,6 +66,16 @@ def test_run_names_keep_identity_keys_sorted_and_leave_out_the_rest():
     assert run_name(list(reversed(overrides))) == run_name(overrides)  # the order typed does not matter
 
 
+def test_quoting_a_value_or_forcing_a_label_does_not_make_another_directory():
+    assert run_name(["coupling.mode='mean'"]) == run_name(['coupling.mode="mean"']) == run_name(["coupling.mode=mean"])
+    assert run_name(["coupling.layer=[ features.0 ]"]) == "coupling.layer=[features.0]"
+    assert run_name(["++note=a", "seed=1"]) == run_name(["+note=a", "seed=1"]) == "seed=1"
+
+
+def test_a_string_and_a_number_that_print_alike_are_told_apart():
+    assert differences({"optimizer.lr": "0.05"}, {"optimizer.lr": 0.05}) == ['optimizer.lr: "0.05" → 0.05']
+
+
 def test_a_run_name_never_nests_directories_and_is_never_empty():
     assert run_name(["model.weights=/w/alex.pt"]) == "model.weights=%2Fw%2Falex.pt"
     assert run_name(["dataset.root=/data"]) == "default"

@@ -50,6 +50,13 @@ def test_extending_a_sweep_from_another_data_root_trains_only_the_new_runs(tmp_p
     md = (sweep / "summary.md").read_text()
     assert md.count("|   3 |") == 2  # each alpha over its 3 seeds, none counted twice
 
+    # the same runs spelt another way (a default typed out, a value quoted): found where they are
+    spelt = run_cli("-m", *FAST, "coupling.alpha=0,8", "seed=1,2,3", "coupling.mode='copy'", "optimizer.lr=0.05",
+                    f"hydra.sweep.dir={sweep}", f"dataset.root={tmp_path}", cwd=tmp_path)
+    assert spelt.returncode == 0, spelt.stderr[-3000:]
+    assert "6 of 6 runs of this sweep are already done; launching the other 0" in spelt.stdout
+    assert run_dirs(sweep) == runs
+
 
 def test_relaunching_with_an_edited_preset_is_refused_listing_every_conflict_and_changes_nothing(tmp_path):
     preset = tmp_path / "conf" / "experiment" / "mine.yaml"  # a user's own preset, found through --config-dir
@@ -122,7 +129,9 @@ def test_a_checkpoint_of_another_config_is_not_resumed_and_a_refused_start_chang
     (mine / "checkpoints" / "last.pt").write_bytes((tmp_path / "other" / "checkpoints" / "last.pt").read_bytes())
     (mine / ".hydra").mkdir()
     (mine / ".hydra" / "config.yaml").write_text("# the config this run was started with\n")
+    (mine / ".lock").unlink()  # as a directory copied from elsewhere would be: a refusal must not create it
     before = snapshot(mine)
+    mtime = mine.stat().st_mtime_ns
 
     proc = run_cli(*common, f"hydra.run.dir={mine}", cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
@@ -130,6 +139,7 @@ def test_a_checkpoint_of_another_config_is_not_resumed_and_a_refused_start_chang
         f"coupled_net: error: {mine}: checkpoints/last.pt is a run of another config: optimizer.lr: 0.02 → 0.05; "
         "choose another directory, or start it with the config it was made with"]
     assert snapshot(mine) == before  # .hydra/config.yaml, results.json, train.log: bytes and mtimes
+    assert mine.stat().st_mtime_ns == mtime  # nothing created or removed either
 
 
 def test_a_start_in_a_finished_run_with_another_config_changes_no_byte(tmp_path):
@@ -189,8 +199,8 @@ def test_a_stop_signal_mid_epoch_ends_the_run_interrupted_and_the_same_command_r
 
 def test_ctrl_c_stops_a_whole_sweep_and_relaunching_finishes_it(tmp_path):
     sweep = tmp_path / "sweep"
-    args = ["-m", *LONGER, "trainer.epochs=2", "coupling.alpha=0,2", f"hydra.sweep.dir={sweep}",
-            f"dataset.root={tmp_path}"]
+    common = ["-m", *LONGER, "trainer.epochs=2", f"hydra.sweep.dir={sweep}", f"dataset.root={tmp_path}"]
+    args = [*common, "coupling.alpha=0,2"]
     proc = start(*args, cwd=tmp_path)
     wait_for(lambda: run_dirs(sweep) and (run_dirs(sweep)[0] / "epochs.csv").exists(), what="the first epoch")
     proc.send_signal(signal.SIGINT)
@@ -199,7 +209,24 @@ def test_ctrl_c_stops_a_whole_sweep_and_relaunching_finishes_it(tmp_path):
     assert err.strip().splitlines()[-1].endswith(f"the same command with hydra.sweep.dir={sweep} resumes it")
     (first,) = run_dirs(sweep)  # the second run never started
     assert read_results(first)["status"] == "interrupted"
+    other = run_cli(*common, "coupling.alpha=2", cwd=tmp_path)  # another launch into the sweep: judged on its run
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert [read_results(p)["status"] for p in run_dirs(sweep)] == ["interrupted", "done"]
     again = run_cli(*args[1:], "-m", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert [read_results(p)["status"] for p in run_dirs(sweep)] == ["done", "done"]
     assert read_results(first)["resumes"] == 1
+
+
+def test_ctrl_c_on_a_local_launcher_sweep_stops_its_jobs_too(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = start("-m", "hydra/launcher=local", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",
+                 *LONGER, "coupling.alpha=0,2", f"hydra.sweep.dir={sweep}", f"dataset.root={tmp_path}", cwd=tmp_path)
+    wait_for(lambda: any((p / "epochs.csv").exists() for p in run_dirs(sweep)), what="a first epoch")
+    proc.send_signal(signal.SIGINT)  # the launching process only, as `kill -INT` would
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "stopping the sweep's 2 local job(s)" in out and "Traceback" not in err
+    statuses = [read_results(p) for p in run_dirs(sweep)]
+    assert [r["status"] for r in statuses] == ["interrupted", "interrupted"]
+    assert all(r["owner"]["slurm_job_id"] is None for r in statuses)  # submitit's local jobs are not SLURM's

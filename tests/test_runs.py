@@ -166,14 +166,25 @@ def test_a_dataset_that_cannot_be_downloaded_fails_at_once_with_the_ways_out(tmp
     assert not (tmp_path / "run" / "epochs.csv").exists()
 
 
-def test_a_directory_whose_run_failed_before_training_is_taken_over_by_another_config(tmp_path):
-    bad = (*FAST, "coupling.alpha=17", f"dataset.root={tmp_path}")
-    with pytest.raises(ConfigError):
-        run(compose_cfg(*bad), tmp_path / "run")
-    failed = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert (failed["status"], failed["epochs_run"]) == ("failed", 0)  # recorded, nothing trained
-    fixed = run(compose_cfg(*FAST, "coupling.alpha=2", "trainer.epochs=1", f"dataset.root={tmp_path}"), tmp_path / "run")
-    assert (fixed["status"], fixed["alpha"], fixed["resumes"]) == ("done", 2, 0)
+def test_a_directory_whose_run_failed_before_training_is_taken_over_by_another_config(tmp_path, monkeypatch):
+    from coupled_net.models import SmallCNN
+
+    def broken(self, epoch, progress):
+        raise RuntimeError("the first step failed")
+    real = Trainer.train_one_epoch
+    monkeypatch.setattr(Trainer, "train_one_epoch", broken)
+    failed = run(compose_cfg(*FAST, "coupling.alpha=2", "trainer.epochs=1", f"dataset.root={tmp_path}"),
+                 tmp_path / "run")
+    assert (failed["status"], failed["epochs_run"], failed["error"]) == ("failed", 0, "RuntimeError: the first step failed")
+    assert (tmp_path / "run" / "model_summary.txt").exists()  # it got that far; nothing was trained
+    monkeypatch.setattr(Trainer, "train_one_epoch", real)
+
+    fixed = run(compose_cfg(*FAST, "coupling.alpha=2", "model.width=16", "trainer.epochs=1", f"dataset.root={tmp_path}"),
+                tmp_path / "run")
+    assert (fixed["status"], fixed["resumes"], fixed["identity"]["model.width"]) == ("done", 0, 16)
+    params = sum(p.numel() for p in SmallCNN(1, 26, 16).parameters())
+    assert f"Total params: {params:,}" in (tmp_path / "run" / "model_summary.txt").read_text()  # its own summary
+    assert [r[:2] for r in read_rows(tmp_path / "run" / "system.csv")[1:]] == [["1", "start"], ["1", "end"]]
     with pytest.raises(RunRefused, match="coupling.alpha: 2 → 3"):  # but a trained run is never taken over
         run(compose_cfg(*FAST, "coupling.alpha=3", "trainer.epochs=1", f"dataset.root={tmp_path}"), tmp_path / "run")
 

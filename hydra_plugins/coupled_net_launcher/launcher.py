@@ -9,6 +9,8 @@ Finished runs are left out, and conflicting ones refused, before this launcher s
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +59,10 @@ class SweepAwareLauncher(BaseSubmititLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         logging.getLogger("submitit").addFilter(_SacctOnce())
 
-        todo = [(num, list(o), self.run_dir(o, num)) for num, o in enumerate(job_overrides, start=initial_job_idx)]
+        from coupled_net.sweep import planned_num
+
+        todo = [(planned_num(o, num), list(o), self.run_dir(o, num))
+                for num, o in enumerate(job_overrides, start=initial_job_idx)]
         for num, overrides, _ in todo:
             log.info("\t#%d : %s", num, " ".join(filter_overrides(overrides)))
         if not todo:
@@ -69,11 +74,34 @@ class SweepAwareLauncher(BaseSubmititLauncher):
         submitted = executor.map_array(self, *zip(*params))
         self._write_manifest(sweep_dir, todo, submitted)
         if not self.detach:
-            return [job.results()[0] for job in submitted]
+            try:
+                return [job.results()[0] for job in submitted]
+            except KeyboardInterrupt:
+                self._interrupted(submitted, sweep_dir)
+                raise
         log.info("detached: %d job(s) submitted (%s); follow them with `python launch/collect.py %s`",
                  len(submitted), ", ".join(j.job_id for j in submitted), sweep_dir)
         return [_finished(overrides, f"submitted as SLURM job {job.job_id}") for (_, overrides, _), job in
                 zip(todo, submitted)]
+
+    def _interrupted(self, submitted, sweep_dir: Path) -> None:
+        """Ctrl-C while waiting: local jobs are children of this machine, stopped like a run (SIGINT:
+        a checkpoint, `interrupted`); SLURM jobs are the cluster's and keep running (say so)."""
+        if self._EXECUTOR == "local":
+            log.warning("stopping the sweep's %d local job(s): each saves a checkpoint and records "
+                        "`interrupted`", len(submitted))
+            for job in submitted:  # SIGTERM: submitit's local controller (pid = job id) forwards it to the run
+                try:
+                    os.kill(int(job.job_id), signal.SIGTERM)
+                except (ValueError, OSError):
+                    pass
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not all(job.done() for job in submitted):
+                time.sleep(0.2)
+            return
+        ids = " ".join(j.job_id for j in submitted)
+        log.warning("the sweep's SLURM jobs keep running: `scancel %s` stops them; `python launch/collect.py %s` "
+                    "follows them", ids, sweep_dir)
 
     def _executor(self):
         """Built as BaseSubmititLauncher.launch builds it."""

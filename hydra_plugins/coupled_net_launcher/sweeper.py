@@ -19,7 +19,7 @@ class CoupledSweeper(BasicSweeper):
         """BasicSweeper.sweep calls this (a static method there) right before it saves multirun.yaml
         and launches the batches: the one point that sees every job before anything happens."""
         from coupled_net.cli import fail
-        from coupled_net.sweep import conflicts, finished, plan
+        from coupled_net.sweep import conflicts, finished, plan, remember
 
         batches = BasicSweeper.split_arguments(overrides, max_batch_size)
         planned = plan(self.hydra_context.config_loader, self.config, [job for batch in batches for job in batch])
@@ -27,10 +27,11 @@ class CoupledSweeper(BasicSweeper):
         if refused:
             fail(f"{len(refused)} conflict(s) in sweep {self.config.hydra.sweep.dir} (listed above): nothing was "
                  "started or submitted", details=refused)
+        remember(planned)
         done = finished(planned)
         for job in done:
             shown = " ".join(filter_overrides(job.overrides))
-            log.info("\t#%d : %s — already done (%s), not run again", job.num, shown, job.run_dir.name)
+            log.info("\t#%d : %s — already done (%s), not run again", job.num, shown, job.done_in.name)
         if done:
             log.info("%d of %d runs of this sweep are already done; launching the other %d", len(done), len(planned),
                      len(planned) - len(done))
