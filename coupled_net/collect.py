@@ -3,7 +3,6 @@ aggregated as mean ± std), summary.tex and summary_*.png plots."""
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
-from .identity import is_non_identity
+from .identity import is_non_identity, run_key
 from .results import read_json
 
 log = logging.getLogger(__name__)
@@ -197,8 +196,10 @@ def slurm_state(job_id: str, status: str, queue: dict) -> str:
     knows the job; else what the run dir says."""
     if status == "done":
         return "completed"
-    if status in ("failed", "diverged", "unreadable", "stale", "interrupted"):
-        return "failed" if status != "interrupted" else "interrupted"
+    if status == "interrupted":
+        return "interrupted"
+    if status in ("failed", "diverged", "unreadable", "stale"):
+        return "failed"
     if job_id in queue:
         state, reason = queue[job_id]
         if state in ("REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED") or (state == "PENDING" and reason == "BeginTime"):
@@ -218,7 +219,7 @@ def duplicates(runs: list[Path], results: list[dict | None]) -> dict[Path, Path]
         res = results[i] or {}
         if not res.get("fingerprint"):
             continue
-        key = json.dumps([res["fingerprint"], res.get("labels") or {}], sort_keys=True, default=str)
+        key = run_key(res["fingerprint"], res.get("labels"))
         if key in seen:
             repeats[runs[i]] = seen[key]
         else:

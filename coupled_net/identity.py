@@ -51,9 +51,18 @@ class Identity:
     def fingerprint(self) -> str:
         return hashlib.sha256(_canonical(self.keys).encode()).hexdigest()[:16]
 
+    @property
+    def run_key(self) -> str:
+        return run_key(self.fingerprint, self.labels)
+
     def record(self) -> dict:
         """How results.json and checkpoints store it."""
         return {"fingerprint": self.fingerprint, "identity": self.keys, "labels": self.labels}
+
+
+def run_key(fingerprint: str, labels: dict | None) -> str:
+    """What makes two directories one run twice (SPEC §6): the same fingerprint and the same labels."""
+    return json.dumps([fingerprint, labels or {}], sort_keys=True, default=str)
 
 
 def identity_of(cfg: DictConfig) -> Identity:

@@ -15,7 +15,7 @@ from typing import Sequence
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .errors import ConfigError
-from .identity import identity_of
+from .identity import identity_of, run_key
 from .run import Verdict, inspect
 
 log = logging.getLogger(__name__)
@@ -59,14 +59,8 @@ def _finished_runs(sweep_dir: Path) -> dict[str, Path]:
     for run_dir in sorted(sweep_dir.iterdir()) if sweep_dir.is_dir() else ():
         res = read_json(run_dir / "results.json") if run_dir.is_dir() else None
         if isinstance(res, dict) and res.get("fingerprint") and res.get("status") in FINISHED:
-            found.setdefault(_key(res["fingerprint"], res.get("labels")), run_dir)
+            found.setdefault(run_key(res["fingerprint"], res.get("labels")), run_dir)
     return found
-
-
-def _key(fingerprint: str, labels) -> str:
-    import json
-
-    return json.dumps([fingerprint, labels or {}], sort_keys=True, default=str)
 
 
 def job_config(config_loader, config: DictConfig, overrides: Sequence[str], num: int) -> tuple[Path, DictConfig]:
@@ -99,7 +93,7 @@ def plan(config_loader, config: DictConfig, jobs: Sequence[Sequence[str]], first
         elif job.verdict.kind == "new":
             if elsewhere is None:
                 elsewhere = _finished_runs(run_dir.parent)
-            job.done_in = elsewhere.get(_key(identity.fingerprint, identity.labels))
+            job.done_in = elsewhere.get(identity.run_key)
         planned.append(job)
     return planned
 
