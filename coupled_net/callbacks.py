@@ -15,22 +15,23 @@ log = logging.getLogger("coupled_net")
 
 
 class SweepReport(Callback):
-    """At the end of a sweep: collect its runs into summary.{csv,md,tex} + plots in the sweep
-    directory and print the table; then exit non-zero naming the failed runs, if any. Reads the
-    run directories, so it also works when the runs executed elsewhere (SLURM)."""
+    """At the end of a sweep: collect its runs into the summary files (coupled_net.report) in the
+    sweep directory and print the headline table; then exit non-zero naming the failed runs, if
+    any. Reads the run directories, so it also works when the runs executed elsewhere (SLURM)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        from .collect import write_summary
+        from .report import write_summary
         from .sweep import launched
 
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
-            df, md = write_summary([sweep_dir])
+            summary = write_summary([sweep_dir])
         except FileNotFoundError:
             log.warning("sweep %s: no run directories to collect", sweep_dir)
             return
-        print(md, flush=True)
-        log.info("sweep summary written to %s/summary.{csv,md,tex} and summary_*.png", sweep_dir)
+        print(summary.headline, flush=True)
+        log.info("sweep summary written to %s/summary*.{csv,md,tex,png}", sweep_dir)
+        df = summary.runs
         if config.hydra.launcher.get("detach", False):
             log.info("detached sweep: its runs go on in SLURM; `python launch/collect.py %s` shows their state",
                      sweep_dir)

@@ -1,9 +1,12 @@
-"""Merge the runs below some directories into one table (SPEC §6): summary.csv, summary.md (seeds
-aggregated as mean ± std), summary.tex and summary_*.png plots."""
+"""Read the runs below some directories into one frame, one row per run (SPEC §6 and §11): what each
+run's results.json, epochs.csv and config say, whether a `running` run's owner is gone, the SLURM state
+of a detached sweep's jobs, and which runs repeat another. `coupled_net.review` builds its tables from
+this frame; `coupled_net.report` writes the summary files."""
 
 from __future__ import annotations
 
 import logging
+import math
 import socket
 from pathlib import Path
 
@@ -19,14 +22,20 @@ LEADING = ["model", "dataset", "alpha", "seed", "status", "epochs_run", "best_ep
            "test_top1", "test_top5", "best_val_acc", "best_ke_val_acc", "ke_time_s_mean", "epoch_time_s_mean",
            "total_time_s", "device", "run_dir"]
 IDENTITY = ["coupling_mode", "coupling_schedule"]
+# per run, from epochs.csv (SPEC §11): val top-1 lost at each equalization, and what the second
+# validation costs next to an epoch
+DERIVED = ["ke_drop_mean", "ke_drop_best", "ke_eval_time_s_mean", "ke_overhead"]
+TRAILING = ["last_val_acc", "error"]  # what a run that is not done shows instead of metrics
+BOOKKEEPING = ["slurm_job_id", "slurm_state", "duplicate_of"]
+# every column of collect()'s frame that is not a config key; the rest are the runs' config keys
+RUN_COLUMNS = LEADING + IDENTITY + DERIVED + TRAILING + BOOKKEEPING
 # config keys already shown under another name
 SHOWN = {"model.name": "model", "dataset.name": "dataset", "coupling.alpha": "alpha", "seed": "seed",
          "coupling.mode": "coupling_mode", "coupling.schedule": "coupling_schedule"}
-TRAILING = ["last_val_acc", "error"]  # what a run that is not done shows instead of metrics
-BOOKKEEPING = ["slurm_job_id", "slurm_state", "duplicate_of"]
+NUMERIC = ["alpha", "seed", "epochs_run", "best_epoch", "val_top1", "val_top5", "test_top1", "test_top5",
+           "best_val_acc", "best_ke_val_acc", "ke_time_s_mean", "epoch_time_s_mean", "total_time_s",
+           *DERIVED, "last_val_acc"]
 STALE_AFTER_S = 15 * 60
-METRICS = ["val_top1", "val_top5", "test_top1", "test_top5", "best_val_acc", "best_ke_val_acc", "epochs_run",
-           "ke_time_s_mean", "epoch_time_s_mean", "total_time_s"]
 
 
 def find_runs(paths) -> list[Path]:
@@ -125,6 +134,30 @@ def read_results(run_dir: Path) -> dict | None:
     return res if isinstance(res, dict) else None
 
 
+def _mean(epochs: pd.DataFrame, column: str) -> float | None:
+    values = pd.to_numeric(epochs[column], errors="coerce") if column in epochs else pd.Series(dtype=float)
+    return float(values.mean()) if values.notna().any() else None
+
+
+def epoch_metrics(epochs: pd.DataFrame, best_epoch) -> dict:
+    """Per-run numbers from epochs.csv: `ke_drop` = val_acc - ke_val_acc (top-1 points lost at an
+    equalization) as the mean over epochs and at the best epoch; mean timings; `ke_overhead` = mean
+    ke_eval_time_s / mean epoch_time_s (what the second validation costs, as a share of an epoch)."""
+    out = {"ke_time_s_mean": _mean(epochs, "ke_time_s"), "epoch_time_s_mean": _mean(epochs, "epoch_time_s"),
+           "ke_eval_time_s_mean": _mean(epochs, "ke_eval_time_s"), "ke_drop_mean": None, "ke_drop_best": None,
+           "ke_overhead": None, "best_val_acc": None, "best_ke_val_acc": None, "last_val_acc": None}
+    if {"val_acc", "ke_val_acc"} <= set(epochs.columns) and len(epochs):
+        val, ke_val = (pd.to_numeric(epochs[c], errors="coerce") for c in ("val_acc", "ke_val_acc"))
+        drop = val - ke_val
+        out.update(ke_drop_mean=float(drop.mean()), best_val_acc=float(val.max()),
+                   best_ke_val_acc=float(ke_val.max()), last_val_acc=float(val.iloc[-1]))
+        at_best = drop[pd.to_numeric(epochs["epoch"], errors="coerce") == best_epoch] if best_epoch else []
+        out["ke_drop_best"] = float(at_best.iloc[-1]) if len(at_best) else None
+    if out["ke_eval_time_s_mean"] is not None and out["epoch_time_s_mean"]:
+        out["ke_overhead"] = out["ke_eval_time_s_mean"] / out["epoch_time_s_mean"]
+    return out
+
+
 def run_row(run_dir: Path, cfg: dict, res: dict | None, queue: dict | None = None) -> dict:
     epochs = epoch_rows(run_dir)
     error = None
@@ -144,14 +177,11 @@ def run_row(run_dir: Path, cfg: dict, res: dict | None, queue: dict | None = Non
         "status": status,
         "epochs_run": res.get("epochs_run", int(epochs["epoch"].max()) if len(epochs) else 0),
         "best_epoch": res.get("best_epoch"),
-        "best_val_acc": float(epochs["val_acc"].max()) if len(epochs) else None,
-        "best_ke_val_acc": float(epochs["ke_val_acc"].max()) if len(epochs) else None,
-        "last_val_acc": float(epochs["val_acc"].iloc[-1]) if len(epochs) else None,
-        "ke_time_s_mean": res.get("ke_time_s_mean"), "epoch_time_s_mean": res.get("epoch_time_s_mean"),
         "total_time_s": res.get("total_time_s"), "device": (res.get("provenance") or {}).get("device"),
         "run_dir": str(run_dir), "error": error or res.get("error"),
         "coupling_mode": res.get("coupling_mode", cfg.get("coupling.mode")),
         "coupling_schedule": res.get("coupling_schedule", cfg.get("coupling.schedule")),
+        **epoch_metrics(epochs, res.get("best_epoch")),
     }
     for split in ("val", "test"):
         for k in ("top1", "top5"):
@@ -228,9 +258,10 @@ def duplicates(runs: list[Path], results: list[dict | None]) -> dict[Path, Path]
 
 
 def collect(paths) -> pd.DataFrame:
-    """One row per run below `paths`: SPEC §6's columns, then coupling mode/schedule and every
-    identity key or +label that varies across the runs (and the SLURM state of detached sweeps).
-    A run found twice (same fingerprint and labels) is marked `duplicate_of` and counted once."""
+    """One row per run below `paths` (several sweeps at once are fine): RUN_COLUMNS (SPEC §6's
+    columns, the derived metrics, what a run that is not done shows, the SLURM state of detached
+    sweeps, `duplicate_of`), then every config key of the runs (identity keys and +labels, dotted).
+    A run found twice (same fingerprint and labels) is marked `duplicate_of` and warned about."""
     jobs = manifest_jobs(paths)
     runs = sorted(set(find_runs(paths)) | {Path(r) for r in jobs})  # submitted runs may not have a dir yet
     results = [read_results(r) for r in runs]
@@ -238,146 +269,35 @@ def collect(paths) -> pd.DataFrame:
     owners = [(res or {}).get("owner") or {} for res in results]
     queue = squeue_states() if jobs or any(o.get("slurm_job_id") for o in owners) else None
     rows = [run_row(r, c, res, queue) for r, c, res in zip(runs, configs, results)]
-    keys = sorted({k for c in configs for k in c} - SHOWN.keys())
-    varying = [k for k in keys if len({repr(c.get(k)) for c in configs}) > 1]
-    df = pd.DataFrame(rows, columns=LEADING + IDENTITY + TRAILING)
-    for k in varying:
-        df[k] = [c.get(k) for c in configs]
+    df = pd.DataFrame(rows, columns=RUN_COLUMNS)
+    for column in NUMERIC:
+        df[column] = pd.to_numeric(df[column], errors="coerce")
     repeats = duplicates(runs, results)
     for run_dir, first in repeats.items():
         log.warning("%s holds the same run as %s (same fingerprint and labels): counted once", run_dir, first)
     df["duplicate_of"] = [str(repeats[r]) if r in repeats else None for r in runs]
-    slurm = []
-    if jobs:
-        df["slurm_job_id"] = [jobs.get(r) for r in df["run_dir"]]
-        df["slurm_state"] = [slurm_state(j, s, queue or {}) if j else None
-                             for j, s in zip(df["slurm_job_id"], df["status"])]
-        slurm = ["slurm_job_id", "slurm_state"]
-    return df[LEADING + IDENTITY + slurm + varying + TRAILING + ["duplicate_of"]]
+    df["slurm_job_id"] = [jobs.get(str(r)) for r in runs]
+    df["slurm_state"] = [slurm_state(job, status, queue or {}) if job else None
+                         for job, status in zip(df["slurm_job_id"], df["status"])]
+    keys = sorted({k for c in configs for k in c} - set(RUN_COLUMNS))
+    config = pd.DataFrame([[c.get(k) for k in keys] for c in configs], columns=keys, index=df.index)
+    return pd.concat([df, config], axis=1)
 
 
-def _mean_std(values: pd.Series) -> str:
-    values = pd.to_numeric(values, errors="coerce").dropna()
-    if values.empty:
-        return ""
-    if values.abs().max() < 0.1:  # timings such as ke_time_s: significant digits, not decimals
-        fmt = ".3g"
-    else:
-        fmt = ".0f" if (values == values.round()).all() and len(values) == 1 else ".2f"
-    if len(values) == 1:
-        return format(values.iloc[0], fmt)
-    return f"{format(values.mean(), fmt)} ± {format(values.std(ddof=1), fmt)}"
+def config_columns(df: pd.DataFrame) -> list[str]:
+    """The columns of a collect() frame that are config keys (identity keys and +labels)."""
+    return [c for c in df.columns if c not in RUN_COLUMNS or c == "seed"]
 
 
-def aggregate(df: pd.DataFrame) -> pd.DataFrame:
-    """Finished runs that differ only by seed, as mean ± std with n; timings never mix devices."""
-    done = df[(df["status"] == "done") & df.get("duplicate_of", pd.Series(None, index=df.index)).isna()]
-    if done.empty:
-        return pd.DataFrame()
-    extra = [c for c in df.columns if c not in LEADING + IDENTITY + TRAILING + BOOKKEEPING]
-    group = ["model", "dataset", "alpha", *IDENTITY, *extra, "device"]
-    rows = []
-    for key, g in done.groupby([done[c].astype(str) for c in group], sort=False, dropna=False):
-        row = dict(zip(group, key))
-        row["n"] = len(g)
-        row.update({m: _mean_std(g[m]) for m in METRICS})
-        rows.append(row)
-    out = pd.DataFrame(rows)
-    out["alpha_num"] = pd.to_numeric(out["alpha"], errors="coerce")
-    return out.sort_values(["model", "dataset", "alpha_num"]).drop(columns="alpha_num").reset_index(drop=True)
+def varying(df: pd.DataFrame, columns) -> list[str]:
+    """The columns whose value is not the same in every row (None counts as a value)."""
+    return [c for c in columns if len({repr(v) for v in df[c].map(_plain)}) > 1]
 
 
-def not_aggregated(df: pd.DataFrame) -> pd.DataFrame:
-    """Runs not done, and done runs that repeat another (duplicate_of)."""
-    cols = ["run_dir", "status", *[c for c in ("slurm_job_id", "slurm_state") if c in df], "epochs_run",
-            "last_val_acc", "error", *[c for c in ("duplicate_of",) if c in df]]
-    repeated = df["duplicate_of"].notna() if "duplicate_of" in df else False
-    return df.loc[(df["status"] != "done") | repeated, cols]
-
-
-def markdown(df: pd.DataFrame) -> str:
-    agg = aggregate(df)
-    parts = ["## Finished runs (mean ± std over seeds, n runs)\n",
-             agg.to_markdown(index=False) if not agg.empty else "_none_"]
-    others = not_aggregated(df)
-    if not others.empty:
-        parts += ["\n\n## Runs not in the aggregate\n", others.to_markdown(index=False)]
-    return "".join(parts) + "\n"
-
-
-def latex(df: pd.DataFrame) -> str:
-    agg = aggregate(df)
-    table = agg if not agg.empty else df[["model", "dataset", "alpha", "seed", "status"]]
-    return table.to_latex(index=False, escape=True)
-
-
-def plots(df: pd.DataFrame, out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    df = df[df["duplicate_of"].isna()] if "duplicate_of" in df else df  # a repeated run is drawn once
-    done = df[df["status"] == "done"].copy()
-    if not done.empty:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for (model, dataset), g in done.groupby(["model", "dataset"]):
-            stats = g.groupby("alpha")["test_top1"].agg(["mean", "std"]).reset_index().sort_values("alpha")
-            ax.errorbar(stats["alpha"], stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3,
-                        label=f"{model} / {dataset}")
-        written.append(_save(fig, ax, out / "summary_test_top1_vs_alpha.png", "alpha (coupled filter pairs)",
-                             "test top-1 (%)", "Test accuracy vs coupling (mean ± std over seeds)"))
-
-    curves = [(row, epoch_rows(Path(row["run_dir"]))) for _, row in df.iterrows()]
-    curves = [(row, e) for row, e in curves if len(e)]
-    if curves:
-        alphas = sorted(pd.to_numeric(df["alpha"], errors="coerce").dropna().astype(int).unique())
-        cmap = plt.get_cmap("viridis", max(2, len(alphas)))
-        colour = {a: cmap(i) for i, a in enumerate(alphas)}
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        labelled = set()
-        for row, e in curves:
-            c = colour.get(row["alpha"], "grey")
-            label = f"alpha={row['alpha']}" if row["alpha"] not in labelled else None
-            labelled.add(row["alpha"])
-            ax.plot(e["epoch"], e["val_acc"], color=c, label=label)
-            ax.plot(e["epoch"], e["ke_val_acc"], color=c, linestyle="--")
-        written.append(_save(fig, ax, out / "summary_learning_curves.png", "epoch", "val top-1 (%)",
-                             "Validation accuracy: before KE (solid), after KE (dashed)"))
-    return written
-
-
-def _save(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
-    """Label the axes, then write the figure atomically."""
-    import matplotlib.pyplot as plt
-
-    from matplotlib.ticker import MaxNLocator
-
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs and alphas are whole numbers
-    ax.legend()
-    ax.grid(alpha=0.3)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
-
-
-def write_summary(paths, out: Path | None = None) -> tuple[pd.DataFrame, str]:
-    """Collect, write summary.{csv,md,tex} and the plots into `out` (default: the first path)."""
-    from .results import atomic_write
-
-    df = collect(paths)
-    if df.empty:
-        raise FileNotFoundError(f"no run directories below {', '.join(map(str, paths))}")
-    out = Path(out or paths[0])
-    out.mkdir(parents=True, exist_ok=True)
-    md = markdown(df)
-    atomic_write(out / "summary.csv", lambda f: f.write(df.to_csv(index=False).encode()))
-    atomic_write(out / "summary.md", lambda f: f.write(md.encode()))
-    atomic_write(out / "summary.tex", lambda f: f.write(latex(df).encode()))
-    plots(df, out)
-    return df, md
+def _plain(value):
+    """A value as comparable across runs: NaN and None alike, 2.0 as 2."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value

@@ -1,29 +1,45 @@
-"""Merge every run below the given directories into one table and plots:
+"""Merge every run below the given directories into one review: tables and plots.
 
-    python launch/collect.py outputs/multirun/2026-11-25/10-00-00 [more dirs] [--out DIR]
+    python launch/collect.py outputs/multirun/2026-11-25/10-00-00 [more dirs] [--out DIR] [--baseline KEY=VALUE]
 
-Writes summary.csv, summary.md, summary.tex and summary_*.png into --out (default: the first
-directory) and prints the Markdown table."""
+Writes summary.csv, summary_groups.csv, summary_delta.csv, summary.md, summary.tex and
+summary_*.png into --out (default: the first directory) and prints the headline table."""
 
 import argparse
 import logging
 import sys
 
-from coupled_net.collect import write_summary
+from coupled_net.errors import ConfigError
+from coupled_net.report import write_summary
+
+
+def baseline(text: str) -> tuple[str, object]:
+    """KEY=VALUE, the value read as YAML (0 is a number, copy a string)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, e.g. coupling.alpha=0")
+    return key, yaml.safe_load(value)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dirs", nargs="+", help="sweep directories, run directories, or folders holding them")
     parser.add_argument("--out", help="where to write the summary files (default: the first directory)")
+    parser.add_argument("--baseline", type=baseline, action="append", metavar="KEY=VALUE",
+                        help="the runs each group is compared with, by seed (default: coupling.alpha=0; repeatable)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="collect: %(levelname)s: %(message)s")
     try:
-        _, md = write_summary(args.dirs, args.out)
-    except FileNotFoundError as e:
+        summary = write_summary(args.dirs, args.out, dict(args.baseline) if args.baseline else None)
+    except (FileNotFoundError, ConfigError) as e:
         print(f"collect: error: {e}", file=sys.stderr)
         raise SystemExit(2)
-    print(md)
+    except KeyboardInterrupt:
+        print("collect: interrupted", file=sys.stderr)
+        raise SystemExit(130)
+    print(summary.headline)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""launch/collect.py and the end-of-sweep collection, launch/evaluate.py, and logger=tensorboard."""
+"""launch/collect.py and the end-of-sweep collection, and logger=tensorboard."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ import pytest
 
 from pathlib import Path
 
-from coupled_net.collect import LEADING, aggregate, collect, write_summary
+from coupled_net import review
+from coupled_net.collect import LEADING, collect
+from coupled_net.report import write_summary
 from coupled_net.run import run
-from helpers import REPO, compose_cfg, run_cli
+from helpers import REPO, compose_cfg, make_run, run_cli
 
 COLLECT = REPO / "launch" / "collect.py"
-EVALUATE = REPO / "launch" / "evaluate.py"
 FAST = ["experiment=quickstart", "dataset.train_per_class=40", "dataset.test_per_class=10", "trainer.epochs=1"]
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -47,10 +48,12 @@ def copy_sweep(src, dst):
 def test_a_local_sweep_collects_itself_when_it_ends(sweeps):
     base, first = sweeps
     sweep = base / "a"
-    for name in ("summary.csv", "summary.md", "summary.tex", "summary_test_top1_vs_alpha.png",
-                 "summary_learning_curves.png"):
+    for name in ("summary.csv", "summary_groups.csv", "summary_delta.csv", "summary.md", "summary.tex",
+                 "summary_test_top1_vs_alpha.png", "summary_delta_vs_alpha.png", "summary_learning_curves.png"):
         assert (sweep / name).is_file(), name
-    assert "Finished runs (mean ± std over seeds" in first.stdout  # the table is printed at the end
+    headline = (sweep / "summary.md").read_text().split("\n\n## Groups")[0]
+    assert headline.startswith("## What coupling costs (small_cnn on synthetic_letters: 4 finished runs in 2 groups")
+    assert headline in first.stdout  # the headline table is printed at the end
 
 
 @pytest.mark.slow
@@ -67,10 +70,11 @@ def test_collect_one_sweep(sweeps, tmp_path):
         res = json.loads((sweep.parent / "a" / row.run_dir.split("/")[-1] / "results.json").read_text())
         assert (row.test_top1, row.val_top5) == (res["metrics"]["test"]["top1"], res["metrics"]["val"]["top5"])
     md = (sweep / "summary.md").read_text()
-    assert md in proc.stdout
-    table = [line for line in md.splitlines() if line.startswith("| small_cnn")]
-    assert len(table) == 2 and all("±" in line for line in table)  # two alphas, each over 2 seeds
-    assert all("|   2 |" in line for line in table)
+    assert md.split("\n\n## Groups")[0] in proc.stdout  # the headline
+    headline = [line.split("|")[1:4] for line in md.split("\n\n## Groups")[0].splitlines() if line.startswith("| ")]
+    top1 = df.groupby("alpha")["test_top1"]
+    assert [[c.strip() for c in cells] for cells in headline[1:]] == [
+        [str(a), "2", f"{top1.mean()[a]:.2f} ± {top1.std()[a]:.2f}"] for a in (0, 2)]  # two alphas, 2 seeds each
     tex = (sweep / "summary.tex").read_text()
     assert tex.count(r"\begin{tabular}") == tex.count(r"\end{tabular}") == 1
     for name in ("summary_test_top1_vs_alpha.png", "summary_learning_curves.png"):
@@ -84,16 +88,17 @@ def test_missing_and_corrupt_results_are_listed_not_aggregated(sweeps, tmp_path)
     runs = sorted(p for p in sweep.iterdir() if p.is_dir())
     (runs[0] / "results.json").unlink()
     (runs[1] / "results.json").write_text('{"status": "do')
-    df, md = write_summary([sweep])
+    summary = write_summary([sweep])
+    df = summary.runs
     status = dict(zip(df["run_dir"], df["status"]))
     assert status[str(runs[0])] == "no results" and status[str(runs[1])] == "unreadable"
     assert status[str(runs[2])] == status[str(runs[3])] == "done"
     # the runs without results still show what their epochs.csv says
     assert df.set_index("run_dir").loc[str(runs[0]), "last_val_acc"] > 0
     # runs 0 and 1 (alpha 0, seeds 1 and 2) leave the aggregate; alpha 2 keeps both seeds
-    agg = aggregate(df)
-    assert (list(agg["alpha"]), list(agg["n"])) == (["2"], [2])
-    assert runs[0].name in md and runs[1].name in md
+    groups = review.summarize(df)
+    assert (list(groups["coupling.alpha"]), list(groups["n"])) == ([2], [2])
+    assert runs[0].name in summary.markdown and runs[1].name in summary.markdown
 
 
 @pytest.mark.slow
@@ -118,22 +123,9 @@ def test_collecting_a_hundred_runs_is_quick(sweeps, tmp_path):
     for i in range(100):
         shutil.copytree(runs[i % 4], tmp_path / "tree" / f"{i}_run", ignore=shutil.ignore_patterns("*.pt"))
     start = time.perf_counter()
-    df, _ = write_summary([tmp_path / "tree"])
+    df = write_summary([tmp_path / "tree"]).runs
     print(f"collected {len(df)} runs in {time.perf_counter() - start:.2f} s")
     assert len(df) == 100 and set(df["status"]) == {"done"}
-
-
-@pytest.mark.slow
-def test_evaluate_reproduces_the_runs_test_metrics(sweeps, tmp_path):
-    run_dir = next(p for p in (sweeps[0] / "a").iterdir() if p.name.startswith("coupling.alpha=2,"))
-    run_dir = shutil.copytree(run_dir, tmp_path / "run")
-    proc = run_cli(str(run_dir), "--split", "test", script=EVALUATE, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    expected = json.loads((run_dir / "results.json").read_text())["metrics"]["test"]
-    got = json.loads((run_dir / "evaluation.json").read_text())["splits"]
-    assert list(got) == ["test"]
-    assert got["test"]["after_ke"] == pytest.approx(expected, rel=1e-9)
-    assert f"{expected['top1']:8.2f}" in proc.stdout
 
 
 def test_tensorboard_logger_writes_the_epoch_scalars(tmp_path):
@@ -158,21 +150,11 @@ def test_no_logger_writes_no_tensorboard_files(tmp_path):
 
 # ---- statuses that tell the truth, runs counted once (SPEC §5, §6): crafted run directories -------
 
-EPOCH_HEADER = "epoch,lr,train_loss,train_acc,val_loss,val_acc,ke_val_loss,ke_val_acc,epoch_time_s,ke_time_s,ke_eval_time_s\n"
-
-
 def crafted_run(run_dir, *, status="done", test_top1=50.0, fingerprint="f" * 16, labels=None, owner=None,
                 heartbeat_at=None, epoch_time_s=10.0, alpha=2, seed=1):
-    run_dir.mkdir(parents=True)
-    (run_dir / "epochs.csv").write_text(EPOCH_HEADER + f"1,0.1,1.0,50,1.0,40.0,1.1,39.0,{epoch_time_s},0.001,1.0\n")
-    metrics = {"val": {"top1": 40.0, "top5": 90.0, "loss": 1.0}, "test": {"top1": test_top1, "top5": 90.0, "loss": 1.0}}
-    res = {"status": status, "epochs_run": 1, "best_epoch": 1, "model": "small_cnn", "dataset": "synthetic_letters",
-           "alpha": alpha, "seed": seed, "coupling_mode": "copy", "coupling_schedule": "epoch",
-           "metrics": metrics if status == "done" else None, "fingerprint": fingerprint,
-           "identity": {"coupling.alpha": alpha, "seed": seed}, "labels": labels or {}, "owner": owner,
-           "heartbeat_at": heartbeat_at, "error": None}
-    (run_dir / "results.json").write_text(json.dumps(res))
-    return run_dir
+    return make_run(run_dir, status=status, test_top1=test_top1, fingerprint=fingerprint, labels=labels,
+                    epochs=((40.0, 39.0, epoch_time_s, 1.0),), coupling__alpha=alpha, seed=seed,
+                    results={"owner": owner, "heartbeat_at": heartbeat_at})
 
 
 def iso(seconds_ago: float) -> str:
@@ -183,13 +165,15 @@ def test_a_run_found_twice_is_counted_once_with_a_warning_naming_both(tmp_path, 
     first = crafted_run(tmp_path / "a" / "run", test_top1=60.0)
     again = crafted_run(tmp_path / "b" / "run", test_top1=70.0)  # the same run copied into another sweep
     labelled = crafted_run(tmp_path / "c" / "run", test_top1=80.0, labels={"note": "rerun"})  # not a repeat
-    df, md = write_summary([tmp_path], tmp_path / "out")
+    summary = write_summary([tmp_path], tmp_path / "out")
+    df = summary.runs
     assert list(df["duplicate_of"].fillna("")) == ["", str(first), ""]
     assert f"{again} holds the same run as {first} (same fingerprint and labels): counted once" in caplog.text
-    agg = aggregate(df)
-    assert list(zip(agg["note"].fillna(""), agg["n"], agg["test_top1"])) == [("", 1, "60"), ("rerun", 1, "80")]
+    groups = review.summarize(df)
+    assert list(zip(groups["note"].fillna(""), groups["n"], groups["test_top1_mean"])) == [("rerun", 1, 80.0),
+                                                                                          ("", 1, 60.0)]
     assert str(labelled) not in set(df["duplicate_of"].dropna())
-    assert f"| {again} | done" in md  # listed below the table, not silently dropped
+    assert f"| {again} | done" in summary.markdown  # listed below the table, not silently dropped
 
 
 def test_a_running_run_whose_process_is_gone_is_stale_not_running(tmp_path):
@@ -230,22 +214,6 @@ def test_a_running_slurm_run_is_stale_once_slurm_no_longer_knows_its_job():
     assert owner_gone(res, none, {"41_2": ("PENDING", "BeginTime")}) is None  # requeued, waiting: alive
     assert owner_gone(res, none, {"41_3": ("RUNNING", "None")}) == "SLURM job 41_2 is no longer known"
     assert owner_gone(res, none, None) == "no heartbeat for 60 min"  # no squeue here: the heartbeat decides
-
-
-def test_evaluate_refuses_a_config_that_is_not_the_runs(tmp_path):
-    from omegaconf import OmegaConf
-
-    from coupled_net.errors import ConfigError
-    from coupled_net.evaluate import evaluate_run
-
-    overrides = ["experiment=quickstart", "dataset.train_per_class=4", "dataset.test_per_class=2", "trainer.epochs=1",
-                 f"dataset.root={tmp_path}"]
-    run(compose_cfg(*overrides, "coupling.alpha=2"), tmp_path / "run")
-    (tmp_path / "run" / ".hydra").mkdir()
-    (tmp_path / "run" / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(compose_cfg(*overrides, "coupling.alpha=8")))
-    with pytest.raises(ConfigError, match=r"\.hydra/config.yaml is not the config of the run in results.json"):
-        evaluate_run(tmp_path / "run")
-    assert not (tmp_path / "run" / "evaluation.json").exists()
 
 
 def test_a_slurm_sweep_collected_by_a_relative_path_or_after_a_move_counts_each_of_its_runs_once(tmp_path, monkeypatch):

@@ -1,0 +1,213 @@
+"""Reviewing results (SPEC §11): what does coupling cost, in accuracy and in time?
+
+Numeric pandas frames, for a notebook as for the summary files:
+
+    from coupled_net import review
+    r = review.runs(["outputs/multirun/2026-11-25/10-00-00"])   # one row per run
+    review.summarize(r)     # one row per group: mean, std, n, 95 % CI per metric
+    review.compare(r)       # paired by seed: delta vs alpha=0 per group, CI, p-values
+    review.epochs(r)        # learning curves, one row per run and epoch
+
+A *group* is the runs that differ only by `seed`: grouped by every config key (identity keys and
++labels) that varies across the finished runs, except `seed` — the same rule for tables, deltas and
+plots. Only finished runs (`status: done`, not a repeat of another) are counted; the others stay in
+`runs()` with their status. Timings are aggregated only within one device type.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .collect import _plain, collect, config_columns, epoch_rows, varying
+from .errors import ConfigError
+
+# always the first group columns (the facets and the x axis), whether they vary or not
+FIRST = ["model.name", "dataset.name", "coupling.alpha"]
+ORDER = FIRST + ["coupling.mode", "coupling.schedule", "coupling.layer"]
+ACCURACY = ["test_top1", "test_top5", "val_top1", "val_top5", "best_val_acc", "best_ke_val_acc",
+            "ke_drop_mean", "ke_drop_best", "epochs_run"]
+TIMINGS = ["epoch_time_s_mean", "ke_time_s_mean", "ke_eval_time_s_mean", "ke_overhead", "total_time_s"]
+METRICS = ACCURACY + TIMINGS
+STATS = ["mean", "std", "n", "ci_low", "ci_high"]
+CONFIDENCE = 0.95
+
+
+def runs(paths) -> pd.DataFrame:
+    """One row per run directory at or below `paths` (str or Path, or a list of them), every status
+    included: SPEC §6's columns (`model, dataset, alpha, seed, status, …, run_dir` absolute), the
+    derived metrics `ke_drop_mean`, `ke_drop_best`, `ke_eval_time_s_mean`, `ke_overhead`,
+    `duplicate_of`, the SLURM state of detached sweeps, then every config key (`coupling.alpha`,
+    `optimizer.lr`, a `+label` by its name …)."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    return collect(paths)
+
+
+def counted(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs that enter aggregates: done, and not a repeat of another run."""
+    return runs[(runs["status"] == "done") & runs["duplicate_of"].isna()]
+
+
+def group_keys(runs: pd.DataFrame) -> list[str]:
+    """The columns that define groups: model, dataset and alpha, then every other config key that
+    varies across the counted runs, except `seed`."""
+    done = counted(runs)
+    keys = [k for k in config_columns(runs) if k != "seed"]
+    order = {k: i for i, k in enumerate(ORDER)}
+    others = sorted(varying(done, [k for k in keys if k not in FIRST]), key=lambda k: (order.get(k, len(ORDER)), k))
+    return [k for k in FIRST if k in runs] + others
+
+
+def _key(row, keys) -> tuple:
+    return tuple(_plain(row[k]) for k in keys)
+
+
+def mean_ci(values) -> dict:
+    """mean, sample std, n and the t-based 95 % confidence interval of the mean (NaN where n < 2)."""
+    from scipy import stats
+
+    v = pd.to_numeric(pd.Series(values), errors="coerce").dropna().to_numpy(dtype=float)
+    n = len(v)
+    mean = float(v.mean()) if n else math.nan
+    std = float(v.std(ddof=1)) if n > 1 else math.nan
+    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * std / math.sqrt(n) if n > 1 else math.nan
+    return {"mean": mean, "std": std, "n": n, "ci_low": mean - half, "ci_high": mean + half}
+
+
+def ci_interval(values) -> tuple[float, float]:
+    """The same interval as a (low, high) pair: seaborn's `errorbar=` callable."""
+    stats = mean_ci(values)
+    return stats["ci_low"], stats["ci_high"]
+
+
+def _groups(runs: pd.DataFrame, keys: list[str]):
+    """(key tuple, runs of the group) for the counted runs, in the order summarize() sorts them."""
+    done = counted(runs)
+    out: dict[tuple, list] = {}
+    for index, row in done.iterrows():
+        out.setdefault(_key(row, keys), []).append(index)
+    return [(key, done.loc[index]) for key, index in sorted(out.items(), key=lambda kv: _sortable(kv[0]))]
+
+
+def _sortable(key: tuple) -> tuple:
+    return tuple((v is None, not isinstance(v, (int, float)), v if isinstance(v, (int, float)) else str(v))
+                 for v in key)
+
+
+def _devices(group: pd.DataFrame) -> list[str]:
+    return sorted({str(d) for d in group["device"].dropna()})
+
+
+def summarize(runs: pd.DataFrame, metrics=METRICS) -> pd.DataFrame:
+    """One row per group (group_keys(runs), then `n`, `seeds`, `device`), and for each metric
+    `<metric>_mean`, `_std`, `_n`, `_ci_low`, `_ci_high`. A group whose runs ran on more than one
+    device type has no timings here (`device` is NaN): see timings()."""
+    keys = group_keys(runs)
+    rows = []
+    for key, group in _groups(runs, keys):
+        devices = _devices(group)
+        row = {**dict(zip(keys, key)), "n": len(group), "seeds": sorted(_plain(s) for s in group["seed"]),
+               "device": devices[0] if len(devices) == 1 else None}
+        for m in metrics:
+            values = group[m] if (m not in TIMINGS or len(devices) <= 1) else []
+            row.update({f"{m}_{s}": v for s, v in mean_ci(values).items()})
+        rows.append(row)
+    columns = keys + ["n", "seeds", "device"] + [f"{m}_{s}" for m in metrics for s in STATS]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def timings(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per group and device type: the timing metrics, never mixing devices."""
+    keys = group_keys(runs)
+    rows = []
+    for key, group in _groups(runs, keys):
+        for device, runs_on in group.groupby(group["device"].fillna("unknown"), sort=True):
+            row = {**dict(zip(keys, key)), "device": device, "n": len(runs_on)}
+            for m in TIMINGS:
+                row.update({f"{m}_{s}": v for s, v in mean_ci(runs_on[m]).items()})
+            rows.append(row)
+    return pd.DataFrame(rows, columns=keys + ["device", "n"] + [f"{m}_{s}" for m in TIMINGS for s in STATS])
+
+
+def compare(runs: pd.DataFrame, baseline: dict | None = None, metrics=("test_top1",)) -> pd.DataFrame:
+    """Each group against its baseline group (the same group keys, with `baseline`'s values; default
+    alpha=0), runs paired by seed: one row per non-baseline group and metric with `n_pairs`,
+    `baseline_mean` and `mean` (over the pairs), `delta_mean` (this - baseline), `delta_std`,
+    `ci_low`/`ci_high` (t-based 95 % CI of the paired mean delta), `p_value` (scipy's paired t-test),
+    `wilcoxon_p` (signed-rank test, where n_pairs >= 6), and the runs left unpaired on either side
+    (`n_unpaired`, `unpaired`: their run dirs) — reported, never silently dropped."""
+    from scipy import stats
+
+    baseline = {"coupling.alpha": 0} if baseline is None else dict(baseline)
+    for k, v in baseline.items():
+        if k not in config_columns(runs) or k == "seed":
+            allowed = ", ".join(varying(counted(runs), config_columns(runs))) or "none vary"
+            raise ConfigError("baseline", f"{k}={v}", f"not a config key of these runs (keys that vary: {allowed})")
+    keys = group_keys(runs)
+    keys += [k for k in baseline if k not in keys]
+    groups = dict(_groups(runs, keys))
+    at = {k: keys.index(k) for k in baseline}
+    rows = []
+    for key, group in groups.items():
+        if all(key[i] == _plain(baseline[k]) for k, i in at.items()):
+            continue
+        base_key = list(key)
+        for k, i in at.items():
+            base_key[i] = _plain(baseline[k])
+        base = groups.get(tuple(base_key), group.iloc[:0])
+        mine, theirs = _by_seed(group), _by_seed(base)
+        seeds = sorted(set(mine) & set(theirs), key=str)
+        unpaired = [mine[s].run_dir for s in mine if s not in theirs] + [theirs[s].run_dir for s in theirs
+                                                                        if s not in mine]
+        for m in metrics:
+            this = np.array([float(mine[s][m]) for s in seeds])
+            that = np.array([float(theirs[s][m]) for s in seeds])
+            delta = mean_ci(this - that)
+            p = w = math.nan
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # constant differences: scipy warns and returns NaN or 0
+                if len(seeds) >= 2:
+                    p = float(stats.ttest_rel(this, that).pvalue)
+                if len(seeds) >= 6 and np.any(this != that):
+                    w = float(stats.wilcoxon(this, that).pvalue)
+            rows.append({**dict(zip(keys, key)), "metric": m, "n_pairs": len(seeds),
+                         "baseline_mean": float(that.mean()) if len(seeds) else math.nan,
+                         "mean": float(this.mean()) if len(seeds) else math.nan,
+                         "delta_mean": delta["mean"], "delta_std": delta["std"], "ci_low": delta["ci_low"],
+                         "ci_high": delta["ci_high"], "p_value": p, "wilcoxon_p": w,
+                         "n_unpaired": len(unpaired), "unpaired": unpaired})
+    return pd.DataFrame(rows, columns=keys + ["metric", "n_pairs", "baseline_mean", "mean", "delta_mean", "delta_std",
+                                              "ci_low", "ci_high", "p_value", "wilcoxon_p", "n_unpaired", "unpaired"])
+
+
+def _by_seed(group: pd.DataFrame) -> dict:
+    out = {}
+    for row in group.itertuples():
+        out.setdefault(_plain(row.seed), group.loc[row.Index])
+    return out
+
+
+def epochs(runs_or_paths) -> pd.DataFrame:
+    """Learning curves in long form: one row per run and epoch, epochs.csv's columns plus `ke_drop`
+    (val_acc - ke_val_acc), `run_dir`, `status`, `duplicate_of` and the run's config keys. Takes a
+    runs() frame or the paths runs() takes."""
+    frame = runs_or_paths if isinstance(runs_or_paths, pd.DataFrame) else runs(runs_or_paths)
+    carried = ["run_dir", "status", "duplicate_of", "device", *config_columns(frame)]
+    parts = []
+    for row in frame[carried].itertuples(index=False):
+        e = epoch_rows(Path(row.run_dir))
+        if not len(e):
+            continue
+        e = e.apply(pd.to_numeric, errors="coerce")
+        e["ke_drop"] = e["val_acc"] - e["ke_val_acc"]
+        for name, value in zip(carried, row):
+            e[name] = [value] * len(e)
+        parts.append(e)
+    if not parts:
+        return pd.DataFrame(columns=["epoch", "ke_drop", *carried])
+    return pd.concat(parts, ignore_index=True)

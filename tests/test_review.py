@@ -1,0 +1,252 @@
+"""coupled_net.review and the summary files, on run directories written by hand with known numbers:
+every expected value is computed here, by hand or with scipy, not by the code under test."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pandas as pd
+import pytest
+from scipy import stats
+
+from coupled_net import review
+from coupled_net.report import alpha_plot_frame, curve_frame, delta_plot_frame, write_summary
+from helpers import make_run
+
+# test top-1 per (alpha, seed): alpha 4 has an extra seed (4) that alpha 0 lacks; alpha 8 has one run
+TOP1 = {(0, 1): 80.0, (0, 2): 82.0, (0, 3): 78.5,
+        (4, 1): 79.0, (4, 2): 81.5, (4, 3): 77.0, (4, 4): 90.0,
+        (8, 1): 75.0}
+# (val_acc, ke_val_acc, epoch_time_s, ke_eval_time_s) per epoch; best epoch 2
+EPOCHS = ((50.0, 49.0, 10.0, 1.0), (60.0, 58.0, 10.0, 1.0), (70.0, 70.5, 20.0, 2.0))
+
+
+def t_ci(values):
+    """The t-based 95 % CI of the mean, from scipy's t quantile."""
+    n = len(values)
+    half = stats.t.ppf(0.975, n - 1) * statistics.stdev(values) / math.sqrt(n)
+    return statistics.mean(values) - half, statistics.mean(values) + half
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    dirs = {}
+    for (alpha, seed), top1 in TOP1.items():
+        # alpha=4's KE loses `seed` more points at epoch 2, so per-run ke_drop differs by seed
+        epochs = [EPOCHS[0], (60.0, 58.0 - (seed if alpha == 4 else 0), 10.0, 1.0), EPOCHS[2]]
+        dirs[alpha, seed] = make_run(tmp_path / "sweep" / f"coupling.alpha={alpha},seed={seed}", test_top1=top1,
+                                     epochs=epochs, best_epoch=2, coupling__alpha=alpha, seed=seed)
+    return tmp_path / "sweep", dirs
+
+
+def row(frame, **where):
+    mask = pd.Series(True, index=frame.index)
+    for key, value in where.items():
+        mask &= frame[key.replace("__", ".")] == value
+    assert mask.sum() == 1, (where, frame)
+    return frame[mask].iloc[0]
+
+
+def test_runs_is_numeric_one_row_per_run_with_every_config_key_and_an_absolute_run_dir(sweep, monkeypatch):
+    root, dirs = sweep
+    monkeypatch.chdir(root.parent)
+    runs = review.runs("sweep")  # relative, as typed
+    assert len(runs) == len(TOP1)
+    assert set(runs["run_dir"]) == {str(d) for d in dirs.values()}  # absolute
+    for column in ("coupling.alpha", "seed", "test_top1", "ke_drop_mean", "ke_overhead"):
+        assert pd.api.types.is_numeric_dtype(runs[column]), column
+    assert set(runs["optimizer.lr"]) == {0.05} and set(runs["coupling.mode"]) == {"copy"}
+
+
+def test_ke_drop_and_ke_overhead_per_run_match_the_epochs_by_hand(sweep):
+    runs = review.runs(sweep[0])
+    r = row(runs, coupling__alpha=4, seed=3)
+    drops = [50.0 - 49.0, 60.0 - (58.0 - 3), 70.0 - 70.5]  # val_acc - ke_val_acc per epoch
+    assert r["ke_drop_mean"] == pytest.approx(sum(drops) / 3)
+    assert r["ke_drop_best"] == pytest.approx(5.0)  # epoch 2, the best one
+    assert r["ke_overhead"] == pytest.approx(((1 + 1 + 2) / 3) / ((10 + 10 + 20) / 3))
+    assert r["epoch_time_s_mean"] == pytest.approx(40 / 3)
+    assert r["ke_eval_time_s_mean"] == pytest.approx(4 / 3)
+
+
+def test_summarize_gives_mean_sample_std_n_and_the_t_ci_per_group(sweep):
+    groups = review.summarize(review.runs(sweep[0]))
+    assert list(groups["coupling.alpha"]) == [0, 4, 8]  # sorted by alpha, numbers not strings
+    values = [79.0, 81.5, 77.0, 90.0]
+    g = row(groups, coupling__alpha=4)
+    assert (g["n"], g["test_top1_n"], g["seeds"]) == (4, 4, [1, 2, 3, 4])
+    assert g["test_top1_mean"] == pytest.approx(81.875)
+    assert g["test_top1_std"] == pytest.approx(statistics.stdev(values))
+    assert (g["test_top1_ci_low"], g["test_top1_ci_high"]) == pytest.approx(t_ci(values))
+    per_run_drop = [(1 + (2 + s) - 0.5) / 3 for s in (1, 2, 3, 4)]
+    assert g["ke_drop_mean_mean"] == pytest.approx(statistics.mean(per_run_drop))
+    assert g["ke_drop_best_mean"] == pytest.approx(statistics.mean([2 + s for s in (1, 2, 3, 4)]))
+    assert g["ke_overhead_mean"] == pytest.approx(0.1)
+    one = row(groups, coupling__alpha=8)  # n=1: a mean, no spread, no interval
+    assert (one["n"], one["test_top1_mean"]) == (1, 75.0)
+    assert math.isnan(one["test_top1_std"]) and math.isnan(one["test_top1_ci_low"])
+
+
+def test_compare_pairs_by_seed_against_alpha_0_and_lists_the_unpaired_run(sweep):
+    root, dirs = sweep
+    deltas = review.compare(review.runs(root))
+    assert list(deltas["coupling.alpha"]) == [4, 8] and set(deltas["metric"]) == {"test_top1"}
+    d = row(deltas, coupling__alpha=4)
+    this, base = [79.0, 81.5, 77.0], [80.0, 82.0, 78.5]  # seeds 1-3; seed 4 has no alpha=0 run
+    diffs = [a - b for a, b in zip(this, base)]
+    assert d["n_pairs"] == 3
+    assert d["delta_mean"] == pytest.approx(-1.0) and d["delta_std"] == pytest.approx(0.5)
+    assert (d["ci_low"], d["ci_high"]) == pytest.approx(t_ci(diffs))
+    assert d["p_value"] == pytest.approx(stats.ttest_rel(this, base).pvalue)
+    assert math.isnan(d["wilcoxon_p"])  # fewer than 6 pairs
+    assert (d["baseline_mean"], d["mean"]) == pytest.approx((statistics.mean(base), statistics.mean(this)))
+    assert (d["n_unpaired"], d["unpaired"]) == (1, [str(dirs[4, 4])])
+    one = row(deltas, coupling__alpha=8)  # one pair: a difference, no interval, no test
+    assert (one["n_pairs"], one["delta_mean"]) == (1, -5.0)
+    assert math.isnan(one["ci_low"]) and math.isnan(one["p_value"])
+    # alpha=0's seeds 2 and 3 have no alpha=8 partner: reported on that comparison
+    assert sorted(one["unpaired"]) == sorted([str(dirs[0, 2]), str(dirs[0, 3])])
+
+
+def test_compare_adds_the_wilcoxon_test_from_six_pairs(tmp_path):
+    base = [70.0, 71.0, 72.5, 69.0, 70.5, 73.0]
+    this = [69.0, 70.5, 70.0, 69.5, 68.0, 71.5]
+    for seed, (a, b) in enumerate(zip(base, this), start=1):
+        make_run(tmp_path / f"a0s{seed}", test_top1=a, seed=seed)
+        make_run(tmp_path / f"a2s{seed}", test_top1=b, seed=seed, coupling__alpha=2)
+    d = review.compare(review.runs(tmp_path)).iloc[0]
+    assert d["n_pairs"] == 6
+    assert d["wilcoxon_p"] == pytest.approx(stats.wilcoxon(this, base).pvalue)
+    assert d["p_value"] == pytest.approx(stats.ttest_rel(this, base).pvalue)
+
+
+def test_copy_and_mean_are_separate_groups_lines_and_comparisons(tmp_path):
+    top1 = {("copy", 0): (80.0, 81.0), ("copy", 4): (79.0, 80.5), ("mean", 0): (60.0, 61.0), ("mean", 4): (58.0, 60.0)}
+    for (mode, alpha), values in top1.items():
+        for seed, value in enumerate(values, start=1):
+            make_run(tmp_path / f"{mode}{alpha}s{seed}", test_top1=value, coupling__mode=mode, coupling__alpha=alpha,
+                     seed=seed)
+    runs = review.runs(tmp_path)
+    assert review.group_keys(runs) == ["model.name", "dataset.name", "coupling.alpha", "coupling.mode"]
+    groups = review.summarize(runs)
+    assert len(groups) == 4
+    assert row(groups, coupling__mode="mean", coupling__alpha=4)["test_top1_mean"] == pytest.approx(59.0)
+    deltas = review.compare(runs)  # mean at alpha 4 against mean at alpha 0, never against copy
+    assert row(deltas, coupling__mode="mean")["delta_mean"] == pytest.approx(((58 - 60) + (60 - 61)) / 2)
+    assert row(deltas, coupling__mode="copy")["delta_mean"] == pytest.approx(((79 - 80) + (80.5 - 81)) / 2)
+    plotted = alpha_plot_frame(groups, review.group_keys(runs))  # one row per group, one line per mode
+    assert sorted(zip(plotted["label"], plotted["alpha"], plotted["mean"])) == [
+        ("mode=copy (n=2)", 0, 80.5), ("mode=copy (n=2)", 4, 79.75),
+        ("mode=mean (n=2)", 0, 60.5), ("mode=mean (n=2)", 4, 59.0)]
+    assert set(plotted["facet"]) == {"small_cnn / synthetic_letters"}
+    delta = delta_plot_frame(deltas, review.group_keys(runs), groups)
+    assert sorted(zip(delta["label"], delta["mean"])) == [("mode=copy (n=2)", -0.75), ("mode=mean (n=2)", -1.5)]
+    by_mode = review.compare(runs, baseline={"coupling.mode": "copy"})  # mean against copy, alpha by alpha
+    assert sorted(zip(by_mode["coupling.alpha"], by_mode["coupling.mode"], by_mode["delta_mean"])) == [
+        (0, "mean", ((60 - 80) + (61 - 81)) / 2), (4, "mean", ((58 - 79) + (60 - 80.5)) / 2)]
+    curves = curve_frame(review.epochs(runs), groups, review.group_keys(runs))
+    assert curves.groupby("group").size().to_dict() == {  # before + after KE, 2 seeds, 1 epoch
+        f"alpha={a}, mode={m} (n=2)": 4 for m in ("copy", "mean") for a in (0, 4)}
+
+
+def test_a_label_or_another_lr_splits_groups_and_a_baseline_must_match_every_other_key(tmp_path):
+    make_run(tmp_path / "a0", test_top1=80.0)
+    make_run(tmp_path / "a4", test_top1=78.0, coupling__alpha=4)
+    make_run(tmp_path / "a4lr", test_top1=70.0, coupling__alpha=4, optimizer__lr=0.01)  # no alpha=0 at lr 0.01
+    make_run(tmp_path / "a4x", test_top1=77.0, coupling__alpha=4, labels={"note": "x"})  # no alpha=0 labelled x
+    runs = review.runs(tmp_path)
+    assert review.group_keys(runs) == ["model.name", "dataset.name", "coupling.alpha", "note", "optimizer.lr"]
+    assert len(review.summarize(runs)) == 4
+    deltas = review.compare(runs)
+    paired = deltas[deltas["n_pairs"] == 1]
+    assert len(paired) == 1 and paired.iloc[0]["delta_mean"] == -2.0
+    lonely = deltas[deltas["n_pairs"] == 0]
+    assert sorted(u for us in lonely["unpaired"] for u in us) == sorted([str(tmp_path / "a4lr"), str(tmp_path / "a4x")])
+
+
+def test_timings_are_never_averaged_across_device_types(tmp_path):
+    make_run(tmp_path / "s1", seed=1, epochs=((40.0, 39.0, 10.0, 1.0),), device="cpu (A)")
+    make_run(tmp_path / "s2", seed=2, epochs=((40.0, 39.0, 2.0, 0.5),), device="NVIDIA H100")
+    make_run(tmp_path / "s3", seed=3, epochs=((40.0, 39.0, 4.0, 1.0),), device="NVIDIA H100")
+    runs = review.runs(tmp_path)
+    g = review.summarize(runs).iloc[0]
+    assert g["n"] == 3 and g["test_top1_n"] == 3  # accuracy pools the seeds
+    assert pd.isna(g["device"]) and math.isnan(g["epoch_time_s_mean_mean"])  # timings do not
+    t = review.timings(runs).set_index("device")
+    assert t.loc["NVIDIA H100", "epoch_time_s_mean_mean"] == pytest.approx(3.0)
+    assert t.loc["NVIDIA H100", "ke_overhead_mean"] == pytest.approx((0.25 + 0.25) / 2)
+    assert t.loc["cpu (A)", "epoch_time_s_mean_mean"] == pytest.approx(10.0)
+    s = write_summary([tmp_path])
+    assert "## Timings per device (groups that ran on several)" in s.markdown
+    cells = [c.strip() for c in s.headline.splitlines()[4].strip("|").split("|")]
+    assert cells[-2:] == ["mixed", ""]  # epoch s, KE cost: per device, in the table below
+
+
+def test_epochs_is_the_long_form_with_ke_drop_and_the_runs_config(sweep):
+    runs = review.runs(sweep[0])
+    e = review.epochs(runs)
+    assert len(e) == 3 * len(TOP1)
+    r = e[(e["coupling.alpha"] == 4) & (e["seed"] == 2) & (e["epoch"] == 2)].iloc[0]
+    assert (r["val_acc"], r["ke_val_acc"], r["ke_drop"]) == (60.0, 56.0, 4.0)
+    assert set(e["run_dir"]) == set(runs["run_dir"])
+
+
+def test_the_summary_files_hold_the_frames_and_a_headline_under_120_characters(sweep):
+    root, dirs = sweep
+    make_run(root / "failed", status="failed", test_top1=None, coupling__alpha=4, seed=9)
+    s = write_summary([root])
+    for name in ("summary.csv", "summary_groups.csv", "summary_delta.csv", "summary.md", "summary.tex",
+                 "summary_test_top1_vs_alpha.png", "summary_delta_vs_alpha.png", "summary_learning_curves.png"):
+        assert (root / name).is_file(), name
+    groups = pd.read_csv(root / "summary_groups.csv")
+    assert list(groups.columns[:6]) == ["model.name", "dataset.name", "coupling.alpha", "n", "seeds", "device"]
+    assert list(groups.columns[6:11]) == ["test_top1_mean", "test_top1_std", "test_top1_n", "test_top1_ci_low",
+                                          "test_top1_ci_high"]
+    assert groups["test_top1_mean"].tolist() == pytest.approx([(80.0 + 82.0 + 78.5) / 3, 81.875, 75.0])
+    delta = pd.read_csv(root / "summary_delta.csv")
+    assert list(delta.columns[3:]) == ["metric", "n_pairs", "baseline_mean", "mean", "delta_mean", "delta_std",
+                                       "ci_low", "ci_high", "p_value", "wilcoxon_p", "n_unpaired", "unpaired"]
+    assert delta.loc[(delta["coupling.alpha"] == 4) & (delta["metric"] == "test_top1"), "unpaired"].tolist() == [
+        str(dirs[4, 4])]
+    headline = s.markdown.split("\n\n## ")[0]
+    table = [line for line in headline.splitlines() if line.startswith("|")]
+    assert [c.strip() for c in table[0].strip("|").split("|")] == [
+        "alpha", "n", "test top-1", "Δ vs alpha=0 [95 % CI]", "p", "KE drop", "epoch s", "KE cost"]
+    lo, hi = t_ci([79.0 - 80.0, 81.5 - 82.0, 77.0 - 78.5])
+    p = stats.ttest_rel([79.0, 81.5, 77.0], [80.0, 82.0, 78.5]).pvalue
+    drops = [(1 + (2 + s) - 0.5) / 3 for s in (1, 2, 3, 4)]
+    cells = [c.strip() for c in table[3].strip("|").split("|")]
+    assert cells == ["4", "4", f"81.88 ± {statistics.stdev([79.0, 81.5, 77.0, 90.0]):.2f}",
+                     f"-1.00 [{lo:+.2f}, {hi:+.2f}]", f"{p:.3f}",
+                     f"{statistics.mean(drops):.2f} ± {statistics.stdev(drops):.2f}", "13.3", "10.0 %"]
+    assert max(len(line) for line in headline.splitlines()) <= 120
+    assert "## Runs not in the aggregate" in s.markdown and str(root / "failed") in s.markdown
+    assert f"not in the table: {root / 'failed'} (failed)" in s.headline
+
+
+def test_summary_tex_is_a_booktabs_table_with_caption_label_and_pm(sweep):
+    root, _ = sweep
+    write_summary([root])
+    tex = (root / "summary.tex").read_text()
+    lines = tex.splitlines()
+    assert lines[0] == r"\begin{table}[t]" and lines[-1] == r"\end{table}"
+    for needle in (r"\centering", r"\caption{", r"\label{tab:coupled-net-summary}", r"\begin{tabular}{lrrrrrrr}",
+                   r"\toprule", r"\midrule", r"\bottomrule", r"\end{tabular}"):
+        assert sum(needle in line for line in lines) == 1, needle
+    body = lines[lines.index(r"\midrule") + 1:lines.index(r"\bottomrule")]
+    assert len(body) == 3 and all(line.count("&") == 7 and line.endswith(r"\\") for line in body)
+    assert r"81.88 $\pm$ " in tex and "±" not in tex and "Δ" not in tex
+    assert r"$-$1.00 [" in tex  # a minus sign, not a hyphen
+    assert r"small\_cnn on synthetic\_letters" in tex  # escaped
+
+
+def test_the_readme_notebook_example_runs_as_written(sweep):
+    from helpers import REPO
+
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("**In a notebook**")[1].split("```python\n")[1].split("```")[0]
+    assert len(block.strip().splitlines()) <= 5
+    namespace = {}
+    exec(block.replace('"outputs/multirun/2026-11-25/10-00-00"', repr(str(sweep[0]))), namespace)  # noqa: S102
+    assert len(namespace["runs"]) == len(TOP1) and len(namespace["curves"]) == 3 * len(TOP1)
