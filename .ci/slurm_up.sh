@@ -136,7 +136,9 @@ MinJobAge=5
 KillWait=2
 Waittime=0
 ReturnToService=2
-MaxArraySize=10001
+# small, so that a sweep of ten runs exceeds it and the tests exercise the launcher's chunked arrays
+# (array task indices stay below MaxArraySize: 8 tasks, 0-7, per array)
+MaxArraySize=8
 MailProg=/bin/true
 NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS Sockets=$SOCKETS CoresPerSocket=$CORES ThreadsPerCore=$THREADS RealMemory=$REALMEM State=UNKNOWN
 PartitionName=$PART Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO

@@ -1,10 +1,16 @@
 """Side-by-side measurements for launch/bench.py (SPEC §9), all in one process on the same data:
 the seed's PIL pipeline vs the batched tensor pipeline, a quickstart epoch vs its compute floor,
-AlexNet@224 steps as the seed's loop runs them vs the trainer, and per-epoch bookkeeping."""
+AlexNet@224 steps as the seed's loop runs them vs the trainer, and per-epoch bookkeeping.
+
+Every comparison measures its sides with one protocol (`compare`): one untimed warm-up pass per
+side, then the same number of timed passes per side, interleaved (a, b, a, b, ...) so that load from
+other processes on a shared host falls on both alike; each side reports its median images/s and the
+slowest and fastest pass, and the ratio is that of the medians."""
 
 from __future__ import annotations
 
 import platform
+import statistics
 import tempfile
 import time
 from itertools import islice
@@ -21,20 +27,50 @@ from .results import CsvLog, EPOCH_COLUMNS, provenance, save_torch
 from .trainer import synchronize
 
 MEAN, STD = [0.1125], [0.2285]
+REPEATS = 5        # timed passes per side for the rows that take seconds
+EPOCH_REPEATS = 3  # ... and for the rows that are whole epochs (the quickstart's: ~10 s a pass on 2 cores)
+WARMUP_BATCHES = 1  # an epoch row's warm-up pass: starts the workers, allocates, runs every op once
+
+
+class Rate(float):
+    """Images per second: the median over `n` timed passes (the float's value), with the slowest
+    (`lo`) and fastest (`hi`) pass."""
+
+    lo: float
+    hi: float
+    n: int
+
+    def __new__(cls, images: int, seconds: list[float]) -> "Rate":
+        rates = [images / s for s in seconds]
+        rate = super().__new__(cls, statistics.median(rates))
+        rate.lo, rate.hi, rate.n = min(rates), max(rates), len(rates)
+        return rate
+
+    def spread(self) -> str:
+        return f"{self.lo:,.0f}–{self.hi:,.0f}, n={self.n}" if self.n > 1 else "n=1"
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def compare(sides, images: int, repeats: int = REPEATS, warmups=None) -> list[Rate]:
+    """The protocol every comparison uses: each side's warm-up (by default one full pass of the side
+    itself), then `repeats` timed passes of each side, interleaved; one Rate per side."""
+    for warm in warmups or sides:
+        warm()
+    seconds = [[] for _ in sides]
+    for _ in range(repeats):
+        for times, fn in zip(seconds, sides):
+            times.append(_seconds(fn))
+    return [Rate(images, times) for times in seconds]
 
 
 def _split(n_per_class: int) -> data.SplitDataset:
     images, labels = synthetic.letters(n_per_class, 0, True)
     return data.SplitDataset(data.ArraySource(images, labels), torch.arange(len(labels)), None, 1)
-
-
-def _rate(fn, images: int, repeat: int = 1) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return images / best
 
 
 def pil_loader(split, size, batch, workers, train=True):
@@ -52,13 +88,14 @@ def consume(loader, batches=None):
         pass
 
 
-def pipeline_rates(device, workers: int, sizes=(28, 224), n_images=4096) -> list[tuple]:
+def pipeline_rates(device, workers: int, sizes=(28, 224), n_images=4096, repeats: int = REPEATS) -> list[tuple]:
     split = _split(160)  # 4160 images
     rows = []
+    batches = n_images // 128
     for size in sizes:
-        batches = n_images // 128
-        pil = _rate(lambda: consume(pil_loader(split, size, 128, workers), batches), batches * 128)
-        tens = _rate(lambda: consume(tensor_loader(split, size, 128, device), batches), batches * 128, repeat=7)
+        pil, tens = compare([lambda: consume(pil_loader(split, size, 128, workers), batches),
+                             lambda: (consume(tensor_loader(split, size, 128, device), batches), synchronize(device))],
+                            batches * 128, repeats)
         rows.append((f"input pipeline @{size}px (train augmentation)", pil, tens))
     return rows
 
@@ -85,55 +122,72 @@ def train_steps(model, batches, device, seed_style: bool) -> None:
     synchronize(device)
 
 
-def quickstart_epoch(device, workers: int) -> list[tuple]:
+def _epoch_sides(model, split, size, batch, device, workers, seed_style: bool, floor_batches: int | None = None):
+    """(sides, warm-ups, prebuilt batches) of an epoch comparison: the PIL pipeline (with the seed's loop when
+    `seed_style`), the tensor pipeline with the trainer's loop, and the compute floor (the trainer's
+    loop over `floor_batches` tensor batches built beforehand; all of them when None). Warm-ups are
+    WARMUP_BATCHES-batch passes of each side: a whole extra epoch would double the run for nothing."""
+    prebuilt = list(islice(tensor_loader(split, size, batch, device), floor_batches))
+
+    def pil(n=None):
+        return lambda: train_steps(model, islice(pil_loader(split, size, batch, workers), n), device, seed_style)
+
+    def tens(n=None):
+        return lambda: train_steps(model, islice(tensor_loader(split, size, batch, device), n), device, False)
+
+    def floor(n=None):
+        return lambda: train_steps(model, prebuilt[:n], device, False)
+    return [pil(), tens(), floor()], [pil(WARMUP_BATCHES), tens(WARMUP_BATCHES), floor(WARMUP_BATCHES)], prebuilt
+
+
+def quickstart_epoch(device, workers: int, repeats: int = EPOCH_REPEATS) -> list[tuple]:
     split = _split(500)
     n = len(split)
     model = build_model("small_cnn", 1, 26, 28).to(device)
-    prebuilt = list(tensor_loader(split, 28, 128, device))  # the compute floor: batches already built
-    train_steps(model, prebuilt, device, False)  # warm-up
-    floor = _rate(lambda: train_steps(model, prebuilt, device, False), n, repeat=2)
-    pil = _rate(lambda: train_steps(model, pil_loader(split, 28, 128, workers), device, False), n)
-    tens = _rate(lambda: train_steps(model, tensor_loader(split, 28, 128, device), device, False), n, repeat=2)
+    sides, warmups, _ = _epoch_sides(model, split, 28, 128, device, workers, seed_style=False)
+    pil, tens, floor = compare(sides, n, repeats, warmups)
     return [("quickstart epoch (small_cnn @28px, 13k images)", pil, tens), ("  … its compute floor", None, floor)]
 
 
-def alexnet_steps(device, steps: int, batch: int) -> list[tuple]:
+def alexnet_steps(device, steps: int, batch: int, repeats: int = EPOCH_REPEATS) -> list[tuple]:
     model = build_model("alexnet", 1, 26, 224).to(device)
     x = torch.randn(batch, 1, 224, 224, device=device)
     y = torch.randint(0, 26, (batch,), device=device)
     batches = [(x, y)] * steps
-    train_steps(model, batches[:1], device, False)  # warm-up
-    seed, ours = 0.0, 0.0
-    for _ in range(3):  # interleaved, best of three each: the two loops see the same machine state
-        seed = max(seed, _rate(lambda: train_steps(model, batches, device, True), steps * batch))
-        ours = max(ours, _rate(lambda: train_steps(model, batches, device, False), steps * batch))
+    seed, ours = compare([lambda: train_steps(model, batches, device, True),
+                          lambda: train_steps(model, batches, device, False)], steps * batch, repeats,
+                         warmups=[lambda: train_steps(model, batches[:1], device, seed_style)
+                                  for seed_style in (True, False)])
     return [(f"AlexNet@224 train steps (batch {batch})", seed, ours)]
 
 
-def seed_protocol_epoch(device, workers: int, per_class: int = 4000, batch: int = 128) -> list[tuple]:
+def seed_protocol_epoch(device, workers: int, per_class: int = 4000, batch: int = 128,
+                        repeats: int = 1) -> list[tuple]:
     """The seed's epoch (AlexNet@224, EMNIST-letters-sized: 26 x 4000 images) both ways: PIL
     transforms in DataLoader workers with the seed's per-batch `.item()` loop, against the tensor
-    pipeline on the device with the trainer's loop. Only run on a GPU by default (minutes on a CPU)."""
+    pipeline on the device with the trainer's loop. Only run on a GPU by default (minutes on a CPU).
+    The floor is 20 prebuilt batches (an epoch's worth would not fit in memory)."""
     split = _split(per_class)
     model = build_model("alexnet", 1, 26, 224).to(device)
     n = len(split)
-    seed = _rate(lambda: train_steps(model, pil_loader(split, 224, batch, workers), device, True), n)
-    ours = _rate(lambda: train_steps(model, tensor_loader(split, 224, batch, device), device, False), n)
-    prebuilt = list(islice(tensor_loader(split, 224, batch, device), 20))
-    floor = _rate(lambda: train_steps(model, prebuilt, device, False), 20 * batch)
+    sides, warmups, prebuilt = _epoch_sides(model, split, 224, batch, device, workers, seed_style=True,
+                                            floor_batches=20)
+    seed, ours = compare(sides[:2], n, repeats, warmups[:2])
+    floor, = compare(sides[2:], sum(len(y) for _, y in prebuilt), repeats, warmups[2:])
     return [(f"seed-protocol epoch (AlexNet@224, {n:,} images)", seed, ours), ("  … its compute floor", None, floor)]
 
 
-def bookkeeping(device, epoch_seconds: float) -> list[tuple]:
-    """KE + monitoring + CSV row + last.pt/best.pt, against one quickstart epoch."""
+def bookkeeping(device, epoch_seconds: float, epochs: int = REPEATS) -> list[tuple]:
+    """KE + monitoring + CSV row + last.pt/best.pt, against one quickstart epoch: the median over
+    `epochs` timed epochs after one warm-up epoch."""
     model = build_model("small_cnn", 1, 26, 28).to(device)
     coupling = Coupling(model, alpha=8)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     monitor = SystemMonitor()
     with tempfile.TemporaryDirectory() as tmp:
         log = CsvLog(Path(tmp) / "epochs.csv", EPOCH_COLUMNS)
-        start = time.perf_counter()
-        for epoch in range(5):
+
+        def one_epoch(epoch: int) -> None:
             synchronize(device)
             coupling.equalize()
             synchronize(device)
@@ -141,7 +195,8 @@ def bookkeeping(device, epoch_seconds: float) -> list[tuple]:
             log.append(dict.fromkeys(EPOCH_COLUMNS, epoch))
             save_torch(Path(tmp) / "last.pt", {"model": model.state_dict(), "optimizer": opt.state_dict()})
             save_torch(Path(tmp) / "best.pt", model.state_dict())
-        per_epoch = (time.perf_counter() - start) / 5
+        one_epoch(0)
+        per_epoch = statistics.median(_seconds(lambda: one_epoch(e)) for e in range(1, epochs + 1))
     monitor.close()
     return [("bookkeeping per epoch (s) / share of a quickstart epoch", per_epoch, per_epoch / epoch_seconds)]
 
@@ -152,7 +207,7 @@ def run() -> str:
     workers = min(2, data_workers())
     rows = pipeline_rates(device, workers)
     rows += quickstart_epoch(device, workers)
-    epoch_s = 13000 / rows[-2][2]  # the tensor quickstart epoch
+    epoch_s = 13000 / rows[-2][2]  # the tensor quickstart epoch (median)
     rows += alexnet_steps(device, steps=5 if device.type == "cpu" else 50, batch=32 if device.type == "cpu" else 128)
     rows += bookkeeping(device, epoch_s)
     if device.type == "cuda":
@@ -166,15 +221,22 @@ def data_workers() -> int:
     return usable_cpus()
 
 
+def _cell(rate) -> str:
+    spread = rate.spread() if isinstance(rate, Rate) else ""
+    return f"{rate:,.0f} img/s" + (f" ({spread})" if spread else "")
+
+
 def table(rows, device, workers) -> str:
     head = (f"device: {provenance(device)['device']}, {data_workers()} CPUs, torch {torch.__version__}, "
-            f"python {platform.python_version()}; PIL pipeline with {workers} DataLoader workers\n\n")
+            f"python {platform.python_version()}; PIL pipeline with {workers} DataLoader workers\n"
+            "each side: a warm-up pass, then n timed passes interleaved with the other side's; "
+            "median images/s (slowest–fastest pass, n); ratio of the medians\n\n")
     lines = ["| measurement | seed-style / pil | coupled_net / tensor | ratio |", "|---|---:|---:|---:|"]
     for name, base, ours in rows:
         if name.startswith("bookkeeping"):
             lines.append(f"| {name} | {base:.4f} s | {100 * ours:.2f} % | |")
         elif base is None:
-            lines.append(f"| {name} | | {ours:,.0f} img/s | |")
+            lines.append(f"| {name} | | {_cell(ours)} | |")
         else:
-            lines.append(f"| {name} | {base:,.0f} img/s | {ours:,.0f} img/s | {ours / base:.2f}× |")
+            lines.append(f"| {name} | {_cell(base)} | {_cell(ours)} | {ours / base:.2f}× |")
     return head + "\n".join(lines)

@@ -27,7 +27,7 @@ from .coupling import Coupling
 from .distributed import World, init_world
 from .errors import ConfigError, DatasetUnavailable
 from .trainer import Numerics, Trainer
-from .validation import resolve_device, usable_cpus, validate
+from .validation import batch_fits, resolve_device, usable_cpus, validate
 
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS; read at CUDA init
 
@@ -51,11 +51,27 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
+_warned: set = set()
+
+
+def _clamp(key: str, value: int, most: int, cpus: int) -> int:
+    """Threads or workers beyond what this process's CPUs can run: warned about once per process and
+    clamped, not refused. Neither changes what a run computes (SPEC §5), and a sweep's runs meet
+    machines (SLURM allocations) of different sizes with one command line."""
+    if value <= most:
+        return value
+    if (key, value, most) not in _warned:
+        _warned.add((key, value, most))
+        logging.getLogger("coupled_net").warning("%s=%d is more than this process's %d usable CPU(s) can run; "
+                                                 "using %d", key, value, cpus, most)
+    return most
+
+
 def _threads_and_workers(tcfg, device: torch.device) -> tuple[int, int]:
     cpus = max(1, usable_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # torchrun: ranks share a node
-    threads = cpus if tcfg.threads == "auto" else int(tcfg.threads)
-    if tcfg.num_workers != "auto":
-        workers = int(tcfg.num_workers)
+    threads = cpus if tcfg.threads == "auto" else _clamp("trainer.threads", int(tcfg.threads), cpus, cpus)
+    if tcfg.num_workers != "auto":  # workers wait on files as well as CPUs: up to twice the CPUs is sensible
+        workers = _clamp("trainer.num_workers", int(tcfg.num_workers), 2 * cpus, cpus)
     elif device.type == "cuda":
         workers = min(16, max(1, cpus - 1))
     else:  # on a CPU the workers take cores from the training itself
@@ -112,6 +128,10 @@ def build_loaders(spec: RunSpec) -> dict:
     """train / val / test loaders (this rank's shard of the training set)."""
     cfg, world = spec.cfg, spec.world
     splits = data.build_splits(cfg.dataset, cfg.model.input_size, cfg.seed)
+    # where the split's size could not be known from the config (image_folder), now it is
+    batch_fits(cfg.trainer.batch_size, len(splits.train),
+               f"the images of dataset.root={data.dataset_root(cfg.dataset)}, less dataset.val_fraction="
+               f"{cfg.dataset.val_fraction}")
     common = dict(device=spec.device, size=cfg.model.input_size, workers=spec.workers, seed=cfg.seed,
                   rank=world.rank, world_size=world.size)
     t = cfg.trainer

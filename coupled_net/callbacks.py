@@ -48,11 +48,16 @@ class SweepReport(Callback):
 def unfinished(df, planned=None):
     """The runs of this launch (`planned`; all of `df` without a plan) that did not finish, with what
     stopped them: their error, or who holds a run still in progress."""
+    import pandas as pd
+
     from .run import describe_owner
+    from .sweep import not_started
 
     if planned is not None:
         mine = {str(job.done_in or job.run_dir) for job in planned}
-        df = df[df["run_dir"].isin(mine)]
+        missing = sorted(mine - set(df["run_dir"]))  # never started: no directory to collect
+        df = pd.concat([df[df["run_dir"].isin(mine)], pd.DataFrame(
+            {"run_dir": missing, "status": "not started", "error": [not_started.get(r) for r in missing]})])
     bad = df[~df["status"].isin(["done", "diverged"])].copy()
     owners = {}
     for run_dir in bad["run_dir"]:

@@ -14,15 +14,17 @@ from omegaconf import DictConfig
 
 from hydra_plugins.coupled_net_launcher.launcher import register_plugins
 
-from .errors import ConfigError, DatasetUnavailable, one_line
+from .errors import ConfigError, DatasetUnavailable, RunFault
+from .logs import CONSOLE_ONLY, FILE_ONLY
 
 log = logging.getLogger("coupled_net")
 
 
-def fail(message: str, code: int = 2, details: list[str] = ()):
-    """End the process with one line on stderr (the last thing printed), after `details`, if any."""
+def fail(message: str, code: int = 2, details: list[str] = (), to_file: bool = True):
+    """End the process with one line on stderr (the last thing printed), after `details`, if any;
+    `to_file`: the line also goes to train.log (False where the run logged it there already)."""
     record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
-    for handler in logging.getLogger().handlers:  # inside Hydra: the line also goes to train.log (only there)
+    for handler in logging.getLogger().handlers if to_file else ():  # inside Hydra: train.log (only there)
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)
     sys.stderr.flush()
@@ -62,12 +64,20 @@ def train_task(cfg: DictConfig) -> str:
     """Run one job; returns its status. A single run that fails exits non-zero with one line; in a
     sweep the failure is recorded in the run's results.json and the sweep goes on. A stop signal
     (Ctrl-C) ends the process, a sweep included, with one line."""
-    from .run import RunRefused, run
+    from . import sweep
+    from .run import RunRefused, describe_fault, run
     from .signals import RunInterrupted
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     single = hc.mode == RunMode.RUN
+    dataset = None if single else _dataset_key(cfg)
+    earlier = dataset and sweep.unavailable(Path(hc.sweep.dir), dataset)
+    if earlier:  # an earlier run of this launch found the dataset unavailable: do not try again
+        sweep.not_started[str(run_dir)] = "its dataset was unavailable to an earlier run of this sweep"
+        log.error("%s: not started: its dataset is unavailable (an earlier run of this sweep found it so)",
+                  run_dir.name, extra=CONSOLE_ONLY)
+        return "not started"
     try:
         outcome = run(cfg, run_dir, hydra_files=hydra_files(cfg))
     except RunRefused as e:
@@ -75,24 +85,40 @@ def train_task(cfg: DictConfig) -> str:
             fail(str(e))
         log.error("refused: %s", e)
         return "refused"
-    except (ConfigError, DatasetUnavailable) as e:
+    except (ConfigError, DatasetUnavailable, RunFault) as e:  # recorded in the run dir and its train.log
         if single:
-            fail(str(e))
-        log.error("bad input: %s", e)
+            fail(str(e), code=1 if isinstance(e, RunFault) else 2, to_file=False)
+        if isinstance(e, DatasetUnavailable) and dataset:
+            sweep.note_unavailable(Path(hc.sweep.dir), dataset, str(e))
+        log.error("%s: %s", run_dir.name, e, extra=CONSOLE_ONLY)
         return "failed"
     except Exception as e:  # noqa: BLE001 - the directory could not even be claimed (unwritable, ...)
-        log.error("run failed before it started:\n%s", traceback.format_exc())
+        log.error("run failed before it started:\n%s", traceback.format_exc(), extra=FILE_ONLY)
         if single:
-            fail(f"run failed: {one_line(e)}", code=1)
+            fail(f"run failed: {describe_fault(e)}", code=1, to_file=False)
+        log.error("%s: run failed before it started: %s", run_dir.name, describe_fault(e), extra=CONSOLE_ONLY)
         return "failed"
     except RunInterrupted as e:
         again = "hydra.run.dir" if single else "hydra.sweep.dir"
         where = run_dir if single else hc.sweep.dir
         fail(f"{e}: {run_dir} is `interrupted`; the same command with {again}={where} resumes it",
              code=e.exit_code)
-    if single and outcome["status"] == "failed":
-        fail(f"run failed: {outcome['error']} (traceback in {run_dir / 'train.log'})", code=1)
+    if outcome["status"] == "failed":
+        line = f"run failed: {outcome['error']} (traceback in {run_dir / 'train.log'})"
+        if single:
+            fail(line, code=1, to_file=False)
+        log.error("%s: %s", run_dir.name, line, extra=CONSOLE_ONLY)
     return outcome["status"]
+
+
+def _dataset_key(cfg: DictConfig) -> str | None:
+    """A downloadable dataset and the root it is looked for in ("mnist@/data"), else None."""
+    from .data import LOADERS, dataset_root
+
+    try:
+        return f"{cfg.dataset.name}@{dataset_root(cfg.dataset)}" if cfg.dataset.name in LOADERS else None
+    except Exception:  # noqa: BLE001 - a bad dataset config: the run itself reports it
+        return None
 
 
 def check_group_choices(args: list[str], conf_dir: Path) -> None:
@@ -125,6 +151,25 @@ def check_group_choices(args: list[str], conf_dir: Path) -> None:
         for value in values:
             if value not in options and value != "null":
                 fail(f"{o.key_or_group}={value!r}: allowed: {', '.join(options)}")
+
+
+def check_output_dirs(args: list[str]) -> None:
+    """Refuse a `hydra.run.dir` / `hydra.sweep.dir` that cannot be a directory of ours (a file, a path
+    through a file, a folder not writable), with one line, before Hydra tries to create it and fails
+    with a traceback."""
+    import os
+
+    for arg in args:
+        key, sep, value = arg.lstrip("+").partition("=")
+        if not sep or key not in ("hydra.run.dir", "hydra.sweep.dir") or "${" in value or not value:
+            continue
+        path = Path(os.path.expanduser(value.strip("'\"")))
+        existing = next(p for p in (path, *path.parents) if p.exists() or p == Path(p.anchor or "."))
+        if not existing.is_dir():
+            where = "is a file" if existing == path else f"{existing} is a file"
+            fail(f"{key}={value}: {where}, not a directory: choose another {key}")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            fail(f"{key}={value}: {existing} is not writable by this user: choose another {key}")
 
 
 def prepare_task(cfg: DictConfig) -> None:

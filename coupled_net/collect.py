@@ -122,16 +122,61 @@ def owner_gone(res: dict, epochs: pd.DataFrame, queue: dict | None) -> str | Non
     return None
 
 
-def epoch_rows(run_dir: Path) -> pd.DataFrame:
+# columns every written epochs.csv row has numbers in (a loss may be nan: a diverged epoch)
+REQUIRED = ["epoch", "val_acc", "ke_val_acc", "epoch_time_s"]
+
+
+def read_epochs(run_dir: Path) -> tuple[pd.DataFrame, str | None]:
+    """epochs.csv as numbers, and what is wrong with it (None: nothing). A row with a cell that is
+    not a number, or without the numbers every row has (a line cut short by a kill or a full disk),
+    is left out and named."""
+    path = run_dir / "epochs.csv"
     try:
-        return pd.read_csv(run_dir / "epochs.csv")
-    except (OSError, ValueError, pd.errors.EmptyDataError):
-        return pd.DataFrame()
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        return pd.DataFrame(), None
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame(), None
+    except (OSError, ValueError, pd.errors.ParserError) as e:
+        return pd.DataFrame(), f"epochs.csv: {' '.join(str(e).split())[:200]}"
+    missing = [c for c in REQUIRED if c not in raw.columns]
+    if missing:
+        return pd.DataFrame(), f"epochs.csv: no column {missing[0]!r} in its header"
+    numbers = raw.apply(pd.to_numeric, errors="coerce")
+    garbage = (numbers.isna() & ~raw.isin(["nan", "NaN", "inf", "-inf"])).any(axis=1)
+    garbage |= numbers[REQUIRED].isna().any(axis=1)
+    problem = None
+    if garbage.any():
+        lines = [str(i + 2) for i in raw.index[garbage]]  # +2: the header is line 1
+        problem = f"epochs.csv: line{'s' if len(lines) > 1 else ''} {', '.join(lines[:5])} not numbers"
+    return numbers[~garbage].reset_index(drop=True), problem
+
+
+def epoch_rows(run_dir: Path) -> pd.DataFrame:
+    return read_epochs(run_dir)[0]
+
+
+def results_problem(run_dir: Path) -> str | None:
+    """Why results.json cannot be used (None: it can, or there is none)."""
+    import json
+
+    path = run_dir / "results.json"
+    try:
+        res = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        return f"results.json: not valid JSON ({' '.join(str(e).split())[:120]})"
+    if not isinstance(res, dict):
+        return f"results.json: a JSON {type(res).__name__}, not an object"
+    if not isinstance(res.get("metrics") or {}, dict) or not isinstance(res.get("provenance") or {}, dict):
+        return "results.json: `metrics` or `provenance` is not an object"
+    return None
 
 
 def read_results(run_dir: Path) -> dict | None:
     res = read_json(run_dir / "results.json")
-    return res if isinstance(res, dict) else None
+    return res if isinstance(res, dict) and not results_problem(run_dir) else None
 
 
 def _mean(epochs: pd.DataFrame, column: str) -> float | None:
@@ -159,10 +204,19 @@ def epoch_metrics(epochs: pd.DataFrame, best_epoch) -> dict:
 
 
 def run_row(run_dir: Path, cfg: dict, res: dict | None, queue: dict | None = None) -> dict:
-    epochs = epoch_rows(run_dir)
+    """One run's row; a run whose files cannot be read is `unreadable`, with the file and why."""
+    try:
+        return _run_row(run_dir, cfg, res, queue)
+    except Exception as e:  # noqa: BLE001 - one bad directory never stops the review of the others
+        return {"run_dir": str(run_dir), "status": "unreadable", "error": f"{type(e).__name__}: {e}"[:300]}
+
+
+def _run_row(run_dir: Path, cfg: dict, res: dict | None, queue: dict | None = None) -> dict:
+    epochs, bad_epochs = read_epochs(run_dir)
     error = None
     if res is None:
-        status = "unreadable" if (run_dir / "results.json").exists() else "no results"
+        error = results_problem(run_dir)
+        status = "unreadable" if error else "no results"
         res = {}
     else:
         status = res.get("status", "unknown")
@@ -170,6 +224,8 @@ def run_row(run_dir: Path, cfg: dict, res: dict | None, queue: dict | None = Non
             gone = owner_gone(res, epochs, queue)
             if gone:
                 status, error = "stale", f"{gone}: it ended without recording why; the same command resumes it"
+    if bad_epochs:
+        status, error = "unreadable", bad_epochs
     metrics = res.get("metrics") or {}
     row = {
         "model": res.get("model", cfg.get("model.name")), "dataset": res.get("dataset", cfg.get("dataset.name")),

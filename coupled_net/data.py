@@ -3,23 +3,29 @@ user's image folder, and the offline synthetic letters; seeded splits; the seed'
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
 import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from filelock import FileLock
-from PIL import Image
+from filelock import FileLock, Timeout
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets as tvd
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
 from . import synthetic
 from .errors import ConfigError, DatasetUnavailable, one_line
+from .results import atomic_write, read_json
 
 log = logging.getLogger(__name__)
 DOWNLOAD_TIMEOUT_S = 30
@@ -153,9 +159,26 @@ def load_source(dcfg, train: bool) -> ArraySource:
 
 # ---- image folders ---------------------------------------------------------------------------
 
+# Every file an image_folder run will read is opened and fully decoded once before training, so a
+# corrupt file (even one in test/, which is read only after the last epoch) ends the run at the start.
+# The verdicts are cached by (path, size, mtime) in CHECK_CACHE beside the images, or, where the root
+# is read-only, in the user's cache directory: a re-run pays only a stat per file.
+CHECK_CACHE = ".coupled_net_image_check.json"
+CHECK_VERSION = 1
+SHOWN_BAD = 5  # the refusal names this many files, then counts the rest
+CHECK_CHUNK = 64  # files per task of the checking threads
+
+
+def is_image_file(path: str) -> bool:
+    """What a class folder contributes: ImageFolder's image extensions, without hidden files (macOS's
+    `._x.jpg` resource forks are not images); README.txt, .DS_Store, Thumbs.db and the like are ignored."""
+    name = os.path.basename(path)
+    return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
+
+
 def _scan_folder(folder: Path, mode: str) -> tuple[FolderSource, list[str]]:
     try:
-        ds = tvd.ImageFolder(str(folder))
+        ds = tvd.ImageFolder(str(folder), is_valid_file=is_image_file)
     except (FileNotFoundError, OSError) as e:
         raise ConfigError("dataset.root", str(folder),
                           f"must hold one sub-folder of images per class ({str(e).splitlines()[0]})") from None
@@ -165,33 +188,219 @@ def _scan_folder(folder: Path, mode: str) -> tuple[FolderSource, list[str]]:
     return FolderSource(paths, torch.tensor(ds.targets, dtype=torch.int64), mode), ds.classes
 
 
-def image_folder_sources(dcfg, seed: int):
-    """(train+val source, its indices, test source, its indices, class names)."""
+def decode_problem(path: str) -> str | None:
+    """Why the file at `path` cannot be trained on ('truncated', 'empty file', ...), or None when it
+    opens and decodes completely with PIL, the library the training reads it with."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except UnidentifiedImageError:
+        try:
+            empty = os.path.getsize(path) == 0
+        except OSError:
+            empty = False
+        return "empty file" if empty else "not an image PIL can read"
+    except OSError as e:
+        if e.strerror:  # the file itself: permission denied, an I/O error, vanished
+            return e.strerror.lower()
+        return "truncated" if "truncated" in str(e) else one_line(e, 120)
+    except Exception as e:  # noqa: BLE001 - any decoder failure (a broken PNG's SyntaxError, a decompression bomb)
+        return one_line(e, 120)
+    return None
+
+
+def _user_cache_file(root: Path) -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "coupled_net" / "image_check" / f"{hashlib.sha256(str(root).encode()).hexdigest()[:16]}.json"
+
+
+def check_cache_files(root: Path) -> list[Path]:
+    """Where the verdicts are kept, in order of preference: beside the images, else the user's cache."""
+    return [root / CHECK_CACHE, _user_cache_file(root)]
+
+
+def _read_verdicts(root: Path) -> dict[tuple[str, int, int], str | None]:
+    """(relative path, size, mtime_ns) -> problem or None, from every cache file that can be read;
+    an unreadable or foreign cache is ignored (the files are then decoded again)."""
+    known = {}
+    for path in check_cache_files(root):
+        cache = read_json(path)
+        if not isinstance(cache, dict) or cache.get("version") != CHECK_VERSION or \
+                not isinstance(cache.get("files"), dict):
+            continue
+        for rel, entry in cache["files"].items():
+            if isinstance(entry, list) and len(entry) == 3 and all(isinstance(v, int) for v in entry[:2]) \
+                    and (entry[2] is None or isinstance(entry[2], str)):
+                known.setdefault((rel, entry[0], entry[1]), entry[2])
+    return known
+
+
+def _write_verdicts(root: Path, files: dict[str, list]) -> None:
+    """Save the verdicts atomically (concurrent runs of a sweep each write a whole, valid file). A
+    cache that cannot be saved anywhere costs the next run a new check, never this run."""
+    text = json.dumps({"version": CHECK_VERSION, "root": str(root), "files": files}, separators=(",", ":"))
+    failures = []
+    for path in check_cache_files(root):
+        try:
+            atomic_write(path, lambda f: f.write(text.encode()))
+            return
+        except OSError as e:
+            failures.append(f"{path}: {e.strerror or e}")
+    log.warning("could not save the image check (%s); the next run checks the images again", "; ".join(failures))
+
+
+def _check_threads() -> int:
+    """PIL releases the GIL while it decodes, so threads decode in parallel; a few more threads than
+    cores also hide the file reads' latency on a network filesystem."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return min(16, 2 * cpus)
+
+
+def _relative(paths: list[str], root: Path) -> list[str]:
+    """`paths` below `root`, '/'-separated (the cache's keys; a string cut: relpath costs more than a stat)."""
+    prefix = os.path.join(str(root), "")
+    rels = [p[len(prefix):] if p.startswith(prefix) else os.path.relpath(p, root) for p in paths]
+    return rels if os.sep == "/" else [rel.replace(os.sep, "/") for rel in rels]
+
+
+def _check_lock(root: Path) -> FileLock | None:
+    """Held while the verdicts of `root` are decided: of the runs of a sweep that start together, one
+    decodes and the others wait, then read its cache. Beside the cache; None where no lock file can be made."""
+    for cache in check_cache_files(root):
+        lock = FileLock(str(cache.with_suffix(".lock")))
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                log.info("waiting for another run that is checking the images of %s", root)
+                lock.acquire()
+            return lock
+        except OSError:
+            continue
+    return None
+
+
+def _match(stats: list, known: dict) -> tuple[dict[str, list], list]:
+    """The verdicts `known` for the files of `stats` whose size and mtime are unchanged, and the files to decode."""
+    verdicts, pending = {}, []
+    for path, rel, st in stats:
+        key = (rel, st.st_size, st.st_mtime_ns)
+        if key in known:
+            verdicts[rel] = [st.st_size, st.st_mtime_ns, known[key]]
+        else:
+            pending.append((path, rel, st))
+    return verdicts, pending
+
+
+def _decode_all(pending: list) -> list[str | None]:
+    """decode_problem of each pending file, in threads, in chunks: a small file decodes in less time than
+    a task costs to schedule. `decode_problem` is looked up at call time, so a test can count the decodes."""
+    threads = _check_threads()
+    size = max(1, min(CHECK_CHUNK, math.ceil(len(pending) / threads)))
+    chunks = [pending[i:i + size] for i in range(0, len(pending), size)]
+    with ThreadPoolExecutor(threads, thread_name_prefix="image-check") as pool:
+        done = pool.map(lambda chunk: [decode_problem(item[0]) for item in chunk], chunks)
+        return [problem for chunk in done for problem in chunk]
+
+
+def check_images(root: Path, paths: list[str]) -> dict[str, str]:
+    """{path: problem} for the files among `paths` that cannot be trained on. A file whose size and
+    mtime match a cached verdict is not decoded again; the others are, under a lock (_check_lock)."""
+    start = time.perf_counter()
+    bad: dict[str, str] = {}
+    stats = []
+    for path, rel in zip(paths, _relative(paths, root)):
+        try:
+            stats.append((path, rel, os.stat(path)))
+        except OSError as e:  # not cached: the next run looks again
+            bad[path] = (e.strerror or str(e)).lower()
+    verdicts, pending = _match(stats, _read_verdicts(root))
+    decoded = 0
+    if pending:  # all known: nothing is locked or written (a read-only root is fine)
+        lock = _check_lock(root)
+        try:
+            verdicts, pending = _match(stats, _read_verdicts(root))  # another run may have checked them meanwhile
+            if pending:
+                for (path, rel, st), problem in zip(pending, _decode_all(pending)):
+                    verdicts[rel] = [st.st_size, st.st_mtime_ns, problem]
+                decoded = len(pending)
+                _write_verdicts(root, verdicts)  # only the files found now: nothing stale is kept
+        finally:
+            if lock is not None:
+                lock.release()
+    for path, rel, _ in stats:
+        if verdicts[rel][2] is not None:
+            bad[path] = verdicts[rel][2]
+    log.info("checked the %d images of %s in %.1f s: %d decoded, %d known from an earlier check, %d unreadable",
+             len(paths), root, time.perf_counter() - start, decoded, len(stats) - decoded, len(bad))
+    return bad
+
+
+def _describe_bad(root: Path, bad: dict[str, str]) -> str:
+    """'3 unreadable images (test/cat/a.jpg: truncated; ...)': the first SHOWN_BAD by path, then a count."""
+    listed = sorted(zip(_relative(list(bad), root), bad.values()))
+    shown = "; ".join(f"{rel}: {why}" for rel, why in listed[:SHOWN_BAD])
+    more = f"; and {len(listed) - SHOWN_BAD} more" if len(listed) > SHOWN_BAD else ""
+    return f"{len(listed)} unreadable image{'s' if len(listed) != 1 else ''} ({shown}{more})"
+
+
+def _without(source: FolderSource, bad: dict[str, str]) -> FolderSource:
+    keep = [i for i, p in enumerate(source.paths) if p not in bad]
+    return FolderSource([source.paths[i] for i in keep], source.labels[keep], source.mode)
+
+
+def _refuse_or_drop_bad(root: Path, sources: list[FolderSource], skip: bool) -> list[FolderSource]:
+    """Check every file the run will read; refuse them in one line, or drop them with one warning."""
+    bad = check_images(root, [p for src in sources for p in src.paths])
+    if not bad:
+        return sources
+    if not skip:
+        raise ConfigError("dataset.root", str(root), f"{_describe_bad(root, bad)}: fix or remove them, or set "
+                          "dataset.skip_bad_images=true")
+    log.warning("dataset.root=%s: leaving out %s (dataset.skip_bad_images=true)", root, _describe_bad(root, bad))
+    return [_without(src, bad) for src in sources]
+
+
+def image_folder_sources(dcfg, seed: int, check: bool = True):
+    """(train+val source, its indices, test source, its indices, class names). With `check`, every
+    file is first checked to decode (check_images): refused, or dropped with dataset.skip_bad_images."""
     root = dataset_root(dcfg)
     if not root.is_dir():
         raise ConfigError("dataset.root", str(root), "must be a readable directory of class folders")
     mode = {1: "L", 3: "RGB"}.get(dcfg.channels)
     if mode is None:
         raise ConfigError("dataset.channels", dcfg.channels, "allowed: 1 or 3")
+    skip = dcfg.get("skip_bad_images", False)
+    if not isinstance(skip, bool):
+        raise ConfigError("dataset.skip_bad_images", skip, "allowed: true, false")
+    test = None
     if (root / "train").is_dir():
         train, classes = _scan_folder(root / "train", mode)
         test, test_classes = _scan_folder(root / "test", mode) if (root / "test").is_dir() else (None, classes)
         if test_classes != classes:
             raise ConfigError("dataset.root", str(root), "train/ and test/ must hold the same class folders")
-        if test is not None:
-            return train, torch.arange(len(train)), test, torch.arange(len(test)), classes
     else:
         train, classes = _scan_folder(root, mode)
     fraction = dcfg.get("test_fraction", 0.15)
-    if not 0 < fraction < 1:
+    if test is None and not 0 < fraction < 1:
         raise ConfigError("dataset.test_fraction", fraction, "must be in (0, 1)")
+    if check:
+        checked = _refuse_or_drop_bad(root, [train] if test is None else [train, test], skip)
+        train, test = checked[0], checked[1] if test is not None else None
+    if test is not None:
+        return train, torch.arange(len(train)), test, torch.arange(len(test)), classes
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 1))
     n_test = max(1, int(round(fraction * len(train))))
     return train, order[n_test:], train, order[:n_test], classes
 
 
 def count_classes(dcfg) -> int:
-    return len(image_folder_sources(dcfg, 0)[4])
+    """The class folders; no image is checked here (build_splits does it, once)."""
+    return len(image_folder_sources(dcfg, 0, check=False)[4])
 
 
 # ---- transforms, splits and loaders ----------------------------------------------------------
@@ -365,7 +574,8 @@ def prepare(dcfg) -> str:
     """Fetch or build a dataset into its root; returns a one-line description."""
     if dcfg.name == "image_folder":
         train, pool, test, test_idx, classes = image_folder_sources(dcfg, 0)
-        return f"image_folder at {dataset_root(dcfg)}: {len(classes)} classes, {len(pool)} train+val, {len(test_idx)} test images"
+        return (f"image_folder at {dataset_root(dcfg)}: {len(classes)} classes, {len(pool)} train+val, "
+                f"{len(test_idx)} test images, every one checked to decode")
     if dcfg.name not in LOADERS:
         raise ConfigError("dataset", dcfg.name, f"allowed: {', '.join(NAMES)}")
     sizes = [len(load_source(dcfg, train)) for train in (True, False)]

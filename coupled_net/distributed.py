@@ -71,6 +71,40 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+_FLAG_GROUPS: dict = {}
+
+
+def _flag_group():
+    """The group host-side flags travel in: the default one under gloo; under NCCL a gloo group
+    beside it (made once, by every rank at the same call), so a flag costs no device synchronize."""
+    if dist.get_backend() == "gloo":
+        return None
+    key = id(dist.group.WORLD)
+    if key not in _FLAG_GROUPS:
+        _FLAG_GROUPS[key] = dist.new_group(backend="gloo")
+    return _FLAG_GROUPS[key]
+
+
+def max_on_host(value: int) -> int:
+    """The largest of every rank's `value` (a small int: a signal number, 0 for none), on every rank:
+    one CPU collective, never a device sync (measured: 0.45-0.8 ms a call between 2 gloo ranks on a
+    busy 2-core host). Every rank must call it at the same point."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_flag_group())
+    return int(t.item())
+
+
+def broadcast_from_main(obj):
+    """Rank 0's `obj` on every rank (itself without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -13,6 +13,18 @@ class DatasetUnavailable(RuntimeError):
     """A dataset that is not on disk and could not be downloaded."""
 
 
+class RunFault(RuntimeError):
+    """A run that cannot go on, explained in one line (a full disk, a checkpoint of another model)."""
+
+
 def one_line(e: BaseException, limit: int = 500) -> str:
-    """`Type: message` with the message's whitespace (newlines included) folded, cut at `limit`."""
-    return " ".join(f"{type(e).__name__}: {e}".split())[:limit]
+    """`Type: message` with the message's whitespace (newlines included) folded, cut at `limit`; an
+    exception without a message (a bare `assert` in a library) says where it was raised."""
+    message = " ".join(str(e).split())
+    if not message and e.__traceback__ is not None:
+        import traceback
+        from pathlib import Path
+
+        frame = traceback.extract_tb(e.__traceback__)[-1]
+        message = f"(no message) at {Path(frame.filename).name}:{frame.lineno} in {frame.name}"
+    return f"{type(e).__name__}: {message}"[:limit]

@@ -45,3 +45,21 @@ def claim_file_logs(run_dir: Path) -> None:
     """This process owns `run_dir`: its train.log may be written."""
     for handler in _run_handlers(run_dir):
         handler.claim()
+
+
+# A record logged with extra=FILE_ONLY goes to train.log only (a traceback, or an error the entry
+# point prints itself as its last line); one with extra=CONSOLE_ONLY to the terminal only. Without
+# either it goes to both, as usual. conf/hydra/job_logging/coupled_net.yaml puts the filter on both.
+FILE_ONLY = {"to": "file"}
+CONSOLE_ONLY = {"to": "console"}
+
+
+class Destination(logging.Filter):
+    """A handler filter: pass records meant for `where` (console or file) or for everyone."""
+
+    def __init__(self, where: str):
+        super().__init__()
+        self.where = where
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return getattr(record, "to", self.where) == self.where

@@ -148,8 +148,12 @@ def _constants(groups: pd.DataFrame, runs: pd.DataFrame) -> str:
     seeds = groups["n"]
     per_group = f"{seeds.min()}" if seeds.min() == seeds.max() else f"{seeds.min()}–{seeds.max()}"
     where = " on ".join(what)
-    return (f"{where + ': ' if where else ''}{len(counted)} finished runs in {len(groups)} groups, "
-            f"{per_group} seed{'s' if seeds.max() > 1 else ''} per group")
+    return (f"{where + ': ' if where else ''}{_plural(len(counted), 'finished run')} in "
+            f"{_plural(len(groups), 'group')}, {per_group} seed{'s' if seeds.max() > 1 else ''} per group")
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 LEGEND = [

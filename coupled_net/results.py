@@ -4,11 +4,13 @@ Whole-file writes are atomic (temp file + fsync + rename); CSV rows are appended
 from __future__ import annotations
 
 import csv
+import errno
 import functools
 import io
 import json
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -25,11 +27,53 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+class DiskFull(OSError):
+    """No space left where a run writes: names the file and the space left there."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _free(folder: Path) -> str:
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "unknown space"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if free < 1024 or unit == "GiB":
+            return f"{free:.0f} {unit}" if unit == "B" else f"{free:.1f} {unit}"
+        free /= 1024
+    return ""
+
+
+def _no_space(e: BaseException) -> bool:
+    """ENOSPC/EDQUOT, or what torch.save's C++ writer says when the disk fills
+    ("[enforce fail at inline_container.cc:672] ... file write failed")."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(e, RuntimeError) and ("file write failed" in str(e) or "No space left" in str(e))
+
+
+def disk_full(e: BaseException, path: Path | None = None) -> str | None:
+    """The one line for a full disk (None when `e` is something else)."""
+    if isinstance(e, DiskFull):
+        return str(e)
+    if not _no_space(e):
+        return None
+    where = Path(path or getattr(e, "filename", None) or ".")
+    return f"No space left on device writing {where} ({_free(where.parent)} free there)"
+
+
 def atomic_write(path: Path, write) -> None:
-    """Call write(binary_file) on a temp file beside `path`, fsync it, then rename it over `path`."""
+    """Call write(binary_file) on a temp file beside `path`, fsync it, then rename it over `path`.
+    A full disk raises DiskFull naming `path` and the space left (not torch's C++ assertion)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        full = disk_full(e, path)
+        raise (DiskFull(errno.ENOSPC, full) if full else e) from None
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would
         with os.fdopen(fd, "wb") as f:
@@ -37,8 +81,11 @@ def atomic_write(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        full = disk_full(e, path)
+        if full:
+            raise DiskFull(errno.ENOSPC, full) from e
         raise
 
 
@@ -58,41 +105,111 @@ def read_json(path: Path) -> dict | None:
 
 
 class CsvLog:
-    """An append-only CSV with a fixed header; each row is on disk when append() returns."""
+    """An append-only CSV with a fixed header; each row is on disk when append() returns. A row that
+    is not whole — a line cut by a kill or a full disk, a cell of a `numeric` column (all, unless
+    given) that is not a number, a missing or extra cell — is left out by rows() and dropped, with
+    one warning line, by keep_epochs_upto() (which a resumed run calls: the epoch replays)."""
 
-    def __init__(self, path: Path, columns: list[str]):
+    def __init__(self, path: Path, columns: list[str], numeric: list[str] | None = None):
         self.path, self.columns = Path(path), list(columns)
+        self.numeric = list(self.columns if numeric is None else numeric)
+
+    def _read(self) -> tuple[list[str] | None, list[dict], list[str]]:
+        """(the file's header, its whole rows, the other lines as `line N: text`)."""
+        if not self.path.exists():
+            return None, [], []
+        lines = self.path.read_bytes().decode("utf-8", errors="replace").splitlines(keepends=True)
+        if not lines:
+            return None, [], []
+        header = next(csv.reader([lines[0]]), [])
+        if not lines[0].endswith("\n") or "epoch" not in header:  # not even the header is whole
+            return None, [], [f"line {i}: {line.strip()[:60]!r}" for i, line in enumerate(lines, start=1)]
+        rows, bad = [], []
+        for i, line in enumerate(lines[1:], start=2):
+            row = self._whole(header, line)
+            if row is None:
+                bad.append(f"line {i}: {line.strip()[:60]!r}")
+            else:
+                rows.append(row)
+        return header, rows, bad
+
+    def _whole(self, header: list[str], line: str) -> dict | None:
+        if not line.endswith("\n"):  # cut short: the last write did not finish
+            return None
+        try:
+            cells = next(csv.reader([line]), [])
+        except csv.Error:  # NUL bytes, stray quotes
+            return None
+        if len(cells) != len(header):
+            return None
+        row = dict(zip(header, cells))
+        try:
+            int(row["epoch"])
+            for name in self.numeric:
+                if name in row:
+                    float(row[name])
+        except ValueError:
+            return None
+        return row
 
     def rows(self) -> list[dict]:
-        if not self.path.exists():
-            return []
+        return self._read()[1]
+
+    def _header_on_disk(self) -> list[str] | None:
         with open(self.path, newline="") as f:
-            return list(csv.DictReader(f))
+            first = f.readline()
+        return next(csv.reader([first]), None) if first.endswith("\n") else None
 
     def append(self, row: dict) -> None:
         new = not self.path.exists() or self.path.stat().st_size == 0
+        fields = self.columns
+        if not new:
+            with open(self.path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                cut = f.read(1) != b"\n"  # a kill cut the last line short: this row must not be glued to it
+            header = self._header_on_disk()
+            if cut or header is None or set(self.columns) - set(header):  # or other columns (another host's GPUs)
+                if cut:
+                    import logging
+
+                    logging.getLogger(__name__).warning("%s: its last line was cut short: dropped", self.path)
+                self._rewrite(self.rows(), header or [])
+                header = self._header_on_disk()
+            fields = header
         with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             if new:
                 writer.writeheader()
             writer.writerow(row)
             f.flush()
             os.fsync(f.fileno())
 
+    def _rewrite(self, rows: list[dict], header: list[str]) -> None:
+        """The file with `rows` only, under `header` plus this log's columns it lacks (atomic)."""
+        fields = list(header) + [c for c in self.columns if c not in header]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(self.path, lambda f: f.write(buf.getvalue().encode()))
+
     def keep_epochs_upto(self, epoch: int) -> None:
-        """Drop rows past `epoch` (written after the checkpoint a resumed run starts from)."""
-        rows = self.rows()
+        """Drop rows past `epoch` (written after the checkpoint a resumed run starts from), and rows
+        that are not whole (with one warning line)."""
+        import logging
+
+        header, rows, bad = self._read()
+        if bad:
+            logging.getLogger(__name__).warning(
+                "%s: %d line(s) not a whole row, dropped (%s%s); their epoch replays", self.path, len(bad),
+                "; ".join(bad[:3]), "; ..." if len(bad) > 3 else "")
         kept = [r for r in rows if int(r["epoch"]) <= epoch]
-        if len(kept) == len(rows):
+        if len(kept) == len(rows) and not bad:
             return
         if not kept:
             self.path.unlink()
             return
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=self.columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(kept)
-        atomic_write(self.path, lambda f: f.write(buf.getvalue().encode()))
+        self._rewrite(kept, header)
 
 
 # ---- results.json (SPEC §5): the one place its keys are made ------------------------------------

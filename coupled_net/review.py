@@ -144,7 +144,7 @@ def compare(runs: pd.DataFrame, baseline: dict | None = None, metrics=("test_top
     from scipy import stats
 
     baseline = {"coupling.alpha": 0} if baseline is None else dict(baseline)
-    for k, v in baseline.items():
+    for k, v in baseline.items() if len(counted(runs)) else ():  # nothing finished (yet): nothing to compare
         if k not in config_columns(runs) or k == "seed":
             allowed = ", ".join(varying(counted(runs), config_columns(runs))) or "none vary"
             raise ConfigError("baseline", f"{k}={v}", f"not a config key of these runs (keys that vary: {allowed})")

@@ -31,12 +31,13 @@ from omegaconf import DictConfig
 from .build import build, make_trainer, resolve
 from .coupling import Coupling
 from .distributed import World, init_world
-from .errors import ConfigError, DatasetUnavailable, one_line
+from .errors import ConfigError, DatasetUnavailable, RunFault, one_line
+from .evaluate import misfit as checkpoint_misfit
 from .identity import Identity, differences, identity_of
-from .logs import claim_file_logs
+from .logs import FILE_ONLY, claim_file_logs
 from .monitor import SystemMonitor
-from .results import FINISHED, RunFiles, atomic_write, epoch_aggregates, new_results, now_iso, provenance, \
-    slurm_job_id
+from .results import FINISHED, RunFiles, atomic_write, disk_full, epoch_aggregates, new_results, now_iso, \
+    provenance, slurm_job_id
 from .signals import RunInterrupted, StopGuard
 from .trainer import Progress
 
@@ -348,11 +349,16 @@ def _train(cfg: DictConfig, rd: RunDirectory, verdict: Verdict, guard: StopGuard
                                                    "identity": rd.identity.keys},
                                on_epoch_end=lambda p: rd.write(epochs_run=p.epoch, best_epoch=p.best_epoch))
         if ckpt is not None:
+            misfit = checkpoint_misfit(parts.model, ckpt.get("model"))
+            if misfit:  # the same fingerprint, yet another architecture: the model code changed since
+                raise RunFault(f"{verdict.checkpoint_path} cannot be loaded into this model ({misfit}): it was "
+                               "written by another version of the model; move checkpoints/ away to start over")
             progress = trainer.load_state(ckpt)
             where = f"epoch {progress.epoch}" if not progress.partial else \
                 f"step {progress.partial['step']} of epoch {progress.partial['epoch']}"
             log.info("resuming from %s after %s (resume #%d)", verdict.checkpoint_path, where, resumes)
         ckpt = verdict.checkpoint = None  # the memory-mapped file is not needed any more
+        trainer.reconcile_best(progress)  # best.pt of this checkpoint's best epoch, whatever kill came between
         if world.is_main:  # rows written after that checkpoint (or any, from scratch) are not this run's
             files.epochs.keep_epochs_upto(progress.epoch)
             if trainer.system_log is not None:
@@ -371,17 +377,17 @@ def _train(cfg: DictConfig, rd: RunDirectory, verdict: Verdict, guard: StopGuard
             status, error = "diverged", f"training loss became non-finite at epoch {progress.diverged_at}"
         if world.active:  # evidence that equalization kept every rank's coupled layers identical
             rd.results["coupled_layer_digest_per_rank"] = gather_digests(parts.coupling)
-    except (ConfigError, DatasetUnavailable) as e:
-        log.error("bad input: %s", e)
-        rd.write(status="failed", error=str(e), finished_at=now_iso())
+    except (ConfigError, DatasetUnavailable, RunFault) as e:  # the entry point reports the line
+        log.error("%s", e, extra=FILE_ONLY)
+        _record_failure(rd, str(e))
         raise
     except RunInterrupted as e:
         rd.write(status="interrupted", error=f"{e}; the same command resumes it", finished_at=now_iso(),
                  epochs_run=progress.epoch, best_epoch=progress.best_epoch)
         raise
     except Exception as e:  # noqa: BLE001 - recorded, logged, and the sweep goes on
-        log.error("run failed:\n%s", traceback.format_exc())
-        return rd.write(status="failed", error=one_line(e), finished_at=now_iso())
+        log.error("run failed:\n%s", traceback.format_exc(), extra=FILE_ONLY)  # the terminal gets one line
+        return _record_failure(rd, describe_fault(e))
     finally:
         if monitor is not None:
             monitor.close()
@@ -399,6 +405,21 @@ def _train(cfg: DictConfig, rd: RunDirectory, verdict: Verdict, guard: StopGuard
                  status, progress.best_epoch, metrics["val"]["top1"], metrics["val"]["top5"],
                  metrics["test"]["top1"], metrics["test"]["top5"])
     return results
+
+
+def describe_fault(e: BaseException) -> str:
+    """One line for a failure: a full disk says so, with where and how much is free."""
+    full = disk_full(e)
+    return full if full else one_line(e)
+
+
+def _record_failure(rd: RunDirectory, error: str) -> dict:
+    """results.json says `failed` with the reason; when even that cannot be written (a full disk),
+    the reason still reaches the terminal."""
+    try:
+        return rd.write(status="failed", error=error, finished_at=now_iso())
+    except OSError as e:
+        raise RunFault(f"{error}; and results.json could not be updated ({describe_fault(e)})") from None
 
 
 def build_logger(cfg: DictConfig, files: RunFiles):

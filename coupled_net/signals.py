@@ -9,6 +9,11 @@
   command resumes it. A second signal stops at once (the run resumes from the last epoch). Inside a
   SLURM job SIGTERM stays submitit's (it ignores it: SLURM sends it before a requeue too).
 
+Under DDP the ranks agree at every STOP_CHECK_EVERY-th step (coupled_net.trainer) whether any of
+them holds a signal, so all stop at the same step boundary whichever rank was signalled; rank 0
+saves last.pt there, then each acts on its own signal (a rank that got none ends with
+RunInterrupted; a rank other than 0 leaves the requeue to rank 0 and waits for its kill).
+
 Outside the training loop (building, final evaluation) a stop signal ends the run at once."""
 
 from __future__ import annotations

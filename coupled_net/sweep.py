@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .errors import ConfigError
 from .identity import identity_of, run_key
+from .validation import check_config
 from .run import Verdict, inspect
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ class PlannedJob:
     run_dir: Path
     verdict: Verdict | None  # None: the job's config cannot be resolved (the run itself will say why)
     done_in: Path | None = None  # finished: where (its own directory, or another one of the sweep)
+    error: str | None = None  # its config is refused (coupled_net.validation.check_config): so is the launch
 
 
 _launch: list[PlannedJob] | None = None  # the jobs of this process's current launch (set by the sweeper)
@@ -41,6 +43,46 @@ def remember(planned: list[PlannedJob]) -> None:
 def launched() -> list[PlannedJob] | None:
     """The jobs the current launch planned (finished ones included), or None outside a planned sweep."""
     return _launch
+
+
+# ---- a dataset no run of the sweep can have --------------------------------------------------------
+# When a run finds its dataset unavailable (not on disk, not downloadable), every other run of the
+# same launch with the same dataset and root would fail the same way, each after its own download
+# attempt (a timeout apiece; 40 of them on a cluster). The first failure is remembered for the
+# launch: in this process (the basic launcher runs jobs here), and for the tasks of one SLURM array
+# in a file in the sweep directory named after the array's job id, so a re-launch tries again.
+
+_unavailable: dict[str, str] = {}
+not_started: dict[str, str] = {}  # run dir -> why this launch did not start it
+
+
+def _unavailable_file(sweep_dir: Path) -> Path | None:
+    import os
+
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    return Path(sweep_dir) / f".unavailable.{array}.json" if array else None
+
+
+def note_unavailable(sweep_dir: Path, dataset: str, reason: str) -> None:
+    from .results import read_json, write_json
+
+    _unavailable[dataset] = reason
+    path = _unavailable_file(sweep_dir)
+    if path is not None:
+        try:
+            write_json(path, {**(read_json(path) or {}), dataset: reason})
+        except OSError:
+            pass  # only an optimisation: the other tasks find out for themselves
+
+
+def unavailable(sweep_dir: Path, dataset: str) -> str | None:
+    """The first failure's line if `dataset` (name and root) was found unavailable in this launch."""
+    from .results import read_json
+
+    if dataset in _unavailable:
+        return _unavailable[dataset]
+    path = _unavailable_file(sweep_dir)
+    return (read_json(path) or {}).get(dataset) if path is not None and path.is_file() else None
 
 
 def planned_num(overrides, default: int) -> int:
@@ -82,10 +124,12 @@ def plan(config_loader, config: DictConfig, jobs: Sequence[Sequence[str]], first
         task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
         job = PlannedJob(num, list(overrides), run_dir, None)
         try:
+            check_config(task)  # a bad value in one job refuses the whole launch (see bad_configs)
             identity = identity_of(task)
             job.verdict = inspect(run_dir, identity)
             job.verdict.checkpoint = None  # only its fingerprint was needed here
-        except ConfigError:
+        except ConfigError as e:
+            job.error = str(e)
             planned.append(job)
             continue
         if job.verdict.kind == "done":
@@ -96,6 +140,11 @@ def plan(config_loader, config: DictConfig, jobs: Sequence[Sequence[str]], first
             job.done_in = elsewhere.get(identity.run_key)
         planned.append(job)
     return planned
+
+
+def bad_configs(planned: list[PlannedJob]) -> list[str]:
+    """Each mistake in the jobs' configs once (`coupling.alpha=0,2 optimizer.lr=-1` makes one twice)."""
+    return list(dict.fromkeys(job.error for job in planned if job.error))
 
 
 def conflicts(planned: list[PlannedJob]) -> list[str]:

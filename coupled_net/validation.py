@@ -1,19 +1,498 @@
-"""Checks of the user-facing keys, run after composition and before any data is loaded: each
-failure is a ConfigError naming the key, the value and what is allowed."""
+"""Checks of the user-facing keys, run after composition and before any data is loaded or any run
+directory is made: each failure is a ConfigError naming the key, the value and what is allowed.
+
+KNOBS below is the one table of every key a config group may hold and what it allows: adding a knob
+to conf/ means adding one line there (tests/test_validation.py fails for a key of conf/ without one).
+A key inside a group that the table does not declare for the group's option (`+trainer.epoch=3`, a
+typo) is refused with the nearest declared key; only top-level `+name=value` keys are labels.
+
+    check_config(cfg)   # the config alone: keys, values, keys that must agree, the model's shape
+    check_machine(cfg)  # this machine: the device is there, one training batch fits in its memory
+    validate(cfg)       # both (coupled_net.build.resolve, and before a single run's directory is made)
+
+The sweep planner (coupled_net.sweep.plan) runs check_config on every job before any is launched;
+check_machine runs where the run runs (a SLURM node is not the login node)."""
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from .coupling import MODES, SCHEDULES
 from .data import NAMES as DATASETS
-from .errors import ConfigError
+from .errors import ConfigError, one_line
 from .models import MODELS
 
 SELECT_BY = ("val_loss", "ke_val_loss")
+SEED_MAX = 2**32 - 1  # numpy's seeds stop there
+
+class _AsTyped(str):
+    """A value shown as typed (`0.1,0.2`, not `'0.1,0.2'`)."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+# ---- rules: a value -> None when allowed, else what is allowed ----------------------------------
+
+Rule = Callable[[object], "str | None"]
+
+
+def _same(a, b) -> bool:
+    """Equal and of the same type: `true` is not 1, `1` is not `1.0`."""
+    return type(a) is type(b) and a == b
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _spell(v) -> str:
+    """A value as typed on the command line: true, false, null."""
+    return "null" if v is None else ("true" if v else "false") if isinstance(v, bool) else str(v)
+
+
+def integer(minimum: int, maximum: int | None = None, also=()) -> Rule:
+    text = f"must be an integer >= {minimum}" if maximum is None else f"must be an integer from {minimum} to {maximum}"
+    text += "".join(f" or {_spell(a)}" for a in also)
+
+    def check(v):
+        if any(_same(v, a) for a in also):
+            return None
+        ok = _is_int(v) and v >= minimum and (maximum is None or v <= maximum)
+        return None if ok else text
+    return check
+
+
+def number(gt=None, ge=None, lt=None, le=None) -> Rule:
+    """A finite number within the bounds given (gt: >, ge: >=, lt: <, le: <=)."""
+    low, high = (gt if gt is not None else ge), (lt if lt is not None else le)
+    if high is None:
+        text = f"must be a number {'>' if gt is not None else '>='} {low}"
+    elif gt is not None and lt is not None:
+        text = f"must be a number strictly between {low} and {high}"
+    else:
+        text = f"must be a number in {'(' if gt is not None else '['}{low}, {high}{')' if lt is not None else ']'}"
+
+    def check(v):
+        if not _is_number(v):
+            return text
+        if not math.isfinite(v):
+            return text.replace("a number", "a finite number")
+        ok = ((gt is None or v > gt) and (ge is None or v >= ge) and (lt is None or v < lt)
+              and (le is None or v <= le))
+        return None if ok else text
+    return check
+
+
+def choice(*allowed) -> Rule:
+    text = f"allowed: {', '.join(map(_spell, allowed))}"
+    return lambda v: None if any(_same(v, a) for a in allowed) else text
+
+
+BOOLEAN = choice(True, False)
+
+
+def text_value(v):
+    return None if isinstance(v, str) and v.strip() else "must be a non-empty text"
+
+
+def numbers(each: Rule, what: str, length: int | None = None) -> Rule:
+    """A list of numbers each allowed by `each` (the length is checked against other keys elsewhere)."""
+    def check(v):
+        ok = isinstance(v, list) and v and all(each(x) is None for x in v) and (length is None or len(v) == length)
+        return None if ok else what
+    return check
+
+
+def module_paths(v):
+    ok = v is None or text_value(v) is None or (isinstance(v, list) and v and all(text_value(x) is None for x in v))
+    return None if ok else "must be null, a module path such as features.0, or a list of them"
+
+
+def device_name(v):
+    """The spelling only; whether this machine has that device is check_machine's question."""
+    allowed = "allowed: auto, cpu, cuda, cuda:N"
+    if not isinstance(v, str):
+        return allowed
+    if v == "auto":
+        return None
+    try:
+        return None if torch.device(v).type in ("cpu", "cuda") else allowed
+    except (RuntimeError, TypeError):
+        return allowed
+
+
+# ---- the table -----------------------------------------------------------------------------------
+# Which option of a group a config is: its `name` (model, dataset) or its `_target_` (the rest).
+OPTION_KEY = {"model": "name", "dataset": "name", "optimizer": "_target_", "scheduler": "_target_",
+              "logger": "_target_"}
+# in this order: a key interpolated from another (model.in_channels: ${dataset.channels}, scheduler.T_max:
+# ${trainer.epochs}) is reported at its source
+GROUPS = ("dataset", "model", "coupling", "trainer", "optimizer", "scheduler", "logger")
+OPTIONAL_GROUPS = ("logger",)  # logger=null: no logger
+SGD, ADAM, ADAMW = "torch.optim.SGD", "torch.optim.Adam", "torch.optim.AdamW"
+STEP, COSINE, CONSTANT = ("torch.optim.lr_scheduler.StepLR", "torch.optim.lr_scheduler.CosineAnnealingLR",
+                          "torch.optim.lr_scheduler.ConstantLR")
+NULL_LOGGER, TENSORBOARD = "coupled_net.loggers.NullLogger", "coupled_net.loggers.TensorBoardLogger"
+UNIT = number(ge=0, lt=1)  # momentum-like: a fraction of the past kept
+
+
+@dataclass(frozen=True)
+class Knob:
+    rule: Rule
+    only: tuple = ()  # the options (OPTION_KEY's values) that take this key; () = every option of the group
+    optional: bool = False  # may be absent (the code or PyTorch has a default); else `~key` is refused
+
+
+def knob(rule: Rule, *only: str) -> Knob:
+    return Knob(rule, only)
+
+
+def optional(rule: Rule, *only: str) -> Knob:
+    return Knob(rule, only, optional=True)
+
+
+KNOBS: dict[str, Knob] = {
+    "seed": knob(integer(0, SEED_MAX)),
+    # model
+    "model._target_": knob(choice("coupled_net.models.build_model")),
+    "model.name": knob(choice(*sorted(MODELS))),
+    "model.in_channels": knob(choice(1, 3)),            # ${dataset.channels}; must agree (CHECKS)
+    "model.num_classes": knob(integer(2, also=(None,))),  # ${dataset.num_classes}; must agree (CHECKS)
+    "model.input_size": knob(integer(1)),               # and the model's smallest, and memory (CHECKS)
+    "model.width": optional(integer(1), "small_cnn"),
+    # dataset
+    "dataset.name": knob(choice(*DATASETS)),
+    "dataset.root": knob(text_value),
+    "dataset.download": knob(BOOLEAN),
+    "dataset.channels": knob(choice(1, 3)),
+    "dataset.num_classes": knob(integer(2, also=(None,))),  # null only for image_folder (CHECKS)
+    "dataset.label_offset": knob(integer(0)),
+    "dataset.mean": knob(numbers(number(), "must be a list of numbers, one per channel")),
+    "dataset.std": knob(numbers(number(gt=0), "must be a list of numbers > 0, one per channel")),
+    "dataset.val_fraction": knob(number(gt=0, lt=1)),
+    "dataset.pipeline": knob(choice("tensor", "pil")),
+    "dataset.test_fraction": optional(number(gt=0, lt=1), "image_folder"),
+    "dataset.skip_bad_images": optional(BOOLEAN, "image_folder"),
+    "dataset.train_per_class": knob(integer(1), "synthetic_letters"),
+    "dataset.test_per_class": knob(integer(1), "synthetic_letters"),
+    "dataset.generator_seed": knob(integer(0, 2**31 - 1), "synthetic_letters"),
+    # optimizer (keys not in conf/ are the optimizer's own, added with +optimizer.KEY=VALUE)
+    "optimizer._target_": knob(choice(SGD, ADAM, ADAMW)),
+    "optimizer._partial_": knob(choice(True)),
+    "optimizer.lr": knob(number(gt=0)),
+    "optimizer.weight_decay": optional(number(ge=0)),
+    "optimizer.momentum": optional(UNIT, SGD),
+    "optimizer.dampening": optional(UNIT, SGD),
+    "optimizer.nesterov": optional(BOOLEAN, SGD),        # needs momentum > 0 and dampening 0 (CHECKS)
+    "optimizer.betas": optional(numbers(UNIT, "must be a list of two numbers in [0, 1)", 2), ADAM, ADAMW),
+    "optimizer.eps": optional(number(gt=0), ADAM, ADAMW),
+    "optimizer.amsgrad": optional(BOOLEAN, ADAM, ADAMW),
+    # scheduler
+    "scheduler._target_": knob(choice(STEP, COSINE, CONSTANT)),
+    "scheduler._partial_": knob(choice(True)),
+    "scheduler.step_size": knob(integer(1), STEP),
+    "scheduler.gamma": optional(number(gt=0, le=1), STEP),
+    "scheduler.T_max": knob(integer(1), COSINE),
+    "scheduler.eta_min": optional(number(ge=0), COSINE),
+    "scheduler.factor": optional(number(gt=0, le=1), CONSTANT),
+    "scheduler.total_iters": optional(integer(0), CONSTANT),
+    # coupling
+    "coupling.alpha": knob(integer(0)),                 # and at most half the layer's filters (CHECKS)
+    "coupling.layer": optional(module_paths),           # and a Conv2d of the model (CHECKS)
+    "coupling.mode": optional(choice(*MODES)),
+    "coupling.schedule": optional(choice(*SCHEDULES)),
+    # trainer
+    "trainer.epochs": knob(integer(1)),
+    "trainer.patience": knob(integer(1)),
+    "trainer.select_by": knob(choice(*SELECT_BY)),
+    "trainer.batch_size": knob(integer(1)),             # and at most the training split (CHECKS)
+    "trainer.eval_batch_size": knob(integer(1)),
+    "trainer.device": knob(device_name),                # and present on this machine (check_machine)
+    "trainer.num_workers": knob(integer(0, also=("auto",))),  # far above the CPUs: clamped (build.py)
+    "trainer.threads": knob(integer(1, also=("auto",))),      # above the CPUs: clamped (build.py)
+    "trainer.deterministic": knob(BOOLEAN),
+    "trainer.precision": optional(choice("fp32", "bf16", "fp16")),
+    "trainer.channels_last": optional(BOOLEAN),
+    "trainer.compile": knob(BOOLEAN),
+    "trainer.checkpoint_every": knob(integer(1)),
+    "trainer.limit_batches": knob(integer(1, also=(None,))),
+    "trainer.progress": knob(choice("auto", True, False)),
+    # logger
+    "logger._target_": knob(choice(NULL_LOGGER, TENSORBOARD)),
+    "logger.subdir": optional(text_value, TENSORBOARD),
+}
+
+# Training images of the datasets whose size is known without loading them (image_folder: counted
+# once it is read, coupled_net.build.build_loaders).
+TRAIN_IMAGES = {"mnist": 60_000, "fashion_mnist": 60_000, "emnist_letters": 124_800, "cifar10": 50_000}
+SYNTHETIC_CLASSES = 26
+
+
+def declared(group: str, option) -> dict[str, Knob]:
+    """The keys group `group` takes when its option is `option` (leaf name -> Knob)."""
+    prefix = f"{group}."
+    return {k[len(prefix):]: v for k, v in KNOBS.items()
+            if k.startswith(prefix) and (not v.only or option in v.only)}
+
+
+def _flatten(node: dict, prefix: str) -> list[tuple[str, object]]:
+    out = []
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            out.extend(_flatten(value, f"{prefix}{key}."))
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
+
+
+def unknown_key(group: str, option, key: str, value, any_option: bool = False) -> ConfigError:
+    """`trainer.epoch=3: not a key of trainer (did you mean trainer.epochs?)`; `any_option`: the
+    keys of every option of the group are candidates (before composition, the option is not known)."""
+    names = sorted({k.partition(".")[2] for k in KNOBS if k.startswith(group + ".")} if any_option
+                   else declared(group, option))
+    leaf = key[len(group) + 1:].split(".")[0]
+    where = group if group not in OPTION_KEY or any_option else f"{group} {option}"
+    near = difflib.get_close_matches(leaf, names, n=1)
+    hint = f"did you mean {group}.{near[0]}?" if near else \
+        f"its keys: {', '.join(n for n in names if not n.startswith('_'))}"
+    return ConfigError(key, value, f"not a key of {where} ({hint})")
+
+
+def _check_group(group: str, node) -> None:
+    if node is None and group in OPTIONAL_GROUPS:
+        return
+    if not isinstance(node, dict):
+        raise ConfigError(group, node, "is required: choose one of conf/" + group)
+    option = None
+    if group in OPTION_KEY:  # the option first: it decides which keys the group takes
+        key = f"{group}.{OPTION_KEY[group]}"
+        option = node.get(OPTION_KEY[group])
+        allowed = KNOBS[key].rule(option)
+        if allowed:
+            raise ConfigError(key, option, allowed)
+    knobs = declared(group, option)
+    for leaf, knob_ in knobs.items():
+        if not knob_.optional and leaf not in node:
+            raise ConfigError(f"{group}.{leaf}", _AsTyped("(absent)"), "is required here: only optional keys may "
+                                                                      "be left out")
+    for key, value in _flatten(node, f"{group}."):
+        leaf = key[len(group) + 1:]
+        if leaf not in knobs:
+            raise unknown_key(group, option, key, value)
+        allowed = knobs[leaf].rule(value)
+        if allowed:
+            raise ConfigError(key, value, allowed)
+
+
+# ---- keys that must agree -------------------------------------------------------------------------
+
+def _per_channel(c: dict) -> None:
+    d = c["dataset"]
+    for key in ("mean", "std"):
+        if len(d[key]) != d["channels"]:
+            raise ConfigError(f"dataset.{key}", d[key], f"must hold {d['channels']} value(s), one per channel "
+                                                        f"(dataset.channels={d['channels']})")
+
+
+def _model_fits_dataset(c: dict) -> None:
+    m, d = c["model"], c["dataset"]
+    if d["num_classes"] is None and d["name"] != "image_folder":
+        raise ConfigError("dataset.num_classes", None, "must be an integer >= 2 (only image_folder counts its "
+                                                       "classes itself)")
+    for key, of in (("in_channels", "channels"), ("num_classes", "num_classes")):
+        if m[key] != d[of]:
+            raise ConfigError(f"model.{key}", m[key], f"must equal dataset.{of} ({_spell(d[of])})")
+
+
+def _pipeline(c: dict) -> None:
+    d = c["dataset"]
+    if d["name"] == "image_folder" and d["pipeline"] == "tensor":
+        raise ConfigError("dataset.pipeline", "tensor", "needs a dataset held in memory; use pil for image_folder")
+
+
+def _nesterov(c: dict) -> None:
+    o = c["optimizer"]
+    if o.get("nesterov") and (o.get("momentum", 0) <= 0 or o.get("dampening", 0) != 0):
+        raise ConfigError("optimizer.nesterov", True, "needs optimizer.momentum > 0 and optimizer.dampening=0")
+
+
+def training_images(d: dict) -> tuple[int, str] | None:
+    """The training split's size and how it follows from the config, where known without loading."""
+    if d["name"] == "synthetic_letters":
+        n, how = d["train_per_class"] * SYNTHETIC_CLASSES, f"dataset.train_per_class={d['train_per_class']} x " \
+                                                            f"{SYNTHETIC_CLASSES} classes"
+    elif d["name"] in TRAIN_IMAGES:
+        n, how = TRAIN_IMAGES[d["name"]], f"{TRAIN_IMAGES[d['name']]} {d['name']} images"
+    else:
+        return None
+    return int((1 - d["val_fraction"]) * n), f"{how}, less dataset.val_fraction={d['val_fraction']}"
+
+
+def batch_fits(batch_size: int, train: int, how: str) -> None:
+    """A batch larger than the training split: one short batch an epoch, not the batch asked for."""
+    if batch_size > train:
+        raise ConfigError("trainer.batch_size", batch_size,
+                          f"must be at most {train}, the training split's size ({how})")
+
+
+def _batch_fits_split(c: dict) -> None:
+    known = training_images(c["dataset"])
+    if known:
+        batch_fits(c["trainer"]["batch_size"], *known)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    params: int
+    activations: int  # values a training step keeps per image (the layers' outputs, the input)
+
+
+_shapes: dict[str, ModelShape] = {}
+
+
+def model_shape(c: dict) -> ModelShape:
+    """The model at its input size, built on the meta device (no memory, no weights): refuses an
+    input size it cannot take and coupled layers it does not have; counts parameters and the
+    activations of one image. Cached: a sweep's jobs mostly share a model."""
+    from .coupling import Coupling
+    from .models import smallest_input_size
+
+    m = c["model"]
+    options = {k: v for k, v in m.items() if k not in ("_target_", "name", "in_channels", "num_classes",
+                                                        "input_size")}
+    cache_key = repr((m, c["coupling"]))
+    if cache_key in _shapes:
+        return _shapes[cache_key]
+    size, channels = m["input_size"], m["in_channels"]
+    with torch.device("meta"):
+        model = MODELS[m["name"]](channels, m["num_classes"] or 2, **options).eval()
+    counted: list[int] = []
+    leaves = [mod for mod in model.modules() if not list(mod.children())]
+    hooks = [mod.register_forward_hook(lambda mod, i, out: counted.append(
+        0 if getattr(mod, "inplace", False) else out.numel())) for mod in leaves]
+    try:
+        with torch.no_grad():
+            model(torch.empty(1, channels, size, size, device="meta"))
+    except RuntimeError:
+        raise ConfigError("model.input_size", size, f"{m['name']} needs images of at least "
+                                                    f"{smallest_input_size(model, channels)} pixels") from None
+    finally:
+        for h in hooks:
+            h.remove()
+    Coupling(model, **c["coupling"])  # coupling.layer / coupling.alpha against the model's layers
+    shape = ModelShape(sum(p.numel() for p in model.parameters()), sum(counted) + channels * size * size)
+    _shapes[cache_key] = shape
+    return shape
+
+
+# Checks of keys that must agree, in order; each raises ConfigError.
+CHECKS = (_per_channel, _model_fits_dataset, _pipeline, _nesterov, _batch_fits_split, model_shape)
+
+
+# ---- entry points -----------------------------------------------------------------------------------
+
+def plain_config(cfg: DictConfig) -> dict:
+    """The task config resolved to plain values (the `hydra` node left out); `???` refused."""
+    if "hydra" in cfg:
+        cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(missing[0], "???", "is required here: set it on the command line")
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as e:  # noqa: BLE001 - an interpolation that cannot be resolved
+        raise ConfigError("config", "(composed)", f"cannot be resolved: {one_line(e, 300)}") from None
+    return plain
+
+
+def check_config(cfg: DictConfig) -> dict:
+    """Everything the config alone decides (no data, no machine); returns the resolved plain config."""
+    c = plain_config(cfg)
+    allowed = KNOBS["seed"].rule(c.get("seed"))
+    if allowed:
+        raise ConfigError("seed", c.get("seed"), allowed)
+    for group in GROUPS:
+        _check_group(group, c.get(group))
+    for check in CHECKS:
+        check(c)
+    return c
+
+
+def batch_bytes(c: dict, shape: ModelShape) -> int:
+    """A rough lower bound of one training step's memory: weights, gradients and optimizer state,
+    the layers' outputs for one (per-process) batch."""
+    states = {ADAM: 2, ADAMW: 2}.get(c["optimizer"]["_target_"], 1 if c["optimizer"].get("momentum") else 0)
+    per_value = 4 if c["trainer"].get("precision", "fp32") == "fp32" else 2
+    batch = max(1, c["trainer"]["batch_size"] // int(os.environ.get("WORLD_SIZE", "1")))
+    return shape.params * 4 * (2 + states) + batch * shape.activations * per_value
+
+
+def available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def check_machine(c: dict) -> None:
+    """What this machine decides: the device is there and one training batch fits in its memory."""
+    device = resolve_device(c["trainer"]["device"])
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    need, free = batch_bytes(c, model_shape(c)), available_bytes(device)
+    if need > free:
+        raise ConfigError("model.input_size", c["model"]["input_size"],
+                          f"a training batch of {c['trainer']['batch_size']} images of {c['model']['name']} needs "
+                          f"about {_size(need)}, more than the {_size(free)} free on {device}; lower "
+                          "model.input_size or trainer.batch_size")
+
+
+def validate(cfg: DictConfig) -> None:
+    check_machine(check_config(cfg))
+
+
+def check_override_keys(args: list[str]) -> None:
+    """Refuse `group.key=value` overrides whose key no option of the group declares, in one line, before
+    Hydra composes: for `trainer.epoch=3` Hydra's own refusal spans five lines and proposes
+    `+trainer.epoch=3`, which would add a key nothing reads."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    from .cli import fail
+
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
+    except HydraException:
+        return  # malformed: Hydra reports it
+    for o in overrides:
+        group, _, rest = o.key_or_group.partition(".")
+        if not rest or group not in GROUPS or o.is_delete() or o.package is not None:
+            continue
+        if f"{group}.{rest.split('.')[0]}" not in KNOBS:
+            value = _AsTyped(o.get_value_string()) if o.is_sweep_override() else o.value()
+            fail(str(unknown_key(group, None, o.key_or_group, value, any_option=True)))
 
 
 def usable_cpus() -> int:
@@ -24,60 +503,6 @@ def usable_cpus() -> int:
         cpus = os.cpu_count() or 1
     allocated = os.environ.get("SLURM_CPUS_PER_TASK")  # a cluster without CPU binding still allocates
     return min(cpus, int(allocated)) if allocated and allocated.isdigit() else cpus
-
-
-def _int(key: str, value, minimum: int, allow=()) -> None:
-    if value in allow:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        extra = "".join(f" or {a}" for a in allow)
-        raise ConfigError(key, value, f"must be an integer >= {minimum}{extra}")
-
-
-def _choice(key: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ConfigError(key, value, f"allowed: {', '.join(map(str, allowed))}")
-
-
-def _fraction(key: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise ConfigError(key, value, "must be a number strictly between 0 and 1")
-
-
-def validate(cfg: DictConfig) -> None:
-    for key in ("dataset.root", "dataset.name", "model.name"):
-        group, _, leaf = key.partition(".")
-        if OmegaConf.is_missing(cfg[group], leaf):
-            raise ConfigError(key, "???", "is required here: set it on the command line")
-    t, d = cfg.trainer, cfg.dataset
-    _choice("model", cfg.model.get("name"), sorted(MODELS))
-    _choice("dataset", d.get("name"), DATASETS)
-    _int("seed", cfg.seed, 0)
-    _int("trainer.epochs", t.epochs, 1)
-    _int("trainer.patience", t.patience, 1)
-    _int("trainer.batch_size", t.batch_size, 1)
-    _int("trainer.eval_batch_size", t.eval_batch_size, 1)
-    _int("trainer.checkpoint_every", t.checkpoint_every, 1)
-    _int("trainer.num_workers", t.num_workers, 0, allow=("auto",))
-    _int("trainer.threads", t.threads, 1, allow=("auto",))
-    if t.limit_batches is not None:
-        _int("trainer.limit_batches", t.limit_batches, 1, allow=(None,))
-    _choice("trainer.select_by", t.select_by, SELECT_BY)
-    _choice("trainer.deterministic", t.deterministic, (True, False))
-    _choice("trainer.progress", t.progress, ("auto", True, False))
-    _choice("trainer.precision", t.get("precision", "fp32"), ("fp32", "bf16", "fp16"))
-    _choice("trainer.channels_last", t.get("channels_last", False), (True, False))
-    _choice("trainer.compile", t.get("compile", False), (True, False))
-    _fraction("dataset.val_fraction", d.val_fraction)
-    _choice("dataset.pipeline", d.get("pipeline"), ("tensor", "pil"))
-    _int("model.input_size", cfg.model.input_size, 1)
-    _choice("coupling.mode", cfg.coupling.mode, MODES)
-    _choice("coupling.schedule", cfg.coupling.schedule, SCHEDULES)
-    _int("coupling.alpha", cfg.coupling.alpha, 0)
-    lr = cfg.optimizer.get("lr")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-        raise ConfigError("optimizer.lr", lr, "must be a number > 0")
-    resolve_device(t.device)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -95,3 +520,16 @@ def resolve_device(name: str) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ConfigError("trainer.device", name, f"this process sees {torch.cuda.device_count()} GPU(s)")
     return device
+
+
+class RefuseBadConfig(Callback):
+    """conf/train.yaml's first callback: a single run's config is validated before Hydra makes its
+    run directory, so a refusal leaves nothing on disk. (A sweep's jobs: coupled_net.sweep.plan.)"""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        from .cli import fail
+
+        try:
+            validate(config)
+        except ConfigError as e:
+            fail(str(e))

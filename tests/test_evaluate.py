@@ -20,8 +20,10 @@ from coupled_net.run import run
 from coupled_net.trainer import evaluate
 
 EVALUATE = REPO / "launch" / "evaluate.py"
-# 26 classes x 4 training images: 88 train and 16 val (val_fraction 0.15); 26 x 2 = 52 test images
-TINY = ["experiment=quickstart", "dataset.train_per_class=4", "dataset.test_per_class=2", "trainer.device=cpu"]
+# 26 classes x 4 training images: 88 train and 16 val (val_fraction 0.15); 26 x 2 = 52 test images; a batch
+# is at most the training split
+TINY = ["experiment=quickstart", "dataset.train_per_class=4", "dataset.test_per_class=2", "trainer.device=cpu",
+        "trainer.batch_size=88"]
 VAL_SAMPLES, TEST_SAMPLES = 16, 52
 METRICS = ("loss", "top1", "top5")
 

@@ -4,6 +4,10 @@ refused with a ConfigError naming dataset.root."""
 
 from __future__ import annotations
 
+import json
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +20,7 @@ from coupled_net.errors import ConfigError
 from coupled_net.build import prepare_config
 from coupled_net.run import run
 
-from helpers import compose_cfg
+from helpers import compose_cfg, run_cli
 
 CLASSES = ["circle", "cross", "stripes"]
 SIZE = 28
@@ -225,3 +229,228 @@ def test_image_folder_without_a_root_names_the_key(tmp_path):
     cfg = compose_cfg("dataset=image_folder", "model=small_cnn")
     with pytest.raises(ConfigError, match=r"^dataset.root='\?\?\?': is required here"):
         run(cfg, tmp_path / "run")
+
+
+# ---- every file is checked to decode before training (issue 11) --------------------------------
+
+@pytest.fixture(autouse=True)
+def user_cache_dir(tmp_path, monkeypatch) -> Path:
+    """The user cache directory (a read-only root's image-check cache) inside tmp_path, never ~/.cache."""
+    cache = tmp_path / "user_cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    return cache
+
+
+def write_bad_files(root: Path) -> dict[str, Path]:
+    """A truncated JPEG, a zero-byte PNG and a text file named .png: files ImageFolder takes and PIL cannot decode."""
+    whole = root / "whole.jpg"
+    Image.fromarray(pattern("circle", 0), mode="L").save(whole, quality=95)
+    truncated = root / "train" / "circle" / "truncated.jpg"
+    truncated.write_bytes(whole.read_bytes()[:len(whole.read_bytes()) // 2])
+    whole.unlink()
+    empty = root / "train" / "cross" / "empty.png"
+    empty.write_bytes(b"")
+    text = root / "test" / "stripes" / "notes.png"
+    text.write_text("these are my notes, not an image\n")
+    return {"truncated": truncated, "empty": empty, "text": text}
+
+
+def write_junk(root: Path) -> None:
+    """What real folders hold besides images: all of it is ignored by the scan, so never checked."""
+    (root / "README.txt").write_text("my dataset\n")
+    for folder in (root / "train" / "circle", root / "test" / "cross"):
+        (folder / "README.txt").write_text("about this class\n")
+        (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+        (folder / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+        (folder / "._000.png").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
+
+
+@pytest.fixture
+def bad_root(split_root) -> tuple[Path, list[Path], list[Path], dict[str, Path]]:
+    root, train_files, test_files = split_root
+    return root, train_files, test_files, write_bad_files(root)
+
+
+@pytest.fixture
+def decodes(monkeypatch) -> list[str]:
+    """The paths PIL is asked to decode, in any order (the check runs in threads)."""
+    calls, real = [], data.decode_problem
+
+    def counting(path):
+        calls.append(Path(path).name)
+        return real(path)
+    monkeypatch.setattr(data, "decode_problem", counting)
+    return calls
+
+
+def splits_of(root: Path, *extra: str):
+    cfg = folder_cfg(root, *extra)
+    prepare_config(cfg)
+    return data.build_splits(cfg.dataset, 28, cfg.seed)
+
+
+def test_non_image_and_hidden_files_are_ignored_not_refused(split_root, decodes):
+    root, train_files, test_files = split_root
+    write_junk(root)
+    splits = splits_of(root)
+    assert len(splits.train) + len(splits.val) == 30 and len(splits.test) == 12
+    assert sorted(decodes) == sorted(f.name for f in train_files + test_files)
+
+
+def test_bad_images_in_any_split_are_refused_in_one_line_naming_each(bad_root):
+    root = bad_root[0]
+    write_junk(root)
+    with pytest.raises(ConfigError) as err:
+        splits_of(root)
+    assert str(err.value) == (
+        f"dataset.root='{root}': 3 unreadable images (test/stripes/notes.png: not an image PIL can read; "
+        "train/circle/truncated.jpg: truncated; train/cross/empty.png: empty file): fix or remove them, "
+        "or set dataset.skip_bad_images=true")
+
+
+def test_more_than_five_bad_images_are_named_five_and_counted(flat_root):
+    root, _ = flat_root
+    for k in range(7):
+        (root / "cross" / f"bad{k}.png").write_bytes(b"")
+    with pytest.raises(ConfigError) as err:
+        splits_of(root)
+    assert str(err.value) == (
+        f"dataset.root='{root}': 7 unreadable images (cross/bad0.png: empty file; cross/bad1.png: empty file; "
+        "cross/bad2.png: empty file; cross/bad3.png: empty file; cross/bad4.png: empty file; and 2 more): "
+        "fix or remove them, or set dataset.skip_bad_images=true")
+
+
+def test_skip_bad_images_leaves_out_exactly_the_bad_files_with_one_warning(bad_root, caplog):
+    root, train_files, test_files, bad = bad_root
+    with caplog.at_level("WARNING", logger="coupled_net"):
+        splits = splits_of(root, "dataset.skip_bad_images=true")
+    train_paths = {Path(p) for p in splits.train.source.paths}
+    assert train_paths == set(train_files) and len(splits.train) + len(splits.val) == 30
+    assert {Path(p) for p in splits.test.source.paths} == set(test_files) and len(splits.test) == 12
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"dataset.root={root}: leaving out 3 unreadable images (test/stripes/notes.png: not an image PIL can read; "
+        "train/circle/truncated.jpg: truncated; train/cross/empty.png: empty file) (dataset.skip_bad_images=true)"]
+    # labels still follow the folders once files are left out
+    for src in (splits.train.source, splits.test.source):
+        assert all(CLASSES[int(label)] == Path(p).parent.name for p, label in zip(src.paths, src.labels))
+
+
+def test_skip_bad_images_must_be_true_or_false(split_root):
+    with pytest.raises(ConfigError) as err:
+        splits_of(split_root[0], "dataset.skip_bad_images=maybe")
+    assert str(err.value) == "dataset.skip_bad_images='maybe': allowed: true, false"
+
+
+def test_a_second_check_decodes_nothing_and_a_changed_file_is_decoded_again(bad_root, decodes):
+    root, train_files, test_files, bad = bad_root
+    with pytest.raises(ConfigError) as first:
+        splits_of(root)
+    assert len(decodes) == 30 + 12 + 3
+    assert (root / ".coupled_net_image_check.json").is_file()
+
+    decodes.clear()  # the same files: the verdicts, bad ones included, come from the cache
+    with pytest.raises(ConfigError) as second:
+        splits_of(root)
+    assert str(second.value) == str(first.value) and decodes == []
+
+    bad["empty"].unlink()  # fixed by the user; another file changes size, a third only its mtime
+    Image.fromarray(pattern("cross", 50), mode="L").save(train_files[0])
+    st = test_files[0].stat()
+    os.utime(test_files[0], ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    bad["text"].write_text("still not an image, and longer than before\n")
+    with pytest.raises(ConfigError) as third:
+        splits_of(root)
+    assert sorted(decodes) == sorted([train_files[0].name, test_files[0].name, "notes.png"])
+    assert "2 unreadable images (test/stripes/notes.png: not an image PIL can read; train/circle/truncated.jpg: " \
+        "truncated)" in str(third.value)
+
+
+def test_a_read_only_root_keeps_the_verdicts_in_the_user_cache(split_root, decodes, monkeypatch, user_cache_dir):
+    root = split_root[0]
+    real = data.atomic_write
+
+    def read_only_root(path, write):
+        if Path(path).parent == root:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, write)
+    monkeypatch.setattr(data, "atomic_write", read_only_root)
+    splits_of(root)
+    assert len(decodes) == 42
+    assert not (root / ".coupled_net_image_check.json").exists()
+    assert len(list((user_cache_dir / "coupled_net" / "image_check").glob("*.json"))) == 1
+    decodes.clear()
+    splits_of(root)
+    assert decodes == []
+
+
+def test_a_cache_that_cannot_be_saved_or_read_does_not_fail_the_run(split_root, decodes, monkeypatch, caplog):
+    root = split_root[0]
+    (root / ".coupled_net_image_check.json").write_text('{"version": 1, "files": {"train/circ')  # a torn file
+
+    def full_disk(path, write):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(data, "atomic_write", full_disk)
+    with caplog.at_level("WARNING", logger="coupled_net"):
+        splits = splits_of(root)
+    assert len(splits.test) == 12 and len(decodes) == 42
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and warnings[0].startswith("could not save the image check (")
+    assert warnings[0].endswith("No space left on device); the next run checks the images again")
+
+
+def test_a_corrupt_test_image_is_refused_before_the_first_epoch(split_root, tmp_path):
+    root, _, test_files = split_root
+    whole = test_files[0].read_bytes()
+    (root / "test" / "cross" / "broken.png").write_bytes(whole[:len(whole) // 2])  # an interrupted copy
+    run_dir = tmp_path / "run"
+    with pytest.raises(ConfigError) as err:
+        run(folder_cfg(root, "trainer.epochs=3"), run_dir)
+    line = (f"dataset.root='{root}': 1 unreadable image (test/cross/broken.png: truncated): fix or remove them, "
+            "or set dataset.skip_bad_images=true")
+    assert str(err.value) == line
+    assert not (run_dir / "epochs.csv").exists()
+    assert not (run_dir / "checkpoints" / "last.pt").exists()
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "failed" and results["error"] == line and results["epochs_run"] == 0
+
+
+@pytest.mark.slow
+def test_the_command_line_ends_with_the_refusal_line_before_training(bad_root, tmp_path):
+    root = bad_root[0]
+    proc = run_cli("dataset=image_folder", f"dataset.root={root}", "model=small_cnn", "model.input_size=28",
+                   "trainer.num_workers=0", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=300)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"coupled_net: error: dataset.root='{root}': 3 unreadable images (test/stripes/notes.png: not an image PIL "
+        "can read; train/circle/truncated.jpg: truncated; train/cross/empty.png: empty file): fix or remove them, "
+        "or set dataset.skip_bad_images=true")
+    assert not (tmp_path / "run" / "epochs.csv").exists()
+
+
+def test_prepare_checks_every_image_so_training_decodes_none_again(split_root, decodes):
+    root = split_root[0]
+    cfg = folder_cfg(root)
+    assert data.prepare(cfg.dataset) == (f"image_folder at {root}: 3 classes, 30 train+val, 12 test images, "
+                                         "every one checked to decode")
+    assert len(decodes) == 42
+    decodes.clear()
+    splits_of(root)
+    assert decodes == []
+
+
+def test_runs_that_check_the_same_folder_at_once_decode_each_file_once(split_root, decodes, monkeypatch):
+    root = split_root[0]
+    # both runs have looked for cached verdicts (and found none) before either decodes anything
+    both_looked, real, calls = threading.Barrier(2), data._read_verdicts, []
+
+    def read_verdicts(path):
+        calls.append(path)
+        if len(calls) <= 2:
+            both_looked.wait(timeout=60)
+        return real(path)
+    monkeypatch.setattr(data, "_read_verdicts", read_verdicts)
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: data.check_images(root, [str(f) for f in split_root[1]]), range(2)))
+    assert results == [{}, {}]
+    assert sorted(decodes) == sorted(f.name for f in split_root[1])

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from coupled_net.identity import identity_of
-from coupled_net.errors import ConfigError
 from coupled_net.results import EPOCH_COLUMNS
 from coupled_net.run import RunRefused, run
 from coupled_net.trainer import Trainer
@@ -64,7 +63,7 @@ def test_quickstart_sweep_through_the_cli(tmp_path):
         for name in ("last.pt", "epoch_002.pt"):
             assert torch.load(run_dir / "checkpoints" / name, weights_only=False)["fingerprint"] == res["fingerprint"]
         best = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
-        assert best._metadata["coupled_net"] == {"fingerprint": res["fingerprint"]}
+        assert best._metadata["coupled_net"] == {"fingerprint": res["fingerprint"], "epoch": res["best_epoch"]}
         assert (res["owner"]["host"], res["owner"]["slurm_job_id"]) == (res["provenance"]["host"], None)
         assert res["owner"]["pid"] == proc_pid(run_dir) and res["heartbeat_at"] >= res["started_at"]
         assert (res["status"], res["alpha"], res["epochs_run"], res["resumes"]) == ("done", alpha, 2, 0)
@@ -204,6 +203,7 @@ def test_the_heartbeat_is_refreshed_while_a_run_lives(tmp_path, monkeypatch):
         during_fit.append(len(writes) - before)
         return real_fit(self, progress)
     monkeypatch.setattr(Trainer, "fit", slow_fit)
-    run(compose_cfg(*FAST, "trainer.epochs=1", "dataset.train_per_class=4", f"dataset.root={tmp_path}"), tmp_path / "run")
+    run(compose_cfg(*FAST, "trainer.epochs=1", "dataset.train_per_class=4", "trainer.batch_size=88",
+                    f"dataset.root={tmp_path}"), tmp_path / "run")
     assert during_fit[0] >= 3  # the heartbeat thread's writes, every 0.05 s
     assert json.loads((tmp_path / "run" / "results.json").read_text())["heartbeat_at"] == writes[-1]

@@ -1,10 +1,12 @@
 """The sweep as SLURM jobs on a real one-node cluster (.ci/slurm_up.sh brings it up; no mocked
 sbatch): run dirs like a local sweep's, hard requeue, the pre-timeout signal, finishing a sweep,
-detached mode; and DistributedDataParallel with 2 gloo ranks, from torchrun and from SLURM tasks."""
+detached mode, sweeps larger than the cluster's MaxArraySize, what sbatch would refuse refused in one
+line; and DistributedDataParallel with 2 gloo ranks, from torchrun and from SLURM tasks."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -14,7 +16,7 @@ import pandas as pd
 import pytest
 
 from coupled_net.collect import collect
-from helpers import REPO, TRAIN, read_results, run_cli, run_dirs, snapshot, wait_for
+from helpers import REPO, TRAIN, read_results, run_cli, run_dirs, run_sweep, snapshot, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -65,13 +67,13 @@ def test_a_slurm_sweep_gives_the_run_dirs_of_a_local_sweep(tmp_path):
     local = run_cli("-m", *common, f"hydra.sweep.dir={tmp_path / 'local'}", cwd=tmp_path)
     assert local.returncode == 0, local.stderr[-3000:]
     jobs = {j["run_dir"]: j["job_id"] for j in manifest(tmp_path / "slurm")["jobs"]}
-    for s, l in zip(run_dirs(tmp_path / "slurm"), run_dirs(tmp_path / "local")):
-        assert s.name == l.name
+    for s, loc in zip(run_dirs(tmp_path / "slurm"), run_dirs(tmp_path / "local")):
+        assert s.name == loc.name
         files = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())  # noqa: E731
-        assert files(s) == files(l)
-        rs, rl = read_results(s), read_results(l)
+        assert files(s) == files(loc)
+        rs, rl = read_results(s), read_results(loc)
         assert rs.keys() == rl.keys() and rs["status"] == "done" and rs["epochs_run"] == 2
-        assert list(pd.read_csv(s / "epochs.csv").columns) == list(pd.read_csv(l / "epochs.csv").columns)
+        assert list(pd.read_csv(s / "epochs.csv").columns) == list(pd.read_csv(loc / "epochs.csv").columns)
         assert rs["provenance"]["slurm_job_id"] == jobs[str(s)] and rl["provenance"]["slurm_job_id"] is None
     assert (tmp_path / "slurm" / "summary.md").is_file()
 
@@ -128,8 +130,8 @@ def test_relaunching_a_slurm_sweep_submits_only_unfinished_runs_and_refuses_anot
     preset = tmp_path / "conf" / "experiment" / "mine.yaml"  # a user's own preset (--config-dir)
     preset.parent.mkdir(parents=True)
     preset.write_text((REPO / "conf" / "experiment" / "quickstart.yaml").read_text())
-    args = ["-cd", str(tmp_path / "conf"), *SLURM, "experiment=mine", *FAST[1:], "trainer.epochs=2", "coupling.alpha=0,2",
-            f"hydra.sweep.dir={tmp_path / 'sweep'}", f"dataset.root={tmp_path}"]
+    args = ["-cd", str(tmp_path / "conf"), *SLURM, "experiment=mine", *FAST[1:], "trainer.epochs=2",
+            "coupling.alpha=0,2", f"hydra.sweep.dir={tmp_path / 'sweep'}", f"dataset.root={tmp_path}"]
     first = run_cli("-m", *args, cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     done, unfinished = run_dirs(tmp_path / "sweep")
@@ -154,8 +156,8 @@ def test_relaunching_a_slurm_sweep_submits_only_unfinished_runs_and_refuses_anot
     refused = run_cli("-m", *args, cwd=tmp_path)
     assert refused.returncode == 2
     lines = refused.stderr.strip().splitlines()
-    assert lines[-1] == f"coupled_net: error: 2 conflict(s) in sweep {tmp_path / 'sweep'} (listed above): nothing was " \
-                        "started or submitted"
+    assert lines[-1] == (f"coupled_net: error: 2 conflict(s) in sweep {tmp_path / 'sweep'} (listed above): "
+                         "nothing was started or submitted")
     for run_dir in (done, unfinished):
         assert f"coupled_net: error: {run_dir}: results.json is a run of another config: optimizer.lr: 0.05 → 0.02; " \
                "choose another hydra.sweep.dir, or launch with the config it was made with" in lines
@@ -182,6 +184,121 @@ def test_detached_mode_returns_at_once_and_collect_follows_the_jobs(tmp_path):
     late = collect([sweep])
     assert list(late["slurm_state"]) == ["completed", "completed"]
     assert list(late["slurm_job_id"]) == [j["job_id"] for j in jobs]
+
+
+def jobs_submitted_from(cwd) -> list[str]:
+    """The ids of the jobs SLURM knows that were submitted from `cwd` (their working directory)."""
+    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%Z"], capture_output=True, text=True, check=True)
+    return [line.split("|")[0] for line in out.stdout.splitlines() if line.split("|", 1)[1] == str(cwd)]
+
+
+def cluster_fact(command, pattern) -> str:
+    return re.search(pattern, subprocess.run(command, capture_output=True, text=True, check=True).stdout, re.M)[1]
+
+
+def show_job(job_id) -> str:
+    return subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, check=True).stdout
+
+
+def node_cpus() -> str:
+    return cluster_fact(["sinfo", "-h", "-o", "%c"], r"^(\d+)")
+
+
+REFUSED = {  # overrides after hydra/launcher=slurm -> the line (the test cluster: partition debug, no GPUs)
+    "gpus on a cluster without any": (
+        ["hydra.launcher.cpus_per_task=1"],
+        "hydra.launcher.gpus_per_node=1: this cluster has no GPUs (no gres/gpu on any node): add "
+        "hydra.launcher.gpus_per_node=0"),
+    "two memory keys": (
+        ["hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_per_cpu=1G",
+         "hydra.launcher.mem_gb=2"],
+        "hydra.launcher.mem_gb=2: conflicts with hydra.launcher.mem_per_cpu='1G': sbatch takes one memory key "
+        "(mem_gb per node, mem_per_cpu or mem_per_gpu): set only one"),
+    "an unknown partition": (
+        ["hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1", "hydra.launcher.partition=nope"],
+        "hydra.launcher.partition='nope': not a partition of this cluster: allowed: debug"),
+    "more cpus than a node has": (
+        ["hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1000"],
+        "hydra.launcher.cpus_per_task=1000: the largest node of partition debug (the default) has {cpus} CPUs: "
+        "set hydra.launcher.cpus_per_task={cpus} or less"),
+    "no SLURM client on this machine": (
+        ["hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1"],
+        "hydra/launcher='slurm': sbatch and srun not on PATH (no SLURM client on this machine): launch from the "
+        "cluster's login node, or leave out hydra/launcher=slurm to run the sweep here"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_what_sbatch_would_refuse_is_refused_in_one_line_before_anything_is_written_or_submitted(tmp_path, case):
+    overrides, line = REFUSED[case]
+    env = {"PATH": str(tmp_path / "bin")} if case == "no SLURM client on this machine" else None
+    proc = run_cli("-m", "hydra/launcher=slurm", *overrides, *FAST, "coupling.alpha=0,2",
+                   f"hydra.sweep.dir={tmp_path / 'sweep'}", f"dataset.root={tmp_path}", cwd=tmp_path, env=env)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [f"coupled_net: error: {line.format(cpus=node_cpus())}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no sweep dir, no multirun.yaml, no .submitit
+    assert jobs_submitted_from(tmp_path) == []
+
+
+def test_an_option_sbatch_refuses_ends_the_launch_in_one_line_with_sbatch_s_reason_and_submits_nothing(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli("-m", *SLURM, "+hydra.launcher.additional_parameters.begin=garbage", *FAST, "coupling.alpha=0,2",
+                   f"hydra.sweep.dir={sweep}", f"dataset.root={tmp_path}", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        "coupled_net: error: sbatch refused jobs #0-#1: sbatch: error: Invalid --begin specification: check the "
+        "sbatch options hydra.launcher sets (additional_parameters included) against `man sbatch` and the cluster "
+        "(`sinfo`, `scontrol show config`); nothing was submitted"]
+    assert sorted(p.name for p in sweep.iterdir()) == ["multirun.yaml"]  # no manifest, no submitit pickles
+    assert jobs_submitted_from(tmp_path) == []
+
+
+def test_a_detached_sweep_larger_than_max_array_size_is_submitted_as_arrays_that_keep_the_users_sbatch_keys(
+        tmp_path):
+    """Held (--hold, through additional_parameters), so that nothing runs: what SLURM was given is
+    read back with scontrol, then the jobs are cancelled."""
+    sweep = tmp_path / "sweep"
+    limit = int(cluster_fact(["scontrol", "show", "config"], r"^MaxArraySize\s*=\s*(\d+)"))
+    seeds = ",".join(str(s) for s in range(1, limit + 3))  # limit + 2 runs: more than one array holds
+    args = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",
+            "hydra.launcher.mem_gb=1",  # hydra-submitit-launcher's key: replaces our default mem_per_cpu
+            "hydra.launcher.array_parallelism=1", "hydra.launcher.detach=true",
+            "+hydra.launcher.additional_parameters.mail_type=END", "+hydra.launcher.additional_parameters.hold=true",
+            *FAST, f"seed={seeds}", f"hydra.sweep.dir={sweep}", f"dataset.root={tmp_path}"]
+    proc = run_cli("-m", *args, cwd=tmp_path)
+    try:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        jobs = manifest(sweep)["jobs"]
+        assert sorted(o for j in jobs for o in j["overrides"] if o.startswith("seed=")) == \
+            sorted(f"seed={s}" for s in range(1, limit + 3))
+        assert len({j["run_dir"] for j in jobs}) == limit + 2
+        arrays = {}
+        for job in jobs:
+            array, task = job["job_id"].split("_")
+            arrays.setdefault(array, []).append(int(task))
+        first, second = sorted(arrays, key=int)
+        assert (arrays[first], arrays[second]) == (list(range(limit)), [0, 1])
+        shown = {array: show_job(array) for array in arrays}
+        for text in shown.values():
+            assert re.search(r"JobName=(\S+)", text)[1] == "coupled_net:quickstart" and "MailType=END" in text
+            assert "MinMemoryNode=1G" in text and "JobState=PENDING Reason=JobHeldUser" in text
+            assert "ArrayTaskThrottle=1" in text  # array_parallelism=1 over the whole sweep: one at a time, ...
+        assert f"Dependency=afterany:{first}_*" in shown[second]  # ... so the second array waits for the first
+    finally:
+        subprocess.run(["scancel", *jobs_submitted_from(tmp_path)], check=False)
+
+
+def test_a_sweep_larger_than_max_array_size_runs_every_run_to_the_end(tmp_path):
+    limit = int(cluster_fact(["scontrol", "show", "config"], r"^MaxArraySize\s*=\s*(\d+)"))
+    seeds = list(range(1, limit + 2))  # one array of `limit` tasks, then a single job
+    proc, sweep, runs = run_sweep(tmp_path, *SLURM, *FAST, "trainer.epochs=1", f"seed={','.join(map(str, seeds))}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(int(re.search(r"seed=(\d+)", r.name)[1]) for r in runs) == seeds
+    assert [read_results(r)["status"] for r in runs] == ["done"] * len(seeds)
+    jobs = manifest(sweep)["jobs"]
+    assert sorted(j["run_dir"] for j in jobs) == sorted(str(r) for r in runs)
+    assert len({j["job_id"].split("_")[0] for j in jobs}) == 2 and len({j["job_id"] for j in jobs}) == len(seeds)
+    assert list(collect([sweep])["slurm_state"]) == ["completed"] * len(seeds)
 
 
 def ddp_checks(run_dir):

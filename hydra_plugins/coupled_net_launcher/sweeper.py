@@ -19,10 +19,13 @@ class CoupledSweeper(BasicSweeper):
         """BasicSweeper.sweep calls this (a static method there) right before it saves multirun.yaml
         and launches the batches: the one point that sees every job before anything happens."""
         from coupled_net.cli import fail
-        from coupled_net.sweep import conflicts, finished, plan, remember
+        from coupled_net.sweep import bad_configs, conflicts, finished, plan, remember
 
         batches = BasicSweeper.split_arguments(overrides, max_batch_size)
         planned = plan(self.hydra_context.config_loader, self.config, [job for batch in batches for job in batch])
+        bad = bad_configs(planned)
+        if bad:  # one line per mistake, the last one last: nothing is written, started or submitted
+            fail(bad[-1], details=bad[:-1])
         refused = conflicts(planned)
         if refused:
             fail(f"{len(refused)} conflict(s) in sweep {self.config.hydra.sweep.dir} (listed above): nothing was "
