@@ -239,7 +239,8 @@ def terminal(s: Summary, baseline: dict, out: Path) -> str:
     lines = [headline(s, baseline)]
     others = not_aggregated(s.runs)
     for r in others.itertuples():
-        why = f"repeats {r.duplicate_of}" if isinstance(r.duplicate_of, str) else (r.error or "")
+        why = f"repeats {r.duplicate_of}" if isinstance(r.duplicate_of, str) else \
+            (r.error if isinstance(r.error, str) else "")  # NaN: no error recorded
         lines.append(f"not in the table: {r.run_dir} ({r.status}{': ' + why if why else ''})")
     lines.append(f"Full tables: {out / 'summary.md'}")
     return "\n".join(lines)

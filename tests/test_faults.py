@@ -108,6 +108,8 @@ def test_the_review_lists_a_bad_run_directory_as_unreadable_and_summarizes_the_o
     wide = make_run(tmp_path / "wide", seed=4)
     with open(wide / "epochs.csv", "a") as f:
         f.write("2,0.1,1.0,50,1.0,40.0,1.1,39.0,10,0.001,1,7,8\n")
+    bare = make_run(tmp_path / "bare", seed=5)
+    (bare / "results.json").unlink()  # started, never recorded anything: no error to show either
     s = write_summary([tmp_path])
     status = {r.run_dir.rsplit("/", 1)[-1]: (r.status, r.error if isinstance(r.error, str) else None)
               for r in s.runs.itertuples()}
@@ -118,3 +120,4 @@ def test_the_review_lists_a_bad_run_directory_as_unreadable_and_summarizes_the_o
     assert list(s.groups["n"]) == [1] and list(s.groups["test_top1_mean"]) == [70.0]
     assert f"not in the table: {tmp_path / 'list'} (unreadable: results.json: a JSON list, not an object)" \
         in s.headline
+    assert f"not in the table: {bare} (no results)" in s.headline.splitlines()
