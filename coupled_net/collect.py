@@ -156,27 +156,27 @@ def epoch_rows(run_dir: Path) -> pd.DataFrame:
     return read_epochs(run_dir)[0]
 
 
-def results_problem(run_dir: Path) -> str | None:
-    """Why results.json cannot be used (None: it can, or there is none)."""
+def load_results(run_dir: Path) -> tuple[dict | None, str | None]:
+    """results.json, read and parsed once: (its record, None), or (None, why it cannot be used), or
+    (None, None) where there is none."""
     import json
 
     path = run_dir / "results.json"
     try:
         res = json.loads(path.read_text())
     except FileNotFoundError:
-        return None
+        return None, None
     except (OSError, ValueError) as e:
-        return f"results.json: not valid JSON ({' '.join(str(e).split())[:120]})"
+        return None, f"results.json: not valid JSON ({' '.join(str(e).split())[:120]})"
     if not isinstance(res, dict):
-        return f"results.json: a JSON {type(res).__name__}, not an object"
+        return None, f"results.json: a JSON {type(res).__name__}, not an object"
     if not isinstance(res.get("metrics") or {}, dict) or not isinstance(res.get("provenance") or {}, dict):
-        return "results.json: `metrics` or `provenance` is not an object"
-    return None
+        return None, "results.json: `metrics` or `provenance` is not an object"
+    return res, None
 
 
 def read_results(run_dir: Path) -> dict | None:
-    res = read_json(run_dir / "results.json")
-    return res if isinstance(res, dict) and not results_problem(run_dir) else None
+    return load_results(run_dir)[0]
 
 
 def _mean(epochs: pd.DataFrame, column: str) -> float | None:
@@ -203,19 +203,21 @@ def epoch_metrics(epochs: pd.DataFrame, best_epoch) -> dict:
     return out
 
 
-def run_row(run_dir: Path, cfg: dict, res: dict | None, queue: dict | None = None) -> dict:
-    """One run's row; a run whose files cannot be read is `unreadable`, with the file and why."""
+def run_row(run_dir: Path, cfg: dict, res: dict | None, queue: dict | None = None,
+            problem: str | None = None) -> dict:
+    """One run's row (`problem`: why its results.json cannot be used, from load_results); a run
+    whose files cannot be read is `unreadable`, with the file and why."""
     try:
-        return _run_row(run_dir, cfg, res, queue)
+        return _run_row(run_dir, cfg, res, queue, problem)
     except Exception as e:  # noqa: BLE001 - one bad directory never stops the review of the others
         return {"run_dir": str(run_dir), "status": "unreadable", "error": f"{type(e).__name__}: {e}"[:300]}
 
 
-def _run_row(run_dir: Path, cfg: dict, res: dict | None, queue: dict | None = None) -> dict:
+def _run_row(run_dir: Path, cfg: dict, res: dict | None, queue: dict | None, problem: str | None) -> dict:
     epochs, bad_epochs = read_epochs(run_dir)
     error = None
     if res is None:
-        error = results_problem(run_dir)
+        error = problem
         status = "unreadable" if error else "no results"
         res = {}
     else:
@@ -320,11 +322,12 @@ def collect(paths) -> pd.DataFrame:
     A run found twice (same fingerprint and labels) is marked `duplicate_of` and warned about."""
     jobs = manifest_jobs(paths)
     runs = sorted(set(find_runs(paths)) | {Path(r) for r in jobs})  # submitted runs may not have a dir yet
-    results = [read_results(r) for r in runs]
+    loaded = [load_results(r) for r in runs]
+    results = [res for res, _ in loaded]
     configs = [run_config(r, res) for r, res in zip(runs, results)]
     owners = [(res or {}).get("owner") or {} for res in results]
     queue = squeue_states() if jobs or any(o.get("slurm_job_id") for o in owners) else None
-    rows = [run_row(r, c, res, queue) for r, c, res in zip(runs, configs, results)]
+    rows = [run_row(r, c, res, queue, problem) for r, c, (res, problem) in zip(runs, configs, loaded)]
     df = pd.DataFrame(rows, columns=RUN_COLUMNS)
     for column in NUMERIC:
         df[column] = pd.to_numeric(df[column], errors="coerce")
