@@ -121,11 +121,13 @@ def _dataset_key(cfg: DictConfig) -> str | None:
         return None
 
 
-def check_group_choices(args: list[str], conf_dir: Path) -> None:
-    """Refuse `group=option` overrides naming an option that does not exist, with one line, before
-    Hydra composes (whose own message spans a screen and ends with a hint about stack traces)."""
+def check_command_line(args: list[str], conf_dir: Path) -> None:
+    """What launch/train.py checks before Hydra starts, each a one-line refusal: the overrides are
+    parsed once (as Hydra parses them) for every check; malformed ones are left to Hydra."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
+
+    from .validation import check_override_keys
 
     dirs, candidates, i = [conf_dir], [], 0
     while i < len(args):  # `--config-dir DIR` / `-cd DIR` / `--config-dir=DIR` add options too
@@ -142,6 +144,15 @@ def check_group_choices(args: list[str], conf_dir: Path) -> None:
         overrides = OverridesParser.create().parse_overrides(candidates)
     except HydraException:
         return  # malformed: Hydra reports it
+    check_group_choices(overrides, dirs)
+    check_output_dirs(overrides)
+    check_override_keys(overrides)
+
+
+def check_group_choices(overrides, dirs: list[Path]) -> None:
+    """Refuse `group=option` overrides naming an option that does not exist in `dirs` (conf/ and any
+    --config-dir), with one line, before Hydra composes (whose own message spans a screen and ends
+    with a hint about stack traces)."""
     for o in overrides:
         groups = [d / o.key_or_group for d in dirs if (d / o.key_or_group).is_dir()]
         if o.package is not None or o.is_delete() or not groups or o.key_or_group.startswith("hydra"):
@@ -153,17 +164,20 @@ def check_group_choices(args: list[str], conf_dir: Path) -> None:
                 fail(f"{o.key_or_group}={value!r}: allowed: {', '.join(options)}")
 
 
-def check_output_dirs(args: list[str]) -> None:
+def check_output_dirs(overrides) -> None:
     """Refuse a `hydra.run.dir` / `hydra.sweep.dir` that cannot be a directory of ours (a file, a path
     through a file, a folder not writable), with one line, before Hydra tries to create it and fails
     with a traceback."""
     import os
 
-    for arg in args:
-        key, sep, value = arg.lstrip("+").partition("=")
-        if not sep or key not in ("hydra.run.dir", "hydra.sweep.dir") or "${" in value or not value:
+    for o in overrides:
+        key = o.key_or_group
+        if key not in ("hydra.run.dir", "hydra.sweep.dir") or o.is_delete() or o.is_sweep_override():
             continue
-        path = Path(os.path.expanduser(value.strip("'\"")))
+        value = o.get_value_element_as_str()
+        if "${" in value or not value:
+            continue
+        path = Path(os.path.expanduser(value))
         existing = next(p for p in (path, *path.parents) if p.exists() or p == Path(p.anchor or "."))
         if not existing.is_dir():
             where = "is a file" if existing == path else f"{existing} is a file"

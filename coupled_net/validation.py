@@ -473,19 +473,12 @@ def validate(cfg: DictConfig) -> None:
     check_machine(check_config(cfg))
 
 
-def check_override_keys(args: list[str]) -> None:
-    """Refuse `group.key=value` overrides whose key no option of the group declares, in one line, before
-    Hydra composes: for `trainer.epoch=3` Hydra's own refusal spans five lines and proposes
-    `+trainer.epoch=3`, which would add a key nothing reads."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
+def check_override_keys(overrides) -> None:
+    """Refuse `group.key=value` overrides (parsed by coupled_net.cli.check_command_line) whose key no
+    option of the group declares, in one line, before Hydra composes: for `trainer.epoch=3` Hydra's own
+    refusal spans five lines and proposes `+trainer.epoch=3`, which would add a key nothing reads."""
     from .cli import fail
 
-    try:
-        overrides = OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
-    except HydraException:
-        return  # malformed: Hydra reports it
     for o in overrides:
         group, _, rest = o.key_or_group.partition(".")
         if not rest or group not in GROUPS or o.is_delete() or o.package is not None:

@@ -11,8 +11,7 @@ try:  # importing torch takes seconds: Ctrl-C meanwhile ends with one line too
     import hydra
     from omegaconf import DictConfig
 
-    from coupled_net.cli import check_group_choices, check_output_dirs, interrupted, setup, train_task
-    from coupled_net.validation import check_override_keys
+    from coupled_net.cli import check_command_line, interrupted, setup, train_task
 except KeyboardInterrupt:
     print("\ncoupled_net: error: interrupted (SIGINT) while starting; nothing was run", file=sys.stderr)
     raise SystemExit(130) from None
@@ -25,8 +24,6 @@ def main(cfg: DictConfig) -> str:
 
 if __name__ == "__main__":
     with interrupted():
-        check_group_choices(sys.argv[1:], Path(__file__).resolve().parents[1] / "conf")
-        check_output_dirs(sys.argv[1:])
-        check_override_keys(sys.argv[1:])
+        check_command_line(sys.argv[1:], Path(__file__).resolve().parents[1] / "conf")
         setup()
         main()
