@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate as hydra_instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from . import data
+from . import data, models
 from .coupling import Coupling
 from .distributed import World, init_world
 from .errors import ConfigError, DatasetUnavailable
@@ -120,14 +120,22 @@ def build_model(spec: RunSpec) -> tuple[torch.nn.Module, Coupling]:
     on the CPU."""
     torch.set_num_threads(spec.threads)
     seed_everything(spec.cfg.seed, spec.cfg.trainer.deterministic)
-    model = instantiate(spec.cfg.model)
+    cfg = spec.cfg
+    model = models.make(OmegaConf.to_container(cfg.model, resolve=True), cfg.dataset.channels, cfg.dataset.num_classes)
     return model, Coupling(model, **spec.cfg.coupling)
 
 
 def build_loaders(spec: RunSpec) -> dict:
-    """train / val / test loaders (this rank's shard of the training set)."""
+    """train / val / test loaders (this rank's shard of the training set). The training split is
+    augmented by the `augment` policy; with trainer.overfit_batches=N it is instead the same first N
+    batches of the training split every epoch, unshuffled and unaugmented (loaded like eval data)."""
+    from .augment import Letters, NoAugment
+
     cfg, world = spec.cfg, spec.world
-    splits = data.build_splits(cfg.dataset, cfg.model.input_size, cfg.seed)
+    # the policy object; a config saved before the augment group existed (a run evaluated again) trained
+    # with the seed's family. _convert_: augment.scale arrives as a tuple, not a ListConfig
+    augment = Letters() if cfg.get("augment") is None else instantiate(cfg.augment, _convert_="all")
+    splits = data.build_splits(cfg.dataset, cfg.model.input_size, cfg.seed, augment)
     # where the split's size could not be known from the config (image_folder), now it is
     batch_fits(cfg.trainer.batch_size, len(splits.train),
                f"the images of dataset.root={data.dataset_root(cfg.dataset)}, less dataset.val_fraction="
@@ -135,9 +143,14 @@ def build_loaders(spec: RunSpec) -> dict:
     common = dict(device=spec.device, size=cfg.model.input_size, workers=spec.workers, seed=cfg.seed,
                   rank=world.rank, world_size=world.size)
     t = cfg.trainer
+    train = dict(split=splits.train, train=True, augment=augment)
+    overfit = int(t.get("overfit_batches") or 0)
+    if overfit > 0:
+        # N global batches; a multiple of the ranks, so that every rank steps the same number of times
+        n = min(overfit * t.batch_size, len(splits.train))
+        train = dict(split=data.overfit_split(splits, n - n % world.size), train=False, augment=NoAugment())
     return {
-        "train": data.build_loader(splits.train, cfg.dataset, train=True, batch_size=t.batch_size // world.size,
-                                   **common),
+        "train": data.build_loader(dcfg=cfg.dataset, batch_size=t.batch_size // world.size, **train, **common),
         "val": data.build_loader(splits.val, cfg.dataset, train=False, batch_size=t.eval_batch_size, **common),
         "test": data.build_loader(splits.test, cfg.dataset, train=False, batch_size=t.eval_batch_size, **common),
     }
@@ -162,7 +175,7 @@ def build(spec: RunSpec) -> Parts:
     memory = torch.channels_last if cfg.trainer.get("channels_last") else torch.preserve_format
     model = model.to(device, memory_format=memory)
     optimizer = instantiate(cfg.optimizer)(model.parameters())
-    scheduler = instantiate(cfg.scheduler)(optimizer)
+    scheduler = make_scheduler(cfg.scheduler, optimizer)
     train_model = model
     if spec.world.active:
         from torch.nn.parallel import DistributedDataParallel
@@ -174,6 +187,29 @@ def build(spec: RunSpec) -> Parts:
                  train_model)
 
 
+def make_scheduler(scfg, optimizer: torch.optim.Optimizer):
+    """The epoch scheduler of `scfg` (a scheduler config node), after `warmup_epochs` (coupled_net's
+    own key, popped: the scheduler's _target_ does not take it; absent = 0) epochs of linear warmup.
+
+    Warmup w > 0: the lr of epoch k = 1..w is k/(w+1) of the optimizer's lr, epoch w+1 has the full
+    lr, and from there on the main scheduler runs as it would from the start of a run without warmup
+    (SequentialLR restarts it at its epoch 0 at the milestone). So the main scheduler's epochs count
+    after the warmup: step_size, T_max, total_iters mean the same with and without it, and for a
+    user's own scheduler nothing needs translating. The price: cosine's default T_max=${trainer.epochs}
+    then ends w epochs after the run (the lr of the last epoch is a little above eta_min); set
+    scheduler.T_max to the epochs minus the warmup to end on eta_min.
+    Warmup 0 builds exactly the scheduler of the config (the seed's protocol unchanged)."""
+    node = OmegaConf.to_container(scfg, resolve=True) if isinstance(scfg, DictConfig) else dict(scfg)
+    warmup = int(node.pop("warmup_epochs", 0) or 0)
+    main = instantiate(node)(optimizer)
+    if warmup == 0:
+        return main
+    from torch.optim.lr_scheduler import LinearLR, SequentialLR
+
+    ramp = LinearLR(optimizer, start_factor=1 / (warmup + 1), end_factor=1.0, total_iters=warmup)
+    return SequentialLR(optimizer, [ramp, main], milestones=[warmup])
+
+
 def make_trainer(spec: RunSpec, parts: Parts, **run_dir_parts) -> Trainer:
     """A Trainer for `parts` with the loop settings of `spec`; `run_dir_parts` are the keyword
     arguments that tie it to a run directory (files, monitor, logger, guard, stamp, on_epoch_end,
@@ -182,4 +218,6 @@ def make_trainer(spec: RunSpec, parts: Parts, **run_dir_parts) -> Trainer:
     return Trainer(model=parts.model, coupling=parts.coupling, optimizer=parts.optimizer, scheduler=parts.scheduler,
                    loaders=parts.loaders, device=spec.device, numerics=parts.numerics, train_model=parts.train_model,
                    world=spec.world, epochs=t.epochs, patience=t.patience, select_by=t.select_by,
-                   checkpoint_every=t.checkpoint_every, limit_batches=t.limit_batches, **run_dir_parts)
+                   checkpoint_every=t.checkpoint_every, limit_batches=t.limit_batches,
+                   label_smoothing=float(t.get("label_smoothing", 0.0)), grad_clip_norm=t.get("grad_clip_norm"),
+                   **run_dir_parts)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .results import read_json
 
@@ -15,9 +15,38 @@ log = logging.getLogger("coupled_net")
 
 
 class SweepReport(Callback):
-    """At the end of a sweep: collect its runs into the summary files (coupled_net.report) in the
-    sweep directory and print the headline table; then exit non-zero naming the failed runs, if
-    any. Reads the run directories, so it also works when the runs executed elsewhere (SLURM)."""
+    """Before a search (hparams_search=optuna_lr): check its config. At the end of a sweep: collect its
+    runs into the summary files (coupled_net.report) in the sweep directory and print the headline
+    table (after a search, its best trial too); then exit non-zero naming the failed runs, if any.
+    Reads the run directories, so it also works when the runs executed elsewhere (SLURM)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        """A search (hparams_search=optuna_lr) checks its config before the first trial: coupled_net's
+        own sweeper checks every job's config when it plans the sweep, a search has no plan to check
+        (its trials are sampled one by one), and a mistake would otherwise fail every trial."""
+        from hydra_plugins.coupled_net_launcher.launcher import searching
+
+        from .cli import fail
+        from .errors import ConfigError
+        from .sweep import direction
+        from .validation import check_config
+
+        if not searching(config.hydra.sweeper):
+            return
+        # optuna's storage module imports alembic, whose plugins each log a line at INFO ("setup plugin
+        # alembic.autogenerate...") through Hydra's root handler: seven lines of noise before every study
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        try:
+            # the config every trial starts from (the sampled parameters are not in it); what only the
+            # machine a trial runs on can tell (its device, its memory) is left to the trial, as the plan does
+            check_config(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]))
+            wanted, given = direction(config.optimized_metric), config.hydra.sweeper.get("direction")
+            if isinstance(given, str) and given != wanted:
+                raise ConfigError("hydra.sweeper.direction", given, f"optimized_metric={config.optimized_metric} "
+                                  f"is to {wanted}: set hydra.sweeper.direction={wanted}, or leave it out (it "
+                                  "follows optimized_metric)")
+        except ConfigError as e:
+            fail(str(e))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         from .report import write_summary
@@ -31,6 +60,7 @@ class SweepReport(Callback):
             return
         print(summary.headline, flush=True)
         log.info("sweep summary written to %s/summary*.{csv,md,tex,png}", sweep_dir)
+        say_best_trial(config, sweep_dir)
         df = summary.runs
         if config.hydra.launcher.get("detach", False):
             log.info("detached sweep: its runs go on in SLURM; `python launch/collect.py %s` shows their state",
@@ -43,6 +73,22 @@ class SweepReport(Callback):
             print(f"coupled_net: error: {len(bad)} of {total} runs failed in {sweep_dir}: {names}",
                   file=sys.stderr, flush=True)
             raise SystemExit(1)
+
+
+def say_best_trial(config: DictConfig, sweep_dir: Path) -> None:
+    """After a search: its best value, parameters and run directory (the sweeper wrote the first two
+    into optimization_results.yaml; the run directory is the one its overrides name)."""
+    from hydra_plugins.coupled_net_launcher.launcher import searching
+
+    from .sweep import STUDY_FILE, best_trial
+
+    found = best_trial(sweep_dir) if searching(config.hydra.sweeper) else None
+    if found is None or "best_value" not in found[0]:
+        return
+    study, run_dir = found
+    params = " ".join(f"{k}={v}" for k, v in (study.get("best_params") or {}).items())
+    print(f"best trial: {config.optimized_metric} = {study['best_value']:g} with {params or '(no parameters)'}: "
+          f"{run_dir or 'run directory not found'} (all trials: {sweep_dir / STUDY_FILE})", flush=True)
 
 
 def unfinished(df, planned=None):

@@ -60,10 +60,14 @@ def hydra_files(cfg: DictConfig) -> dict[str, str]:
             "overrides.yaml": OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task)}
 
 
-def train_task(cfg: DictConfig) -> str:
-    """Run one job; returns its status. A single run that fails exits non-zero with one line; in a
-    sweep the failure is recorded in the run's results.json and the sweep goes on. A stop signal
-    (Ctrl-C) ends the process, a sweep included, with one line."""
+def train_task(cfg: DictConfig) -> float:
+    """Run one job; returns its `optimized_metric` (coupled_net.sweep.objective: val_top1 / val_top5 /
+    val_loss of the best, equalized model), what an optimizing sweeper (hparams_search=optuna_lr)
+    reads; a run that failed, was refused, did not start or diverged returns the worst value so a
+    study goes on, and a run found finished in its directory returns its stored value. A single run
+    that fails exits non-zero with one line; in a sweep the failure is recorded in the run's
+    results.json and the sweep goes on (its verdict reads the run directories, not these values). A
+    stop signal (Ctrl-C) ends the process, a sweep included, with one line."""
     from . import sweep
     from .run import RunRefused, describe_fault, run
     from .signals import RunInterrupted
@@ -71,33 +75,34 @@ def train_task(cfg: DictConfig) -> str:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     single = hc.mode == RunMode.RUN
+    metric = str(cfg.get("optimized_metric", "val_top1"))
     dataset = None if single else _dataset_key(cfg)
     earlier = dataset and sweep.unavailable(Path(hc.sweep.dir), dataset)
     if earlier:  # an earlier run of this launch found the dataset unavailable: do not try again
         sweep.not_started[str(run_dir)] = "its dataset was unavailable to an earlier run of this sweep"
         log.error("%s: not started: its dataset is unavailable (an earlier run of this sweep found it so)",
                   run_dir.name, extra=CONSOLE_ONLY)
-        return "not started"
+        return _returned(hc, run_dir, metric, None)
     try:
         outcome = run(cfg, run_dir, hydra_files=hydra_files(cfg))
     except RunRefused as e:
         if single:
             fail(str(e))
         log.error("refused: %s", e)
-        return "refused"
+        return _returned(hc, run_dir, metric, None)
     except (ConfigError, DatasetUnavailable, RunFault) as e:  # recorded in the run dir and its train.log
         if single:
             fail(str(e), code=1 if isinstance(e, RunFault) else 2, to_file=False)
         if isinstance(e, DatasetUnavailable) and dataset:
             sweep.note_unavailable(Path(hc.sweep.dir), dataset, str(e))
         log.error("%s: %s", run_dir.name, e, extra=CONSOLE_ONLY)
-        return "failed"
+        return _returned(hc, run_dir, metric, None)
     except Exception as e:  # noqa: BLE001 - the directory could not even be claimed (unwritable, ...)
         log.error("run failed before it started:\n%s", traceback.format_exc(), extra=FILE_ONLY)
         if single:
             fail(f"run failed: {describe_fault(e)}", code=1, to_file=False)
         log.error("%s: run failed before it started: %s", run_dir.name, describe_fault(e), extra=CONSOLE_ONLY)
-        return "failed"
+        return _returned(hc, run_dir, metric, None)
     except RunInterrupted as e:
         again = "hydra.run.dir" if single else "hydra.sweep.dir"
         where = run_dir if single else hc.sweep.dir
@@ -108,7 +113,20 @@ def train_task(cfg: DictConfig) -> str:
         if single:
             fail(line, code=1, to_file=False)
         log.error("%s: %s", run_dir.name, line, extra=CONSOLE_ONLY)
-    return outcome["status"]
+    return _returned(hc, run_dir, metric, outcome)
+
+
+def _returned(hc, run_dir: Path, metric: str, results: dict | None) -> float:
+    """train_task's value for a run whose results.json is `results` (None: nothing to read); said on
+    the console when a search sweeper (not coupled_net's own, which reads the run directories) gets it."""
+    from hydra_plugins.coupled_net_launcher.launcher import searching
+
+    from .sweep import objective
+
+    value = objective(results, metric)
+    if hc.mode == RunMode.MULTIRUN and searching(hc.sweeper):
+        log.info("%s: %s = %s returned to the sweeper", run_dir.name, metric, f"{value:g}")
+    return value
 
 
 def _dataset_key(cfg: DictConfig) -> str | None:
@@ -129,14 +147,14 @@ def check_command_line(args: list[str], conf_dir: Path) -> None:
 
     from .validation import check_override_keys
 
-    dirs, candidates, i = [conf_dir], [], 0
+    extra_dirs, candidates, i = [], [], 0
     while i < len(args):  # `--config-dir DIR` / `-cd DIR` / `--config-dir=DIR` add options too
         arg = args[i]
         if arg in ("--config-dir", "-cd") and i + 1 < len(args):
-            dirs.append(Path(args[i + 1]))
+            extra_dirs.append(Path(args[i + 1]))
             i += 1
         elif arg.startswith("--config-dir="):
-            dirs.append(Path(arg.split("=", 1)[1]))
+            extra_dirs.append(Path(arg.split("=", 1)[1]))
         elif "=" in arg and not arg.startswith("-"):
             candidates.append(arg)
         i += 1
@@ -144,24 +162,56 @@ def check_command_line(args: list[str], conf_dir: Path) -> None:
         overrides = OverridesParser.create().parse_overrides(candidates)
     except HydraException:
         return  # malformed: Hydra reports it
-    check_group_choices(overrides, dirs)
+    searchpath = [o for o in overrides if o.key_or_group == "hydra.searchpath"]
+    check_group_choices(overrides, config_repository(conf_dir, extra_dirs, searchpath))
     check_output_dirs(overrides)
-    check_override_keys(overrides)
+    check_override_keys(overrides, own_configs=bool(extra_dirs or searchpath))
 
 
-def check_group_choices(overrides, dirs: list[Path]) -> None:
-    """Refuse `group=option` overrides naming an option that does not exist in `dirs` (conf/ and any
-    --config-dir), with one line, before Hydra composes (whose own message spans a screen and ends
-    with a hint about stack traces)."""
+def config_repository(conf_dir: Path, extra_dirs: list[Path], searchpath_overrides=()):
+    """Hydra's config search path as `launch/train.py` will see it (conf/, search-path plugins, each
+    --config-dir, a hydra.searchpath override), as a repository that lists a group's options."""
+    from hydra._internal.config_repository import ConfigRepository
+    from hydra._internal.utils import create_config_search_path
+
+    search_path = create_config_search_path(f"file://{conf_dir.resolve()}")
+    for d in extra_dirs:  # as hydra's main does for --config-dir
+        search_path.prepend("command-line", f"file://{d.resolve()}")
+    for o in searchpath_overrides:
+        for path in o.value() if isinstance(o.value(), list) else []:
+            search_path.append("hydra.searchpath in command-line", str(path))
+    return ConfigRepository(search_path)
+
+
+def check_group_choices(overrides, repository) -> None:
+    """Refuse `group=option` overrides naming an option that no directory of the config search path
+    holds (conf/, a --config-dir, hydra.searchpath), with one line, before Hydra composes (whose own
+    message spans a screen and ends with a hint about stack traces). `logger=[a,b]` names several."""
+    from hydra.core.object_type import ObjectType
+
     for o in overrides:
-        groups = [d / o.key_or_group for d in dirs if (d / o.key_or_group).is_dir()]
-        if o.package is not None or o.is_delete() or not groups or o.key_or_group.startswith("hydra"):
+        group = o.key_or_group
+        if o.package is not None or o.is_delete() or group.startswith("hydra") or not repository.group_exists(group):
             continue
-        options = sorted({p.stem for group in groups for p in group.glob("*.yaml")})
-        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        options = repository.get_group_options(group, ObjectType.CONFIG)
+        if o.is_sweep_override():
+            values = list(o.sweep_string_iterator())
+        elif isinstance(o.value(), list):
+            values = [str(v) for v in o.value()]
+        else:
+            values = [o.get_value_element_as_str()]
         for value in values:
             if value not in options and value != "null":
-                fail(f"{o.key_or_group}={value!r}: allowed: {', '.join(options)}")
+                fail(f"{group}={value!r}: allowed: {', '.join(sorted(options))}")
+        if group == "hparams_search" and any(v != "none" for v in values):
+            _needs_optuna(values)
+
+
+def _needs_optuna(values) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None:
+        fail(f"hparams_search={','.join(values)}: needs the hydra-optuna-sweeper package: pip install -e '.[optuna]'")
 
 
 def check_output_dirs(overrides) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
-from .identity import is_non_identity, run_key
+from .identity import NEUTRAL, is_non_identity, model_name, run_key
 from .results import read_json
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,24 @@ def _flatten(node, prefix="") -> dict:
 
 def run_config(run_dir: Path, res: dict | None = None) -> dict:
     """The keys that tell this run from others: its identity keys and +labels (SPEC §5), from
-    results.json, else from .hydra/config.yaml without the keys that only say where it ran."""
+    results.json, else from .hydra/config.yaml without the keys that only say where it ran. A key
+    the fingerprint leaves out at its neutral value (identity.NEUTRAL) is shown with that value, and
+    `model.name` is the model's display name whatever its config (model=torchvision: its arch)."""
+    return _completed(_run_config(run_dir, res))
+
+
+def _completed(cfg: dict) -> dict:
+    if not cfg:
+        return cfg
+    for key, value in _flatten(NEUTRAL).items():
+        cfg.setdefault(key, value)
+    model = {k[len("model."):]: v for k, v in cfg.items() if k.startswith("model.")}
+    if model and "model.name" not in cfg:
+        cfg["model.name"] = model_name(model)
+    return cfg
+
+
+def _run_config(run_dir: Path, res: dict | None) -> dict:
     if res and isinstance(res.get("identity"), dict):
         return _flatten({**res["identity"], **(res.get("labels") or {})})
     path = run_dir / ".hydra" / "config.yaml"

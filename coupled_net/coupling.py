@@ -1,5 +1,13 @@
 """Kernel equalization (KE): after each epoch or optimizer step, filters 2k and 2k+1 (k < alpha) of
-the coupled conv layer(s) are made equal, weights and bias, in place on the model's device."""
+the coupled conv layer(s) are made equal, weights and bias, in place on the model's device.
+
+Grouped convs (groups > 1, weight [out, in/groups, k, k]): filters 2k and 2k+1 have the same shape
+whatever the groups, but each group of out/groups filters sees only its own in/groups input
+channels. Coupling keeps its meaning — equal filters give equal feature maps — only where every pair
+lies inside one group, i.e. where out/groups is even; that is allowed. Where it is odd (a depthwise
+conv: one filter per group) filters 2k and 2k+1 see different input channels, so equalizing them
+would tie two kernels across channels without making any feature map redundant: refused (for alpha
+> 0) with one line."""
 
 from __future__ import annotations
 
@@ -47,6 +55,12 @@ class Coupling:
             raise ConfigError("coupling.alpha", alpha, "must be an integer >= 0 (0 = no coupling)")
         self.layers = resolve_layers(model, layer)
         for path, conv in self.layers:
+            per_group = conv.out_channels // conv.groups
+            if alpha > 0 and conv.groups > 1 and per_group % 2:
+                raise ConfigError("coupling.layer", path,
+                                  f"a grouped conv (groups={conv.groups}, {per_group} filter(s) per group): filters 2k "
+                                  "and 2k+1 see different input channels, so equal filters would not give equal "
+                                  "outputs; couple a conv with an even number of filters per group")
             if 2 * alpha > conv.out_channels:
                 raise ConfigError("coupling.alpha", alpha,
                                   f"at most {conv.out_channels // 2}: layer {path} has {conv.out_channels} filters")

@@ -1,5 +1,6 @@
 """Datasets and loaders: torchvision datasets (downloaded once per root, under a file lock), a
-user's image folder, and the offline synthetic letters; seeded splits; the seed's PIL transforms."""
+user's image folder, and the offline synthetic letters; seeded splits; the augment policy's PIL
+transforms (pil pipeline) or batches (tensor pipeline); trainer.overfit_batches' fixed subset."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
 from . import synthetic
+from .augment import Letters, augment_batch, eval_transforms
 from .errors import ConfigError, DatasetUnavailable, one_line
 from .results import atomic_write, read_json
 
@@ -35,7 +37,8 @@ DOWNLOAD_TIMEOUT_S = 30
 
 @dataclass
 class ArraySource:
-    """Images held in memory as uint8, [N, H, W] (grayscale) or [N, H, W, 3]."""
+    """Images held in memory as uint8, [N, H, W] (grayscale) or [N, H, W, 3] (channels last, as PIL
+    and CIFAR keep them; a channels-first source such as SVHN is permuted when loaded)."""
     images: torch.Tensor
     labels: torch.Tensor
 
@@ -98,6 +101,16 @@ def _torchvision(cls, **kwargs):
     return load
 
 
+def _svhn(cls):
+    """SVHN differs from the others: split='train'|'test' (not train=), `labels` (not targets; torchvision
+    already maps the digit 0's label 10 to 0), and channels-first data [N, 3, 32, 32]."""
+    def load(root: Path, train: bool, download: bool) -> ArraySource:
+        ds = cls(root=str(root), split="train" if train else "test", download=download)
+        images = torch.from_numpy(np.asarray(ds.data)).permute(0, 2, 3, 1)  # -> ArraySource's [N, H, W, 3]
+        return ArraySource(images.contiguous(), torch.as_tensor(np.asarray(ds.labels), dtype=torch.int64))
+    return load
+
+
 def _synthetic(dcfg):
     def load(root: Path, train: bool, download: bool) -> ArraySource:
         per_class = dcfg.train_per_class if train else dcfg.test_per_class
@@ -112,6 +125,9 @@ LOADERS = {
     "mnist": lambda dcfg: _torchvision(tvd.MNIST),
     "fashion_mnist": lambda dcfg: _torchvision(tvd.FashionMNIST),
     "cifar10": lambda dcfg: _torchvision(tvd.CIFAR10),
+    "cifar100": lambda dcfg: _torchvision(tvd.CIFAR100),
+    "svhn": lambda dcfg: _svhn(tvd.SVHN),
+    "kmnist": lambda dcfg: _torchvision(tvd.KMNIST),
     "synthetic_letters": _synthetic,
 }
 NAMES = (*LOADERS, "image_folder")
@@ -405,17 +421,10 @@ def count_classes(dcfg) -> int:
 
 # ---- transforms, splits and loaders ----------------------------------------------------------
 
-def seed_transforms(size: int, mean, std) -> tuple[v2.Compose, v2.Compose]:
-    """The seed notebook's train and val/test transforms, resizing to `size` x `size`."""
-    finish = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
-    train = v2.Compose([
-        v2.Resize((size, size)),
-        v2.RandomHorizontalFlip(),
-        v2.RandomRotation(20),
-        v2.RandomAffine(degrees=0, translate=(0.1, 0.1), scale=(0.8, 1.2), shear=10),
-        *finish,
-    ])
-    return train, v2.Compose([v2.Resize((size, size)), *finish])
+def seed_transforms(size: int, mean, std, augment=None) -> tuple[v2.Compose, v2.Compose]:
+    """The train transforms of the augment policy `augment` (default: the seed notebook's, Letters())
+    and the val/test transforms, resizing to `size` x `size`."""
+    return (Letters() if augment is None else augment).pil(size, mean, std), eval_transforms(size, mean, std)
 
 
 @dataclass
@@ -425,14 +434,15 @@ class DataSplits:
     test: Dataset
 
 
-def build_splits(dcfg, input_size: int, seed: int) -> DataSplits:
+def build_splits(dcfg, input_size: int, seed: int, augment=None) -> DataSplits:
     """Train/val split of the training set (seeded, `val_fraction` to validation, as the seed's
-    random_split) and the dataset's own test set, with the seed's transforms."""
+    random_split) and the dataset's own test set; the training split's transforms are the augment
+    policy's (default: the seed's, Letters()), used by the pil pipeline."""
     if dcfg.name not in NAMES:
         raise ConfigError("dataset", dcfg.name, f"allowed: {', '.join(NAMES)}")
     if dcfg.get("pipeline", "pil") not in PIPELINES:
         raise ConfigError("dataset.pipeline", dcfg.get("pipeline"), f"allowed: {', '.join(PIPELINES)}")
-    train_tf, eval_tf = seed_transforms(input_size, dcfg.mean, dcfg.std)
+    train_tf, eval_tf = seed_transforms(input_size, dcfg.mean, dcfg.std, augment)
     if dcfg.name == "image_folder":
         train_src, pool, test_src, test_idx, _ = image_folder_sources(dcfg, seed)
     else:
@@ -453,6 +463,13 @@ def build_splits(dcfg, input_size: int, seed: int) -> DataSplits:
         val=SplitDataset(train_src, order[n_train:], eval_tf, offset),
         test=SplitDataset(test_src, test_idx, eval_tf, offset),
     )
+
+
+def overfit_split(splits: DataSplits, n: int) -> SplitDataset:
+    """trainer.overfit_batches: the first `n` samples of the training split (its seeded order), with the
+    eval transforms (unaugmented). Loaded with train=False (unshuffled), every epoch yields them alike."""
+    train = splits.train
+    return SplitDataset(train.source, train.indices[:n], splits.val.transform, train.label_offset)
 
 
 def _check_labels(labels: torch.Tensor, dcfg) -> None:
@@ -525,7 +542,7 @@ class TensorLoader:
     and every batch's random parameters are functions of (seed, epoch, batch, rank) alone."""
 
     def __init__(self, split: SplitDataset, device: torch.device, size: int, mean, std, batch_size: int,
-                 train: bool, seed: int, rank: int = 0, world_size: int = 1):
+                 train: bool, seed: int, rank: int = 0, world_size: int = 1, augment=None):
         src = split.source
         if not isinstance(src, ArraySource):
             raise ConfigError("dataset.pipeline", "tensor", "needs a dataset held in memory; use pil for image_folder")
@@ -536,6 +553,7 @@ class TensorLoader:
         self.mean = torch.tensor(list(mean), dtype=torch.float32, device=device)
         self.std = torch.tensor(list(std), dtype=torch.float32, device=device)
         self.size, self.batch_size, self.train, self.seed, self.rank = size, batch_size, train, seed, rank
+        self.augment = Letters() if augment is None else augment  # training batches only; eval: resized
         self.sampler = EpochSampler(len(split), train, seed, rank, world_size)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -545,28 +563,29 @@ class TensorLoader:
         return math.ceil(len(self.sampler) / self.batch_size)
 
     def __iter__(self):
-        from .augment import augment_batch
-
         order = self.sampler.positions()[0].to(self.images.device)
         start_batch = self.sampler.start // self.batch_size
         for b, first in enumerate(range(0, len(order), self.batch_size), start=start_batch):
             idx = order[first:first + self.batch_size]
-            gen = None
-            if self.train:
-                key = ((self.seed * 1_000_003 + self.sampler.epoch) * 1_000_003 + b) * 4096 + self.rank
-                gen = torch.Generator().manual_seed(key % 2**63)
-            yield augment_batch(self.images[idx], self.size, self.mean, self.std, gen), self.labels[idx]
+            if not self.train:
+                yield augment_batch(self.images[idx], self.size, self.mean, self.std, None), self.labels[idx]
+                continue
+            key = ((self.seed * 1_000_003 + self.sampler.epoch) * 1_000_003 + b) * 4096 + self.rank
+            gen = torch.Generator().manual_seed(key % 2**63)
+            yield self.augment.batch(self.images[idx], self.size, self.mean, self.std, gen), self.labels[idx]
 
 
 PIPELINES = ("tensor", "pil")
 
 
 def build_loader(split: SplitDataset, dcfg, *, train: bool, device: torch.device, size: int, batch_size: int,
-                 workers: int, seed: int, rank: int = 0, world_size: int = 1):
-    """`dataset.pipeline`: tensor (the split in memory, batch augmentation) or pil (the seed's per-image
-    transforms in DataLoader workers)."""
+                 workers: int, seed: int, rank: int = 0, world_size: int = 1, augment=None):
+    """`dataset.pipeline`: tensor (the split in memory, batches augmented by `augment`, default the
+    seed's Letters()) or pil (per-image transforms in DataLoader workers: the split's own, which
+    build_splits made from the same policy). `train`: shuffled, remainder dropped under DDP, augmented."""
     if dcfg.pipeline == "tensor":
-        return TensorLoader(split, device, size, dcfg.mean, dcfg.std, batch_size, train, seed, rank, world_size)
+        return TensorLoader(split, device, size, dcfg.mean, dcfg.std, batch_size, train, seed, rank, world_size,
+                            augment)
     return EpochLoader(split, batch_size, train, workers, device.type == "cuda", seed, rank, world_size)
 
 

@@ -36,7 +36,7 @@ from omegaconf import OmegaConf, open_dict
 from .build import build_loaders, build_model, resolve
 from .distributed import World
 from .errors import ConfigError, one_line
-from .identity import differences, identity_of
+from .identity import differences, identity_of, model_name
 from .results import RunFiles, now_iso, read_json, write_json
 from .trainer import Numerics, evaluate
 from .validation import resolve_device
@@ -250,7 +250,7 @@ def evaluate_run(run_dir: str | Path, split: str = "both", checkpoint: str = "be
     model, coupling = build_model(spec)
     problem = misfit(model, ckpt.state)
     if problem:
-        raise _refuse(path, f"does not fit this run's model ({cfg.model.get('name')}): {problem}")
+        raise _refuse(path, f"does not fit this run's model ({model_name(cfg.model)}): {problem}")
     model.load_state_dict(ckpt.state)
     memory = torch.channels_last if cfg.trainer.get("channels_last") else torch.preserve_format
     model.to(dev, memory_format=memory)
@@ -269,7 +269,7 @@ def evaluate_run(run_dir: str | Path, split: str = "both", checkpoint: str = "be
         "checkpoint": str(path), "checkpoint_kind": kind, "checkpoint_fingerprint": ckpt.fingerprint,
         "checkpoint_epoch": (ckpt.progress or {}).get("epoch") if kind != "best" else results.get("best_epoch"),
         "checkpoint_mid_epoch": {k: partial[k] for k in ("epoch", "step")} if partial else None,
-        "model": cfg.model.get("name"), "alpha": coupling.alpha, "coupling_mode": coupling.mode,
+        "model": model_name(cfg.model), "alpha": coupling.alpha, "coupling_mode": coupling.mode,
         "select_by": cfg.trainer.get("select_by"),
         "device": str(dev), "limit_batches": limit_batches, "trained_limit_batches": trained_limit,
         "already_equalized": saved is None, "evaluated_at": now_iso(), "splits": {},

@@ -18,12 +18,35 @@ from .errors import ConfigError, one_line
 
 # Keys (or whole sub-trees) that change where or how a run executes, never what it computes.
 NON_IDENTITY = ("dataset.root", "dataset.download", "trainer.device", "trainer.num_workers", "trainer.threads",
-                "trainer.progress", "trainer.compile", "trainer.channels_last", "logger", "hydra")
+                "trainer.progress", "trainer.compile", "trainer.channels_last", "logger", "hydra",
+                "optimized_metric")
+# Keys added after runs were made, at the value that computes what those runs computed without them:
+# left out of the fingerprint there, so those runs keep theirs (they resume, re-launches skip them).
+# Any other value is part of the identity like every key. `augment`: the seed's letters family, which
+# every run made before the augment group existed was trained with.
+NEUTRAL = {
+    "trainer.label_smoothing": 0.0,
+    "trainer.grad_clip_norm": None,
+    "trainer.overfit_batches": 0,
+    "scheduler.warmup_epochs": 0,
+    "augment": {"_target_": "coupled_net.augment.Letters", "flip_p": 0.5, "degrees": 20.0, "translate": 0.1,
+                "scale": [0.8, 1.2], "shear": 10.0},
+}
 # The task config's own top-level keys and the config groups that only select others (experiment).
 # Any other top-level key is a `+label`: recorded and reviewed, but not part of the fingerprint.
-TASK_ROOTS = ("model", "dataset", "optimizer", "scheduler", "coupling", "trainer", "logger", "seed")
-SELECTOR_GROUPS = ("experiment",)
+TASK_ROOTS = ("model", "dataset", "augment", "optimizer", "scheduler", "coupling", "trainer", "logger", "seed",
+              "optimized_metric")
+SELECTOR_GROUPS = ("experiment", "debug", "hparams_search")
+# Selectors that change only how runs are chosen (the sweeper), never what one computes: left out of
+# run directory names, so an Optuna trial is named by its sampled overrides alone.
+NAMELESS = ("hparams_search",)
 MAX_NAME_BYTES = 200
+
+
+def model_name(m: dict) -> str:
+    """What results.json and the review call the model of model config `m`: its `name` (the built-in
+    models), else its `arch` (model=torchvision, model=timm), else the last part of its `_target_`."""
+    return str(m.get("name") or m.get("arch") or str(m.get("_target_", "model")).rsplit(".", 1)[-1])
 
 
 def is_non_identity(key: str) -> bool:
@@ -73,11 +96,31 @@ def identity_of(cfg: DictConfig) -> Identity:
         raise ConfigError("config", "(composed)", f"cannot be resolved: {one_line(e, 300)}") from None
     plain.pop("hydra", None)
     labels = {k: plain.pop(k) for k in list(plain) if k not in TASK_ROOTS}
+    for key, value in NEUTRAL.items():
+        if _canonical(_get(plain, key)) == _canonical(value):
+            _drop(plain, key)
     keys = {k: v for k, v in _flatten(plain).items() if not is_non_identity(k)}
     return Identity(keys=dict(sorted(keys.items())), labels=labels)
 
 
 _ABSENT = object()
+
+
+def _get(plain: dict, dotted: str):
+    node = plain
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _ABSENT
+        node = node[part]
+    return node
+
+
+def _drop(plain: dict, dotted: str) -> None:
+    *parents, leaf = dotted.split(".")
+    node = plain
+    for part in parents:
+        node = node[part]
+    del node[leaf]
 
 
 def _canonical(value) -> str:
@@ -130,7 +173,7 @@ def run_name(task_overrides) -> str:
     items = []
     for o in overrides:
         key = o.key_or_group
-        if is_non_identity(key) or _is_label(key, o.is_add() or o.is_force_add()):
+        if is_non_identity(key) or _is_label(key, o.is_add() or o.is_force_add()) or key in NAMELESS:
             continue
         item = f"~{key}" if o.is_delete() else f"{key}={_value_text(o)}"
         items.append(item.replace("/", "%2F"))  # a path-valued key must not nest directories

@@ -1,17 +1,177 @@
-"""Optional experiment loggers (`logger=none|tensorboard`), fed one epochs.csv row per epoch."""
+"""Optional experiment trackers (`logger=tensorboard|mlflow|wandb`, several at once:
+`logger=[tensorboard,mlflow]`), fed what the run directory records anyway: the run's hyperparameters
+(its identity config, flattened, with its labels and fingerprint), one epochs.csv row per epoch and
+results.json's final metrics.
+
+Every tracker implements
+
+    log_hparams(params)   dotted config key -> value, once at the start
+    log_epoch(row)        one epochs.csv row, keyed by its column names
+    log_final(metrics)    val_/test_ top1/top5/loss of the best (equalized) model, best_epoch, status
+    close()
+
+A tracker is a convenience, the run directory is the record: `Loggers` fans each call out to all of
+them, and a tracker that raises is warned about once (`logger mlflow: <one line>`) and left out for
+the rest of the run, which goes on. A tracker whose package is not installed is a ConfigError before
+anything runs (`missing_extra`, called by the config validation)."""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import json
+import logging
+import numbers
+import os
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, one_line
+
+log = logging.getLogger(__name__)
+
+# logger target -> (the module that must be importable, the pip extra that installs it)
+EXTRAS = {"coupled_net.loggers.TensorBoardLogger": ("tensorboard", "tensorboard"),
+          "coupled_net.loggers.MLflowLogger": ("mlflow", "mlflow"),
+          "coupled_net.loggers.WandbLogger": ("wandb", "wandb")}
+FINAL_SPLITS = ("val", "test")
+FINAL_METRICS = ("top1", "top5", "loss")
+
+
+def missing_extra(target: str) -> str | None:
+    """What to install for the logger `target` when its package is absent, else None. Looks only
+    (importlib.util.find_spec): cheap enough to call for every job before a sweep starts."""
+    if target not in EXTRAS:
+        return None
+    module, extra = EXTRAS[target]
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # sys.modules[module] = None, or a broken install
+        found = False
+    return None if found else f"needs the {module} package: pip install -e '.[{extra}]'"
+
+
+def _require(target: str, name: str) -> None:
+    problem = missing_extra(target)
+    if problem:
+        raise ConfigError("logger", name, problem)
+
+
+def final_metrics(results: dict) -> dict:
+    """results.json -> what log_final takes: {val_top1, …, test_loss, best_epoch, status}; the metrics
+    are absent when the run has none (it failed, or stopped before an epoch finished)."""
+    out = {"status": results.get("status"), "best_epoch": results.get("best_epoch")}
+    for split in FINAL_SPLITS:
+        for name in FINAL_METRICS:
+            value = ((results.get("metrics") or {}).get(split) or {}).get(name)
+            if value is not None:
+                out[f"{split}_{name}"] = value
+    return out
+
+
+def scalar_params(params: dict) -> dict:
+    """Values a tracker that takes only numbers and strings can hold: lists and mappings as JSON,
+    None as `null` (as in the YAML)."""
+    def scalar(value):
+        if value is None:
+            return "null"
+        if isinstance(value, (bool, int, float, str)):
+            return value
+        return json.dumps(value, default=str)
+    return {k: scalar(v) for k, v in params.items()}
+
+
+def _numbers(metrics: dict) -> dict:
+    """The numeric values (numpy scalars included; NaN and inf kept: a diverged run's loss is one)."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, numbers.Real) and not isinstance(v, bool)}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+        return value if isinstance(value, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path: Path, value: dict) -> None:
+    from .results import atomic_write
+
+    atomic_write(path, lambda f: f.write((json.dumps(value, indent=1) + "\n").encode()))
+
+
+class Loggers(list):
+    """All of a run's trackers as one: every call goes to each; one that raises is warned about once
+    and dropped, so a tracker (a full quota, a dead server) never takes a run down."""
+
+    @classmethod
+    def start(cls, nodes, context: dict, params: dict) -> Loggers:
+        """Every tracker config in `nodes` (name -> config; None: left out), each given `context` (run_dir,
+        sweep_dir, run_name, fingerprint), then told the run's hyperparameters `params`. A missing extra
+        is a ConfigError; a tracker that cannot start (its server down) is warned about and left out."""
+        from hydra.errors import InstantiationException
+
+        from .build import instantiate
+
+        loggers = cls()
+        try:
+            for name, node in nodes.items():
+                if node is None:
+                    continue
+                try:
+                    loggers.append(instantiate(node, **context))
+                except ConfigError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - the run matters more than its tracker
+                    cause = e.__cause__ if isinstance(e, InstantiationException) and e.__cause__ else e
+                    log.warning("logger %s: %s", name, one_line(cause, 300))
+            loggers.log_hparams(params)
+        except BaseException:
+            loggers.close()  # the ones already started (a W&B service process)
+            raise
+        if loggers:
+            log.info("trackers: %s", "; ".join(f"{lg.name} ({getattr(lg, 'where', '')})" for lg in loggers))
+        return loggers
+
+    def _each(self, method: str, *args) -> None:
+        for logger in list(self):
+            try:
+                getattr(logger, method)(*args)
+            except Exception as e:  # noqa: BLE001 - the run matters more than its tracker
+                log.warning("logger %s: %s", getattr(logger, "name", type(logger).__name__), one_line(e, 300))
+                self.remove(logger)
+                if method != "close":
+                    try:  # let it release what it holds (files, a W&B service process)
+                        logger.close()
+                    except Exception:  # noqa: BLE001, S110 - already warned about this one
+                        pass
+
+    def log_hparams(self, params: dict) -> None:
+        self._each("log_hparams", params)
+
+    def log_epoch(self, row: dict) -> None:
+        self._each("log_epoch", row)
+
+    def log_final(self, metrics: dict) -> None:
+        self._each("log_final", metrics)
+
+    def close(self) -> None:
+        self._each("close")
+        self.clear()
 
 
 class NullLogger:
-    def __init__(self, run_dir: Path | None = None):
+    name = "none"
+
+    def __init__(self, run_dir: Path | None = None, **context):
+        pass
+
+    def log_hparams(self, params: dict) -> None:
         pass
 
     def log_epoch(self, row: dict) -> None:
+        pass
+
+    def log_final(self, metrics: dict) -> None:
         pass
 
     def close(self) -> None:
@@ -19,24 +179,215 @@ class NullLogger:
 
 
 class TensorBoardLogger:
-    """Losses, accuracies before/after KE, lr and KE time as TensorBoard scalars."""
+    """Losses, accuracies before/after KE, lr and KE time as scalars per epoch; the hyperparameters in
+    the HParams tab, with the final metrics (`final/val_top1` …) as its metrics."""
 
+    name = "tensorboard"
     SCALARS = {"train_loss": "loss/train", "val_loss": "loss/val", "ke_val_loss": "loss/val_after_ke",
                "train_acc": "accuracy/train", "val_acc": "accuracy/val", "ke_val_acc": "accuracy/val_after_ke",
                "lr": "lr", "ke_time_s": "time/ke_s", "epoch_time_s": "time/epoch_s"}
 
-    def __init__(self, run_dir: Path, subdir: str = "tensorboard"):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise ConfigError("logger", "tensorboard",
-                              "needs the tensorboard package: pip install -e '.[tensorboard]'") from None
+    def __init__(self, run_dir: Path, subdir: str = "tensorboard", **context):
+        _require("coupled_net.loggers.TensorBoardLogger", self.name)
+        from torch.utils.tensorboard import SummaryWriter
+
         self.writer = SummaryWriter(log_dir=str(Path(run_dir) / subdir))
+        self.where, self.restarted = self.writer.log_dir, False
+
+    def log_hparams(self, params: dict) -> None:
+        from torch.utils.tensorboard.summary import hparams
+
+        metrics = {f"final/{split}_{name}": 0.0 for split in FINAL_SPLITS for name in FINAL_METRICS}
+        # written into this run's own event file (SummaryWriter.add_hparams would make a sub-run)
+        writer = self.writer._get_file_writer()
+        for summary in hparams(scalar_params(params), metrics):
+            writer.add_summary(summary)
+        self.writer.flush()
 
     def log_epoch(self, row: dict) -> None:
+        epoch = int(row["epoch"])
+        if not self.restarted:
+            # a resumed run appends another event file; a restart marker at its first epoch makes
+            # TensorBoard hide what an earlier session logged from that epoch on (SummaryWriter's
+            # purge_step, known only now): an epoch trained again after a kill is shown once
+            from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+            self.writer._get_file_writer().add_event(Event(step=epoch, session_log=SessionLog(status=SessionLog.START)))
+            self.restarted = True
         for column, tag in self.SCALARS.items():
-            self.writer.add_scalar(tag, float(row[column]), int(row["epoch"]))
+            self.writer.add_scalar(tag, float(row[column]), epoch)
+        self.writer.flush()
+
+    def log_final(self, metrics: dict) -> None:
+        step = metrics.get("best_epoch") or 0
+        for key, value in _numbers(metrics).items():
+            if key != "best_epoch":
+                self.writer.add_scalar(f"final/{key}", value, step)
+        self.writer.add_text("final/status", str(metrics.get("status")), step)
         self.writer.flush()
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _quiet_mlflow() -> None:
+    """MLflow's own INFO lines (a new experiment, a run's URL) and its deprecation notice for the file
+    store say nothing a coupled_net user needs."""
+    import warnings
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*[Ff]ile ?[Ss]tore.*")
+    warnings.filterwarnings("ignore", module="mlflow.*", category=FutureWarning)
+
+
+class MLflowLogger:
+    """One MLflow run per coupled_net run, named after the run directory and tagged with its fingerprint
+    and path: params = the hyperparameters, per-epoch metrics (epochs.csv's columns, step = epoch),
+    `final/val_top1` … at the end. Without `tracking_uri`, a file store beside the runs: the sweep's
+    `<sweep dir>/mlruns` (a single run: `<run dir>/mlruns`). The MLflow run id is kept in
+    `<run dir>/mlflow_run.json`, so a resumed run continues the same MLflow run (epochs it logged
+    before are not logged twice). Explicit run ids throughout (MlflowClient): no global active run
+    leaks from one run of an in-process sweep into the next."""
+
+    name = "mlflow"
+    STATE = "mlflow_run.json"
+    MAX_PARAM = 500  # the length every MLflow store accepts for a param value
+
+    def __init__(self, run_dir: Path, tracking_uri: str | None = None, experiment_name: str = "coupled_net",
+                 sweep_dir: Path | None = None, run_name: str | None = None, fingerprint: str | None = None,
+                 **context):
+        _require("coupled_net.loggers.MLflowLogger", self.name)
+        run_dir = Path(run_dir).resolve()
+        if not tracking_uri:
+            store = (Path(sweep_dir).resolve() if sweep_dir else run_dir) / "mlruns"
+            tracking_uri = store.as_uri()
+        if tracking_uri.startswith("file:") or "://" not in tracking_uri:
+            # MLflow 3 refuses a file store unless asked: it is the one that needs no server or database,
+            # and the one many sweep jobs can write to at once (a directory per run)
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        _quiet_mlflow()
+        from mlflow.tracking import MlflowClient
+
+        self.client, self.state_path = MlflowClient(tracking_uri), run_dir / self.STATE
+        # closed without a final word: the run ended as a kill would end it
+        self.tracking_uri, self.status = tracking_uri, "KILLED"
+        state = _read_json(self.state_path)
+        self.run_id, self.logged_steps = None, set()
+        if state.get("tracking_uri") == tracking_uri and state.get("run_id"):
+            try:
+                self.client.get_run(state["run_id"])
+                self.run_id = state["run_id"]
+            except Exception:  # noqa: BLE001 - deleted from the store: start another
+                log.warning("logger mlflow: run %s is not in %s any more; starting a new MLflow run",
+                            state["run_id"], tracking_uri)
+        if self.run_id is not None:  # a resume: the same MLflow run, running again
+            self.client.update_run(self.run_id, status="RUNNING")
+            self.logged_steps = {m.step for m in self.client.get_metric_history(self.run_id, "val_acc")}
+        else:
+            experiment = self._experiment(experiment_name)
+            tags = {"run_dir": str(run_dir), **({"fingerprint": fingerprint} if fingerprint else {})}
+            run = self.client.create_run(experiment, run_name=run_name or run_dir.name, tags=tags)
+            self.run_id = run.info.run_id
+            _write_json(self.state_path, {"tracking_uri": tracking_uri, "experiment_id": experiment,
+                                          "run_id": self.run_id})
+        self.where = f"{tracking_uri}, run {self.run_id}"
+
+    def _experiment(self, name: str) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(name)
+        except Exception:  # another job of the sweep created it first
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def log_hparams(self, params: dict) -> None:
+        from mlflow.entities import Param
+
+        have = self.client.get_run(self.run_id).data.params  # a resume logs only what is new
+        values = {k: str(v)[:self.MAX_PARAM] for k, v in scalar_params(params).items()}
+        new = [Param(k, v) for k, v in values.items() if k not in have]
+        for start in range(0, len(new), 100):  # log_batch takes at most 100 params
+            self.client.log_batch(self.run_id, params=new[start:start + 100])
+
+    def log_epoch(self, row: dict) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        step = int(row["epoch"])
+        if step in self.logged_steps:  # logged before an interruption, re-run by the resume
+            return
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, step) for k, v in _numbers(row).items() if k != "epoch"]
+        self.client.log_batch(self.run_id, metrics=metrics)
+        self.logged_steps.add(step)
+
+    def log_final(self, metrics: dict) -> None:
+        import time
+
+        from mlflow.entities import Metric, RunTag
+
+        now, step = int(time.time() * 1000), metrics.get("best_epoch") or 0
+        self.client.log_batch(self.run_id, metrics=[Metric(f"final/{k}", v, now, step)
+                                                    for k, v in _numbers(metrics).items()],
+                              tags=[RunTag("status", str(metrics.get("status")))])
+        self.status = {"done": "FINISHED", "diverged": "FINISHED", "interrupted": "KILLED"}.get(
+            metrics.get("status"), "FAILED")
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id, status=self.status)
+
+
+class WandbLogger:
+    """A Weights & Biases run per coupled_net run, offline by default (no network, no API key, no
+    prompt): its files go to `<run dir>/wandb`, to be uploaded with `wandb sync`. Named after the run
+    directory, config = the hyperparameters, history = epochs.csv's columns (step = epoch), summary =
+    the final metrics. Its id is kept in `<run dir>/wandb_run.json`, so a resumed run continues it."""
+
+    name = "wandb"
+    STATE = "wandb_run.json"
+    exit_code = 1  # closed without a final word: the run ended as a kill would end it
+
+    def __init__(self, run_dir: Path, project: str = "coupled_net", mode: str = "offline", entity: str | None = None,
+                 run_name: str | None = None, fingerprint: str | None = None, **context):
+        _require("coupled_net.loggers.WandbLogger", self.name)
+        for key, value in {"WANDB_SILENT": "true", "WANDB_CONSOLE": "off", "WANDB_DISABLE_GIT": "true"}.items():
+            os.environ.setdefault(key, value)
+        import wandb
+
+        run_dir = Path(run_dir).resolve()
+        self.state_path = run_dir / self.STATE
+        state = _read_json(self.state_path)
+        run_id = state.get("id") or hashlib.sha256(f"{run_dir}:{fingerprint}".encode()).hexdigest()[:16]
+        self.last_step = int(state.get("last_step") or 0)
+        self.state = {"id": run_id, "project": project, "last_step": self.last_step}
+        _write_json(self.state_path, self.state)
+        (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(dir=str(run_dir), mode=mode, project=project, entity=entity,
+                              name=run_name or run_dir.name, id=run_id, resume="allow", reinit="create_new",
+                              tags=[fingerprint] if fingerprint else None, notes=str(run_dir),
+                              settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
+        self.where = f"{mode}, {Path(self.run.dir).parent}"
+
+    def log_hparams(self, params: dict) -> None:
+        self.run.config.update(params, allow_val_change=True)
+
+    def log_epoch(self, row: dict) -> None:
+        step = int(row["epoch"])
+        if step <= self.last_step:  # logged before an interruption, re-run by the resume
+            return
+        self.run.log({k: v for k, v in row.items() if k != "epoch"}, step=step)
+        self.last_step = self.state["last_step"] = step
+        _write_json(self.state_path, self.state)
+
+    def log_final(self, metrics: dict) -> None:
+        self.run.summary.update({f"final/{k}": v for k, v in metrics.items() if v is not None})
+        self.exit_code = 0 if metrics.get("status") in ("done", "diverged") else 1
+
+    def close(self) -> None:
+        self.run.finish(exit_code=self.exit_code)

@@ -1,13 +1,24 @@
-"""Model factory: torchvision models (no pretrained weights) with the first conv rebuilt for the
-dataset's channel count, plus a small CNN for CPU work."""
+"""Model factory: the built-in models (the seed's AlexNet, ResNet-18, VGG-11, a small CNN: no
+pretrained weights, first conv rebuilt for the dataset's channels), any torchvision classification
+model (`torchvision_model`), any timm model (`timm_model`), and any other `_target_` a user's model
+YAML names (`make`), each adapted to the dataset's channels and classes and checked up front against
+its input size on the meta device."""
 
 from __future__ import annotations
+
+import copy
+import difflib
+import inspect
+import os
+from collections.abc import Callable
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
 from torchvision import models as tvm
 
-from .errors import ConfigError
+from .errors import ConfigError, one_line
+from .identity import model_name
 
 
 class SmallCNN(nn.Module):
@@ -87,7 +98,7 @@ def _forward_ok(model: nn.Module, in_channels: int, size: int) -> bool:
         with torch.no_grad():
             model(torch.empty(1, in_channels, size, size, device="meta"))
         return True
-    except RuntimeError:
+    except (RuntimeError, ValueError, AssertionError, IndexError):  # timm / ViTs assert their sizes
         return False
 
 
@@ -103,3 +114,372 @@ def smallest_input_size(probe: nn.Module, in_channels: int) -> int:
         else:
             lo = mid + 1
     return lo
+
+
+# ---- any model config: torchvision and timm by name, or a user's own `_target_` --------------------
+
+BUILTIN = "coupled_net.models.build_model"
+TORCHVISION = "coupled_net.models.torchvision_model"
+TIMM = "coupled_net.models.timm_model"
+# coupled_net's own model keys: never passed to a foreign `_target_` that does not take them
+RESERVED = ("input_size", "in_channels", "num_classes", "name")
+# what an unknown torchvision name is answered with when no name is close to it
+EXAMPLES = ("mobilenet_v3_small", "efficientnet_b0", "resnet18", "densenet121", "regnet_y_400mf", "convnext_tiny")
+# torchvision models whose forward returns a namedtuple with auxiliary logits in training: built without them
+AUX_LOGITS = ("googlenet", "inception_v3")
+# torchvision models built for one input size: built for model.input_size (random weights only: the
+# pretrained ones fix their size)
+SIZE_KWARG = {"vit_": "image_size", "maxvit_": "input_size"}
+WEIGHT_SUFFIXES = (".pt", ".pth", ".pth.tar", ".bin", ".ckpt", ".safetensors")
+
+
+display_name = model_name  # what results.json and the summary call the model of config `m`
+
+
+def _on_meta() -> bool:
+    """Whether tensors made now land on the meta device (validation's shape-only build)."""
+    return torch.empty(0).device.type == "meta"
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def _first_conv(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
+    """The first Conv2d in registration order: the input layer of every torchvision/timm classifier."""
+    return next(((p, m) for p, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
+
+
+def _head(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The last Linear or Conv2d in registration order: the classifier (a 1x1 Conv2d in SqueezeNet)."""
+    found = None
+    for path, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            found = (path, module)
+    return found
+
+
+def _input_kernel(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """Pretrained first-conv kernels [out, C, k, k] for `in_channels` inputs (timm's adapt_input_conv
+    rule): a grey image is C equal channels, so the sum of the C kernels answers it as the pretrained
+    conv did; for more channels the kernels are tiled and scaled by C/in_channels, which keeps the
+    answer to an image whose channels are equal."""
+    if in_channels == 1:
+        return weight.sum(dim=1, keepdim=True)
+    c = weight.shape[1]
+    tiled = weight.repeat(1, -(-in_channels // c), 1, 1)[:, :in_channels]
+    return tiled * (c / in_channels)
+
+
+def adapt_first_conv(model: nn.Module, in_channels: int, name: str, pretrained: bool) -> None:
+    """Rebuild the first Conv2d for `in_channels` inputs when it takes another count: same class,
+    out_channels, kernel, stride, padding, dilation, bias and padding mode; kernels summed/tiled from
+    the pretrained ones (`pretrained`), else the conv's own fresh initialisation (as the built-ins)."""
+    found = _first_conv(model)
+    if found is None or found[1].in_channels == in_channels:
+        return
+    path, conv = found
+    if conv.groups != 1:
+        raise ConfigError("model", name, f"cannot adapt its first conv {path} to {in_channels} input channel(s): "
+                                         f"it is grouped (groups={conv.groups})")
+    new = copy.deepcopy(conv)  # keeps a subclass's own forward (timm's Conv2dSame, StdConv2d)
+    new.in_channels = in_channels
+    new.weight = nn.Parameter(torch.empty(conv.out_channels, in_channels, *conv.kernel_size,
+                                          device=conv.weight.device, dtype=conv.weight.dtype))
+    if pretrained:
+        with torch.no_grad():
+            new.weight.copy_(_input_kernel(conv.weight, in_channels))
+    else:
+        new.reset_parameters()
+    _set_module(model, path, new)
+
+
+def adapt_classifier(model: nn.Module, num_classes: int, name: str) -> None:
+    """Replace the classifier (the last Linear, or a last 1x1 Conv2d) by a fresh one of `num_classes`
+    outputs when it has another count."""
+    found = _head(model)
+    if found is None:
+        raise ConfigError("model", name, f"cannot adapt its classifier to {num_classes} classes: "
+                                         "it has no Linear or Conv2d layer")
+    path, head = found
+    if isinstance(head, nn.Linear):
+        if head.out_features != num_classes:
+            _set_module(model, path, nn.Linear(head.in_features, num_classes, bias=head.bias is not None,
+                                               device=head.weight.device, dtype=head.weight.dtype))
+    elif head.kernel_size == (1, 1) and head.groups == 1:
+        if head.out_channels != num_classes:
+            _set_module(model, path, nn.Conv2d(head.in_channels, num_classes, 1, bias=head.bias is not None,
+                                               device=head.weight.device, dtype=head.weight.dtype))
+    else:
+        raise ConfigError("model", name, f"cannot adapt its classifier to {num_classes} classes: its last layer "
+                                         f"{path} is a {'x'.join(map(str, head.kernel_size))} Conv2d, not a Linear "
+                                         "or 1x1 Conv2d")
+
+
+def check_model(probe: nn.Module, channels: int, size: int, num_classes: int, name: str) -> None:
+    """On a meta-device model: refuse an input size it cannot take (`model.input_size`) and a model
+    whose training forward does not return one (batch, num_classes) tensor of logits."""
+    was_training = probe.training
+    try:
+        probe.eval()  # batch 1: BatchNorm in train mode refuses a 1x1 map of one image
+        try:
+            with torch.no_grad():
+                probe(torch.empty(1, channels, size, size, device="meta"))
+        except Exception as e:
+            smallest = smallest_input_size(probe, channels)
+            if size < smallest and _forward_ok(probe, channels, smallest):
+                raise ConfigError("model.input_size", size,
+                                  f"{name} needs images of at least {smallest} pixels") from None
+            raise ConfigError("model.input_size", size, f"{name} does not run on images of {size} pixels: "
+                                                        f"{one_line(e)}") from None
+        probe.train()  # the trainer's forward: some models return auxiliary outputs only in training
+        try:
+            with torch.no_grad():
+                out = probe(torch.empty(2, channels, size, size, device="meta"))
+        except Exception as e:
+            raise ConfigError("model", name, f"does not train on images of {size} pixels: {one_line(e)}") from None
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+            got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ConfigError("model", name, f"its forward returns {got} in training, not logits of shape "
+                                             f"(batch, {num_classes})")
+    finally:
+        probe.train(was_training)
+
+
+_checked: set = set()  # models already checked in this process (validation's meta build, then the real one)
+
+
+def _build_checked(construct: Callable[[bool], nn.Module], channels: int, num_classes: int, size: int,
+                   name: str, key: tuple) -> nn.Module:
+    """`construct(load)` builds the adapted model (`load`: read its pretrained weights). It is first
+    built on the meta device (no memory, no initialisation, no weights read) and checked there, once
+    per process for one `key` (the model's config); the real model is built only after that — unless
+    the build itself is on the meta device (validation)."""
+    meta = _on_meta()
+    key = repr((key, channels, num_classes, size))
+    probe = None
+    if meta or key not in _checked:
+        try:
+            with torch.device("meta"):
+                probe = construct(False)
+        except ConfigError:
+            raise
+        except Exception:  # code that cannot run on the meta device (a .item() in an __init__): built for real below
+            probe = None
+        if probe is not None:
+            if key not in _checked:
+                check_model(probe, channels, size, num_classes, name)
+                _checked.add(key)
+            if meta:
+                return probe
+    try:
+        with torch.device("cpu"):
+            model = construct(not meta)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError("model", name, one_line(e)) from e
+    if key not in _checked:
+        check_model(copy.deepcopy(model).to("meta"), channels, size, num_classes, name)
+        _checked.add(key)
+    return model.to("meta") if meta else model
+
+
+def _suggest(name: str, names: list[str], examples=()) -> str:
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
+    return ", ".join(close or examples)
+
+
+def _torchvision_weights(arch: str, weights):
+    """None, a torchvision weights enum member whose file is in the torch hub cache, or a state_dict
+    file's absolute path; ConfigError otherwise (nothing is ever downloaded)."""
+    if weights is None:
+        return None
+    from torchvision.models import get_model_weights
+
+    text = str(weights)
+    path = os.path.abspath(os.path.expanduser(text))
+    if os.path.isfile(path):
+        return path
+    if "/" in text or os.sep in text or text.endswith(WEIGHT_SUFFIXES):
+        raise ConfigError("model.weights", weights, f"no such file: {path}")
+    enum = get_model_weights(arch)
+    member = text.rsplit(".", 1)[-1]  # IMAGENET1K_V1, or ResNet18_Weights.IMAGENET1K_V1 as torchvision spells it
+    if member not in enum.__members__:
+        raise ConfigError("model.weights", weights, f"not a weights name of torchvision {arch} "
+                                                    f"({', '.join(enum.__members__)}) nor a state_dict file")
+    chosen = enum[member]
+    # where torch.hub.load_state_dict_from_url keeps it: <hub dir>/checkpoints/<the URL's file name>
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(chosen.url).path))
+    if not os.path.isfile(cached):
+        raise ConfigError("model.weights", weights, f"{cached} is not in the torch hub cache; nothing is downloaded "
+                                                    f"here: copy {chosen.url} there, or give a state_dict file")
+    return chosen
+
+
+def _load_state_dict_file(model: nn.Module, path: str, in_channels: int, name: str) -> None:
+    """Load a state_dict file into a torchvision model built for this dataset's classes: the file's
+    classifier is dropped where its class count differs, its first conv adapted where its channel
+    count differs (a file saved from this project's adapted model fits as it is)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError("model.weights", path, f"not a state_dict torch.load can read: {one_line(e)}") from None
+    for key in ("state_dict", "model"):  # training checkpoints wrap it
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ConfigError("model.weights", path, f"holds a {type(state).__name__}, not a state_dict")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    conv_path, conv = _first_conv(model)
+    kernel = state.get(f"{conv_path}.weight")
+    if kernel is not None and kernel.shape[1] == in_channels != conv.in_channels:
+        adapt_first_conv(model, in_channels, name, pretrained=False)
+    own = model.state_dict()
+    head_path = _head(model)[0]
+    head_keys = {f"{head_path}.weight", f"{head_path}.bias"}
+    state = {k: v for k, v in state.items() if not (k in head_keys and k in own and v.shape != own[k].shape)}
+    missing = [k for k in own if k not in state and k not in head_keys and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in state if k in own and state[k].shape != own[k].shape]
+    problems = [f"{what}: {', '.join(keys[:3])}{' …' if len(keys) > 3 else ''}"
+                for what, keys in (("missing", missing), ("unexpected", unexpected), ("other shapes", wrong)) if keys]
+    if problems:
+        raise ConfigError("model.weights", path, f"does not fit torchvision {name}: {'; '.join(problems)}")
+    model.load_state_dict(state, strict=False)  # a 3-channel first conv is adapted after, from these kernels
+
+
+def torchvision_model(arch: str, in_channels: int, num_classes: int, input_size: int, weights=None) -> nn.Module:
+    """Any torchvision classification model by name (torchvision.models.get_model), its first conv
+    rebuilt for `in_channels` and its classifier for `num_classes`. Random weights unless `weights`
+    is a torchvision weights name (IMAGENET1K_V1, DEFAULT) whose file is already in the torch hub
+    cache, or a state_dict file; nothing is downloaded."""
+    import torchvision
+    from torchvision.models import WeightsEnum, get_model
+
+    names = torchvision.models.list_models(module=torchvision.models)
+    if arch not in names:
+        raise ConfigError("model.arch", arch, f"not a torchvision classification model; e.g. "
+                                              f"{_suggest(arch, names, EXAMPLES)}")
+    source = _torchvision_weights(arch, weights)
+    options = {"aux_logits": False} if arch in AUX_LOGITS else {}
+    if source is None:
+        options.update({kw: (input_size if kw == "image_size" else (input_size, input_size))
+                        for prefix, kw in SIZE_KWARG.items() if arch.startswith(prefix)})
+
+    def construct(load: bool) -> nn.Module:
+        # GoogLeNet/Inception warn unless told how to initialise random weights: as they do by default
+        init = {"init_weights": True} if arch in AUX_LOGITS else {}
+        if isinstance(source, WeightsEnum):
+            model = (get_model(arch, weights=source, **options) if load else
+                     get_model(arch, weights=None, num_classes=len(source.meta["categories"]), **options, **init))
+        else:
+            model = get_model(arch, weights=None, num_classes=num_classes, **options, **init)
+            if load and source is not None:
+                _load_state_dict_file(model, source, in_channels, arch)
+        adapt_classifier(model, num_classes, arch)
+        adapt_first_conv(model, in_channels, arch, pretrained=load and source is not None)
+        if getattr(model, "transform_input", False) and in_channels != 3:
+            model.transform_input = False  # it converts three ImageNet-normalised channels by index
+        return model
+
+    return _build_checked(construct, in_channels, num_classes, input_size, arch, (TORCHVISION, arch, weights))
+
+
+def timm_model(arch: str, in_channels: int, num_classes: int, input_size: int, weights=None) -> nn.Module:
+    """Any timm model by name (timm.create_model, which adapts its own input conv and classifier).
+    Random weights unless `weights` is a checkpoint file here (timm's pretrained_cfg_overlay file=);
+    nothing is downloaded."""
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError("model", "timm", "needs the timm package: pip install -e '.[timm]'") from None
+    if not timm.is_model(arch):
+        close = _suggest(arch, timm.list_models())
+        raise ConfigError("model.arch", arch, f"not a timm model; close matches: {close}" if close else
+                                              "not a timm model (timm.list_models() names them all)")
+    file = None
+    if weights is not None:
+        file = os.path.abspath(os.path.expanduser(str(weights)))
+        if not os.path.isfile(file):
+            raise ConfigError("model.weights", weights, f"no such file: {file} (timm models load weights from a "
+                                                        "checkpoint file here; nothing is downloaded)")
+
+    def construct(load: bool) -> nn.Module:
+        pretrained = load and file is not None
+        return timm.create_model(arch, pretrained=pretrained, in_chans=in_channels, num_classes=num_classes,
+                                 **({"pretrained_cfg_overlay": {"file": file}} if pretrained else {}))
+
+    return _build_checked(construct, in_channels, num_classes, input_size, arch, (TIMM, arch, weights))
+
+
+def _keywords(fn) -> tuple[list[str], bool]:
+    """The keyword parameters of `fn` (a class: its __init__) and whether it takes **kwargs."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a builtin): take everything
+        return [], True
+    named = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return named, any(p.kind == p.VAR_KEYWORD for p in params)
+
+
+def _check_keys(target: str, options: dict, named: list[str], var_kw: bool) -> None:
+    for key, value in options.items():
+        if key not in named and not var_kw and not (key.startswith("_") and key.endswith("_")):
+            raise ConfigError(f"model.{key}", value, f"not a key of model {target} (its keys: {', '.join(named)})")
+
+
+def make(m: dict, channels: int, num_classes: int) -> nn.Module:
+    """The model of the resolved model config `m` (any `_target_`) for `channels`-channel images and
+    `num_classes` classes; ConfigError in one line where it cannot be built or adapted.
+
+    A foreign `_target_` (a user's model YAML) gets its own keys, less coupled_net's reserved ones it
+    does not take (input_size always; in_channels, num_classes, name unless its signature names them:
+    then in_channels/num_classes are the dataset's), and is then adapted like torchvision_model: first
+    conv rebuilt for the channels (from its kernels when the config sets `weights` or `pretrained`),
+    classifier for the classes."""
+    from hydra._internal.utils import _locate  # hydra.utils.get_object, without its logged error
+
+    num_classes = 2 if num_classes is None else num_classes  # image_folder before its classes are counted
+    target = m.get("_target_")
+    options = {k: v for k, v in m.items() if k != "_target_"}
+    if target == BUILTIN:
+        return build_model(**{**options, "in_channels": channels, "num_classes": num_classes})
+    own = {TORCHVISION: torchvision_model, TIMM: timm_model}.get(target)
+    if own is not None:
+        named, var_kw = _keywords(own)
+        options = {k: v for k, v in options.items() if k != "name"}
+        _check_keys(target, options, named, var_kw)
+        return own(**{**options, "in_channels": channels, "num_classes": num_classes})
+    name = display_name(m)
+    try:
+        fn = _locate(str(target))
+    except Exception as e:
+        raise ConfigError("model._target_", target, f"cannot be imported: {one_line(e)}") from None
+    if not callable(fn):
+        raise ConfigError("model._target_", target, f"is a {type(fn).__name__}, not a class or function")
+    named, var_kw = _keywords(fn)
+    given = {"in_channels": channels, "num_classes": num_classes, **({"name": m["name"]} if "name" in m else {})}
+    options = {k: v for k, v in options.items() if k not in RESERVED}
+    _check_keys(target, options, named, var_kw)
+    options.update({k: v for k, v in given.items() if k in named})
+    pretrained = any(options.get(k) not in (None, False) for k in ("weights", "pretrained"))
+    size = m.get("input_size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ConfigError("model.input_size", size, "must be an integer >= 1")
+
+    def construct(load: bool) -> nn.Module:
+        from hydra.utils import instantiate
+
+        try:
+            model = instantiate({"_target_": target, **options}, _convert_="all")
+        except Exception as e:  # hydra's InstantiationException wraps the model's own error
+            raise (e.__cause__ or e) from None
+        if not isinstance(model, nn.Module):
+            raise ConfigError("model._target_", target, f"returned a {type(model).__name__}, not a torch.nn.Module")
+        adapt_classifier(model, num_classes, name)
+        adapt_first_conv(model, channels, name, pretrained=pretrained)
+        return model
+
+    return _build_checked(construct, channels, num_classes, size, name, (target, options))

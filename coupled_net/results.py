@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .identity import model_name
+
 EPOCH_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "ke_val_loss", "ke_val_acc",
                  "epoch_time_s", "ke_time_s", "ke_eval_time_s"]
 STATUSES = ("running", "done", "diverged", "failed", "interrupted")
@@ -222,7 +224,7 @@ def new_results(cfg, identity, *, owner: dict, resumes: int, world_size: int, pr
     """The record a run starts with (`status: running`); run.py fills in the rest as it goes."""
     return {
         "status": "running", "stopped_early": False, "epochs_run": 0, "best_epoch": None, "resumes": resumes,
-        "model": cfg.model.get("name"), "dataset": cfg.dataset.get("name"), "alpha": cfg.coupling.get("alpha"),
+        "model": model_name(cfg.model), "dataset": cfg.dataset.get("name"), "alpha": cfg.coupling.get("alpha"),
         "coupling_mode": cfg.coupling.get("mode"), "coupling_schedule": cfg.coupling.get("schedule"),
         "seed": cfg.get("seed"), "coupled_layers": None, "metrics": None,
         "ke_time_s_mean": None, "epoch_time_s_mean": None, "total_time_s": None,

@@ -33,7 +33,7 @@ from .coupling import Coupling
 from .distributed import World, init_world
 from .errors import ConfigError, DatasetUnavailable, RunFault, one_line
 from .evaluate import misfit as checkpoint_misfit
-from .identity import Identity, differences, identity_of
+from .identity import Identity, differences, identity_of, model_name
 from .logs import FILE_ONLY, claim_file_logs
 from .monitor import SystemMonitor
 from .results import FINISHED, RunFiles, atomic_write, disk_full, epoch_aggregates, new_results, now_iso, \
@@ -336,14 +336,14 @@ def _train(cfg: DictConfig, rd: RunDirectory, verdict: Verdict, guard: StopGuard
     results = new_results(cfg, rd.identity, owner=owner_record(), resumes=resumes, world_size=world.size,
                           provenance=provenance(None))
     rd.start({**results, "epochs_run": progress.epoch, "best_epoch": progress.best_epoch})
-    monitor, trainer = None, None
+    monitor, trainer, logger = None, None, None
     try:
         spec = resolve(cfg, world)
         parts = build(spec)
         rd.write(coupled_layers=parts.coupling.layer_paths, provenance=provenance(spec.device))
         monitor = SystemMonitor()
         bars = {"auto": os.isatty(2)}.get(str(cfg.trainer.progress).lower(), bool(cfg.trainer.progress))
-        logger = build_logger(cfg, files) if world.is_main else None
+        logger = build_logger(cfg, files, rd.identity) if world.is_main else None
         trainer = make_trainer(spec, parts, files=files, monitor=monitor, logger=logger, progress_bars=bars,
                                guard=guard, stamp={"fingerprint": rd.identity.fingerprint,
                                                    "identity": rd.identity.keys},
@@ -366,7 +366,7 @@ def _train(cfg: DictConfig, rd: RunDirectory, verdict: Verdict, guard: StopGuard
             write_model_summary(parts.model, cfg.dataset.channels, cfg.model.input_size, parts.coupling,
                                 files.summary)
         log.info("run %s: %s on %s, alpha=%d (%s, %s) on %s, %d threads, %d workers, %d process(es)", files.dir,
-                 cfg.model.name, cfg.dataset.name, parts.coupling.alpha, parts.coupling.mode,
+                 model_name(cfg.model), cfg.dataset.name, parts.coupling.alpha, parts.coupling.mode,
                  parts.coupling.schedule, rd.results["provenance"]["device"], spec.threads, spec.workers, world.size)
         progress = trainer.fit(progress)
         final_start = time.perf_counter()
@@ -388,18 +388,27 @@ def _train(cfg: DictConfig, rd: RunDirectory, verdict: Verdict, guard: StopGuard
     except Exception as e:  # noqa: BLE001 - recorded, logged, and the sweep goes on
         log.error("run failed:\n%s", traceback.format_exc(), extra=FILE_ONLY)  # the terminal gets one line
         return _record_failure(rd, describe_fault(e))
+    except BaseException:  # a kill-like end (KeyboardInterrupt): the trackers are closed, their runs left open
+        if logger is not None:
+            logger.close()
+            logger = None
+        raise
     finally:
         if monitor is not None:
             monitor.close()
-        if trainer is not None:
-            trainer.logger.close()
+        if logger is not None and rd.results.get("status") != "running":  # failed / interrupted: its last word
+            finish_logger(logger, rd.results)
 
     if not world.is_main:
         return dict(rd.results)
-    results = rd.write(status=status, error=error, metrics=metrics, stopped_early=progress.stopped_early,
-                       epochs_run=progress.epoch, best_epoch=progress.best_epoch,
-                       total_time_s=round(progress.elapsed_s, 3), finished_at=now_iso(),
-                       **epoch_aggregates(files.epochs.rows()))
+    try:
+        results = rd.write(status=status, error=error, metrics=metrics, stopped_early=progress.stopped_early,
+                           epochs_run=progress.epoch, best_epoch=progress.best_epoch,
+                           total_time_s=round(progress.elapsed_s, 3), finished_at=now_iso(),
+                           **epoch_aggregates(files.epochs.rows()))
+    finally:
+        if logger is not None:
+            finish_logger(logger, rd.results)
     if metrics:
         log.info("%s: best epoch %s; val top-1 %.2f%% top-5 %.2f%%; test top-1 %.2f%% top-5 %.2f%% (after KE)",
                  status, progress.best_epoch, metrics["val"]["top1"], metrics["val"]["top5"],
@@ -422,10 +431,39 @@ def _record_failure(rd: RunDirectory, error: str) -> dict:
         raise RunFault(f"{error}; and results.json could not be updated ({describe_fault(e)})") from None
 
 
-def build_logger(cfg: DictConfig, files: RunFiles):
-    from .build import instantiate
+def build_logger(cfg: DictConfig, files: RunFiles, identity: Identity):
+    """Every tracker under `logger` (none there: None) as one `Loggers`, told the run's hyperparameters:
+    its identity config (flattened), labels and fingerprint. Each gets the run directory, the run's name
+    and, in a sweep job, the sweep directory (MLflow's default store is shared by the sweep)."""
+    from .identity import _flatten
+    from .loggers import Loggers
 
-    return instantiate(cfg.logger, run_dir=files.dir) if "logger" in cfg else None
+    if not cfg.get("logger"):
+        return None
+    sweep_dir = None
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        sweep_dir = Path(hc.sweep.dir).resolve() if hc.mode == RunMode.MULTIRUN else None
+    except ValueError:  # not under Hydra (run() called directly): a single run
+        pass
+    context = {"run_dir": files.dir, "sweep_dir": sweep_dir, "run_name": Path(files.dir).resolve().name,
+               "fingerprint": identity.fingerprint}
+    params = {**identity.keys, **_flatten(identity.labels), "fingerprint": identity.fingerprint}
+    return Loggers.start(cfg.logger, context, params)
+
+
+def finish_logger(logger, results: dict) -> None:
+    """results.json's final word (metrics when there are any, best epoch, status) to the trackers; then
+    they are closed. An interrupted run has none yet: its trackers' runs end as killed, and the resume
+    continues them to their final word."""
+    from .loggers import final_metrics
+
+    if results.get("status") != "interrupted":
+        logger.log_final(final_metrics(results))
+    logger.close()
 
 
 __all__ = ["run", "inspect", "RunRefused", "ConfigError", "DatasetUnavailable"]

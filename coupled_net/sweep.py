@@ -8,6 +8,8 @@ directory's lock), so a race between two launches is still caught."""
 from __future__ import annotations
 
 import logging
+import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -167,3 +169,74 @@ def conflicts(planned: list[PlannedJob]) -> list[str]:
 
 def finished(planned: list[PlannedJob]) -> list[PlannedJob]:
     return [j for j in planned if j.done_in is not None]
+
+
+# ---- what a run returns to a sweeper that optimizes (hparams_search=optuna_lr) ---------------------
+# optimized_metric -> where it is in results.json's `metrics` (the best model, equalized) and which way
+# is better. conf/hparams_search/*.yaml take hydra.sweeper.direction from here (the coupled_net.direction
+# resolver), so optimized_metric=val_loss alone makes a study minimize.
+OBJECTIVES = {"val_top1": (("val", "top1"), "maximize"), "val_top5": (("val", "top5"), "maximize"),
+              "val_loss": (("val", "loss"), "minimize")}
+
+
+def direction(metric: str) -> str:
+    """`maximize` / `minimize` for an optimized_metric; an unknown one is refused by the config check
+    (coupled_net.validation) before a study starts, so its direction does not matter: maximize."""
+    return OBJECTIVES.get(str(metric), OBJECTIVES["val_top1"])[1]
+
+
+def worst(metric: str) -> float:
+    """What a run that has no result to offer returns: a study must go on past it and never pick it.
+    Not NaN: hydra-optuna-sweeper 1.3 then tells optuna 2.10 the trial FAILED *with* the NaN, which
+    optuna refuses with an error that ends the whole study (and with max_failure_rate 0.0, any failed
+    trial does). Not inf for a loss: optuna accepts it, but RDB storages on MySQL cannot store it and
+    optimization_results.yaml would show `.inf`; the largest finite float ranks below every real loss
+    just as well (TPE only orders the values). Accuracies are percentages: 0.0 is the floor."""
+    return 0.0 if direction(metric) == "maximize" else sys.float_info.max
+
+
+def objective(results: dict | None, metric: str) -> float:
+    """The value of `optimized_metric` for the run whose results.json is `results` (None: the run did
+    not start or could not record anything). Only a `done` run has one: a `diverged` run's metrics come
+    from the epochs before its loss blew up, not from a completed schedule, and a setting that diverges
+    must not win a study; failed, refused and unstarted runs have none. Never NaN (see `worst`)."""
+    if metric not in OBJECTIVES:
+        raise ConfigError("optimized_metric", metric, f"allowed: {', '.join(OBJECTIVES)}")
+    (split, name), _ = OBJECTIVES[metric]
+    if not isinstance(results, dict) or results.get("status") != "done":
+        return worst(metric)
+    try:
+        value = float(((results.get("metrics") or {}).get(split) or {})[name])
+    except (KeyError, TypeError, ValueError):
+        return worst(metric)
+    return value if math.isfinite(value) else worst(metric)
+
+
+STUDY_FILE = "optimization_results.yaml"  # what hydra-optuna-sweeper writes into the sweep directory
+
+
+def best_trial(sweep_dir: Path) -> tuple[dict, Path | None] | None:
+    """The study's result as hydra-optuna-sweeper wrote it ({name, best_params, best_value}) and the run
+    directory of its best trial (the one whose overrides hold every best parameter; None if none does),
+    or None when the sweep directory holds no study result."""
+    path = Path(sweep_dir) / STUDY_FILE
+    if not path.is_file():
+        return None
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    study = OmegaConf.to_container(OmegaConf.load(path))
+    wanted = study.get("best_params") or {}
+    parser = OverridesParser.create()
+    for run_dir in sorted(p for p in Path(sweep_dir).iterdir() if p.is_dir()):
+        overrides = run_dir / ".hydra" / "overrides.yaml"
+        if not wanted or not overrides.is_file():
+            continue
+        try:  # compared as values, as Hydra parses them: 1e-05 and 1.0e-05 are one weight decay
+            given = {o.key_or_group: o.value() for o in parser.parse_overrides([str(o) for o in OmegaConf.load(
+                overrides)])}
+        except (HydraException, OSError, ValueError):
+            continue
+        if all(k in given and given[k] == v for k, v in wanted.items()):
+            return study, run_dir
+    return study, None

@@ -4,6 +4,11 @@
     -> best model (by val loss before KE, or after with select_by=ke_val_loss) -> early stopping
     -> scheduler step -> last.pt (+ a periodic copy)
 
+The training step's recipe: cross-entropy with optional label smoothing (trainer.label_smoothing;
+the training loss only: validation and test stay plain cross-entropy, so val_loss, the selection
+metric and early stopping mean the same for every run) and optional gradient clipping to a global L2
+norm (trainer.grad_clip_norm). Both off (0.0, None) leave the seed's step unchanged, bit for bit.
+
 Losses and accuracies are accumulated on the device and read once per phase; timings are taken
 after a device synchronize. Under DDP every rank runs this loop on its shard, sums are all-reduced,
 and only rank 0 writes files."""
@@ -130,7 +135,8 @@ class Trainer:
 
     def __init__(self, *, model: nn.Module, coupling: Coupling, optimizer, scheduler, loaders: dict[str, EpochLoader],
                  device: torch.device, epochs: int, patience: int = 15, select_by: str = "val_loss",
-                 checkpoint_every: int = 30, limit_batches: int | None = None, numerics: Numerics | None = None,
+                 checkpoint_every: int | None = 30, limit_batches: int | None = None,
+                 label_smoothing: float = 0.0, grad_clip_norm: float | None = None, numerics: Numerics | None = None,
                  world: World = World(), train_model: nn.Module | None = None, files: RunFiles | None = None,
                  monitor: SystemMonitor | None = None, logger=None, progress_bars: bool = False,
                  guard: StopGuard | None = None, stamp: dict | None = None,
@@ -139,7 +145,8 @@ class Trainer:
         self.train_model = model if train_model is None else train_model  # DDP-wrapped and/or compiled
         self.loaders, self.device, self.world = loaders, device, world
         self.epochs, self.patience, self.select_by = epochs, patience, select_by
-        self.checkpoint_every, self.limit = checkpoint_every, limit_batches
+        self.checkpoint_every, self.limit = checkpoint_every, limit_batches  # checkpoint_every None: no periodic copies
+        self.label_smoothing, self.grad_clip_norm = label_smoothing, grad_clip_norm
         self.numerics = numerics or Numerics(device)
         self.files, self.monitor, self.logger = files, monitor, logger or NullLogger()
         self.bars = progress_bars and world.is_main
@@ -178,9 +185,12 @@ class Trainer:
             labels = labels.to(self.device, non_blocking=True)
             with self.numerics.autocast():
                 outputs = self.train_model(images).float()
-            loss = F.cross_entropy(outputs, labels)
+            # label_smoothing=0.0 is F.cross_entropy's own default: the seed's loss, bit for bit
+            loss = F.cross_entropy(outputs, labels, label_smoothing=self.label_smoothing)
             self.optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            if self.grad_clip_norm is not None:
+                self._clip_gradients()
             scaler.step(self.optimizer)
             scaler.update()
             if self.coupling.schedule == "step":
@@ -194,6 +204,15 @@ class Trainer:
         progress.partial = None
         loss_sum, correct, seen = _summed_over_ranks(sums, seen)
         return loss_sum / seen, 100.0 * correct / seen
+
+    def _clip_gradients(self) -> None:
+        """Scale the gradients down to a global L2 norm of at most grad_clip_norm. Under DDP they are
+        already all-reduced by backward() (the same on every rank: every rank clips alike); with fp16
+        they are unscaled first, so the norm is the true one (scaler.step then does not unscale them
+        again, and still skips the step if they hold an inf or NaN)."""
+        self.numerics.scaler.unscale_(self.optimizer)  # a no-op without fp16 (the scaler is disabled)
+        # self.model's parameters are the DDP-wrapped / compiled train_model's own
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
 
     def _stop_agreed(self, step: int) -> bool:
         """Does a stop signal end training at this step? Alone: whenever one is pending. Under DDP
@@ -266,7 +285,7 @@ class Trainer:
         if not self.writes:
             return
         save_torch(self.files.last, self.state(progress))
-        if periodic and progress.epoch % self.checkpoint_every == 0:
+        if periodic and self.checkpoint_every is not None and progress.epoch % self.checkpoint_every == 0:
             shutil.copyfile(self.files.last, self.files.periodic(progress.epoch))
 
     def _save_best(self, epoch: int) -> None:

@@ -16,6 +16,8 @@ check_machine runs where the run runs (a SLURM node is not the login node)."""
 from __future__ import annotations
 
 import difflib
+import importlib.util
+import inspect
 import math
 import os
 from dataclasses import dataclass
@@ -28,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from .coupling import MODES, SCHEDULES
 from .data import NAMES as DATASETS
 from .errors import ConfigError, one_line
-from .models import MODELS
+from .models import BUILTIN, MODELS, RESERVED, display_name
 
 SELECT_BY = ("val_loss", "ke_val_loss")
 SEED_MAX = 2**32 - 1  # numpy's seeds stop there
@@ -116,6 +118,30 @@ def numbers(each: Rule, what: str, length: int | None = None) -> Rule:
     return check
 
 
+def maybe_text(v):
+    return None if v is None or text_value(v) is None else "must be null or a non-empty text"
+
+
+def maybe_number(**bounds) -> Rule:
+    inner = number(**bounds)
+
+    def check(v):
+        return None if v is None or inner(v) is None else inner(v) + " or null"
+    return check
+
+
+def dotted_path(v):
+    """A `_target_`: the spelling only (`package.module.name`); whether it imports is _check_target's."""
+    ok = isinstance(v, str) and all(part.isidentifier() for part in v.split("."))
+    return None if ok else "must be a dotted import path such as torchvision.models.resnet18"
+
+
+def ordered_pair(each: Rule, what: str) -> Rule:
+    """[low, high], each allowed by `each`, low <= high (a range such as a scale factor's)."""
+    pair = numbers(each, what, 2)
+    return lambda v: pair(v) or (None if v[0] <= v[1] else what)
+
+
 def module_paths(v):
     ok = v is None or text_value(v) is None or (isinstance(v, list) and v and all(text_value(x) is None for x in v))
     return None if ok else "must be null, a module path such as features.0, or a list of them"
@@ -135,18 +161,29 @@ def device_name(v):
 
 
 # ---- the table -----------------------------------------------------------------------------------
-# Which option of a group a config is: its `name` (model, dataset) or its `_target_` (the rest).
-OPTION_KEY = {"model": "name", "dataset": "name", "optimizer": "_target_", "scheduler": "_target_",
-              "logger": "_target_"}
+# Which option of a group a config is: its `name` (dataset; the built-in models) or its `_target_`
+# (the rest). A group's options are whatever its YAML files on the config search path hold (conf/, a
+# user's --config-dir): an option whose `_target_` the table does not know (a user's own model,
+# optimizer, scheduler, logger) must import, and its keys must be parameters of what it names.
+OPTION_KEY = {"model": "_target_", "dataset": "name", "optimizer": "_target_", "scheduler": "_target_",
+              "augment": "_target_", "logger.*": "_target_"}
 # in this order: a key interpolated from another (model.in_channels: ${dataset.channels}, scheduler.T_max:
 # ${trainer.epochs}) is reported at its source
-GROUPS = ("dataset", "model", "coupling", "trainer", "optimizer", "scheduler", "logger")
-OPTIONAL_GROUPS = ("logger",)  # logger=null: no logger
+GROUPS = ("dataset", "augment", "model", "coupling", "trainer", "optimizer", "scheduler", "logger")
+OPTIONAL_GROUPS = ("logger",)  # logger=none: no logger
 SGD, ADAM, ADAMW = "torch.optim.SGD", "torch.optim.Adam", "torch.optim.AdamW"
 STEP, COSINE, CONSTANT = ("torch.optim.lr_scheduler.StepLR", "torch.optim.lr_scheduler.CosineAnnealingLR",
                           "torch.optim.lr_scheduler.ConstantLR")
-NULL_LOGGER, TENSORBOARD = "coupled_net.loggers.NullLogger", "coupled_net.loggers.TensorBoardLogger"
+TORCHVISION, TIMM = "coupled_net.models.torchvision_model", "coupled_net.models.timm_model"
+LETTERS, CROP_FLIP, NO_AUGMENT = ("coupled_net.augment.Letters", "coupled_net.augment.CropFlip",
+                                  "coupled_net.augment.NoAugment")
+TENSORBOARD, MLFLOW, WANDB = ("coupled_net.loggers.TensorBoardLogger", "coupled_net.loggers.MLflowLogger",
+                              "coupled_net.loggers.WandbLogger")
+# options that need an optional extra: the package to find and the extra that installs it
+EXTRAS = {TIMM: ("timm", "timm"), TENSORBOARD: ("tensorboard", "tensorboard"), MLFLOW: ("mlflow", "mlflow"),
+          WANDB: ("wandb", "wandb")}
 UNIT = number(ge=0, lt=1)  # momentum-like: a fraction of the past kept
+OPTIMIZED = ("val_top1", "val_top5", "val_loss")
 
 
 @dataclass(frozen=True)
@@ -166,13 +203,25 @@ def optional(rule: Rule, *only: str) -> Knob:
 
 KNOBS: dict[str, Knob] = {
     "seed": knob(integer(0, SEED_MAX)),
-    # model
-    "model._target_": knob(choice("coupled_net.models.build_model")),
-    "model.name": knob(choice(*sorted(MODELS))),
-    "model.in_channels": knob(choice(1, 3)),            # ${dataset.channels}; must agree (CHECKS)
-    "model.num_classes": knob(integer(2, also=(None,))),  # ${dataset.num_classes}; must agree (CHECKS)
+    "optimized_metric": knob(choice(*OPTIMIZED)),       # what the task returns to a sweeper (Optuna)
+    # model (the built-in four are options by name; the rest by _target_)
+    "model._target_": knob(dotted_path),
+    "model.name": knob(choice(*sorted(MODELS)), *MODELS),
+    "model.arch": knob(text_value, TORCHVISION, TIMM),
+    "model.weights": optional(maybe_text, TORCHVISION, TIMM),
+    "model.in_channels": optional(choice(1, 3)),        # ${dataset.channels}; must agree (CHECKS)
+    "model.num_classes": optional(integer(2, also=(None,))),  # ${dataset.num_classes}; must agree (CHECKS)
     "model.input_size": knob(integer(1)),               # and the model's smallest, and memory (CHECKS)
     "model.width": optional(integer(1), "small_cnn"),
+    # augment
+    "augment._target_": knob(dotted_path),
+    "augment.flip_p": knob(number(ge=0, le=1), LETTERS, CROP_FLIP),
+    "augment.degrees": knob(number(ge=0, le=180), LETTERS),
+    "augment.translate": knob(number(ge=0, lt=1), LETTERS),
+    "augment.scale": knob(ordered_pair(number(gt=0), "must be a list of two numbers > 0, the smaller first"),
+                          LETTERS),
+    "augment.shear": knob(number(ge=0, lt=90), LETTERS),
+    "augment.padding": knob(integer(0), CROP_FLIP),
     # dataset
     "dataset.name": knob(choice(*DATASETS)),
     "dataset.root": knob(text_value),
@@ -190,7 +239,7 @@ KNOBS: dict[str, Knob] = {
     "dataset.test_per_class": knob(integer(1), "synthetic_letters"),
     "dataset.generator_seed": knob(integer(0, 2**31 - 1), "synthetic_letters"),
     # optimizer (keys not in conf/ are the optimizer's own, added with +optimizer.KEY=VALUE)
-    "optimizer._target_": knob(choice(SGD, ADAM, ADAMW)),
+    "optimizer._target_": knob(dotted_path),
     "optimizer._partial_": knob(choice(True)),
     "optimizer.lr": knob(number(gt=0)),
     "optimizer.weight_decay": optional(number(ge=0)),
@@ -201,8 +250,9 @@ KNOBS: dict[str, Knob] = {
     "optimizer.eps": optional(number(gt=0), ADAM, ADAMW),
     "optimizer.amsgrad": optional(BOOLEAN, ADAM, ADAMW),
     # scheduler
-    "scheduler._target_": knob(choice(STEP, COSINE, CONSTANT)),
+    "scheduler._target_": knob(dotted_path),
     "scheduler._partial_": knob(choice(True)),
+    "scheduler.warmup_epochs": optional(integer(0)),    # coupled_net's own: linear warmup before the schedule
     "scheduler.step_size": knob(integer(1), STEP),
     "scheduler.gamma": optional(number(gt=0, le=1), STEP),
     "scheduler.T_max": knob(integer(1), COSINE),
@@ -218,6 +268,9 @@ KNOBS: dict[str, Knob] = {
     "trainer.epochs": knob(integer(1)),
     "trainer.patience": knob(integer(1)),
     "trainer.select_by": knob(choice(*SELECT_BY)),
+    "trainer.label_smoothing": optional(number(ge=0, lt=1)),
+    "trainer.grad_clip_norm": optional(maybe_number(gt=0)),
+    "trainer.overfit_batches": optional(integer(0)),
     "trainer.batch_size": knob(integer(1)),             # and at most the training split (CHECKS)
     "trainer.eval_batch_size": knob(integer(1)),
     "trainer.device": knob(device_name),                # and present on this machine (check_machine)
@@ -227,17 +280,31 @@ KNOBS: dict[str, Knob] = {
     "trainer.precision": optional(choice("fp32", "bf16", "fp16")),
     "trainer.channels_last": optional(BOOLEAN),
     "trainer.compile": knob(BOOLEAN),
-    "trainer.checkpoint_every": knob(integer(1)),
+    "trainer.checkpoint_every": knob(integer(1, also=(None,))),
     "trainer.limit_batches": knob(integer(1, also=(None,))),
     "trainer.progress": knob(choice("auto", True, False)),
-    # logger
-    "logger._target_": knob(choice(NULL_LOGGER, TENSORBOARD)),
-    "logger.subdir": optional(text_value, TENSORBOARD),
+    # logger: a dict of named loggers (logger=[tensorboard,mlflow]); `*` is any logger's name
+    "logger.*._target_": knob(dotted_path),
+    "logger.*.subdir": optional(text_value, TENSORBOARD),
+    "logger.*.tracking_uri": optional(maybe_text, MLFLOW),
+    "logger.*.experiment_name": optional(text_value, MLFLOW),
+    "logger.*.project": optional(text_value, WANDB),
+    "logger.*.mode": optional(choice("offline", "online", "disabled"), WANDB),
+    "logger.*.entity": optional(maybe_text, WANDB),
 }
+# the options the table knows the keys of, per group; any other `_target_` is a user's own
+KNOWN = {group: {o for k, v in KNOBS.items() if k.startswith(group + ".") for o in v.only}
+         for group in OPTION_KEY}
+KNOWN["model"] |= {BUILTIN}
+KNOWN["optimizer"] |= {SGD, ADAM, ADAMW}
+KNOWN["scheduler"] |= {STEP, COSINE, CONSTANT}
+KNOWN["augment"] |= {NO_AUGMENT}
+
 
 # Training images of the datasets whose size is known without loading them (image_folder: counted
 # once it is read, coupled_net.build.build_loaders).
-TRAIN_IMAGES = {"mnist": 60_000, "fashion_mnist": 60_000, "emnist_letters": 124_800, "cifar10": 50_000}
+TRAIN_IMAGES = {"mnist": 60_000, "fashion_mnist": 60_000, "emnist_letters": 124_800, "cifar10": 50_000,
+                "cifar100": 50_000, "svhn": 73_257, "kmnist": 60_000}
 SYNTHETIC_CLASSES = 26
 
 
@@ -258,43 +325,124 @@ def _flatten(node: dict, prefix: str) -> list[tuple[str, object]]:
     return out
 
 
-def unknown_key(group: str, option, key: str, value, any_option: bool = False) -> ConfigError:
+def unknown_key(group: str, option, key: str, value, any_option: bool = False, names=None) -> ConfigError:
     """`trainer.epoch=3: not a key of trainer (did you mean trainer.epochs?)`; `any_option`: the
-    keys of every option of the group are candidates (before composition, the option is not known)."""
-    names = sorted({k.partition(".")[2] for k in KNOBS if k.startswith(group + ".")} if any_option
-                   else declared(group, option))
-    leaf = key[len(group) + 1:].split(".")[0]
-    where = group if group not in OPTION_KEY or any_option else f"{group} {option}"
+    keys of every option of the group are candidates (before composition, the option is not known);
+    `names`: the keys the option takes, where the table does not list them (a user's own _target_)."""
+    if names is None:
+        names = sorted({k.partition(".")[2] for k in KNOBS if k.startswith(group + ".")} if any_option
+                       else declared(group, option))
+    shown = key.rsplit(".", 1)[0] if group == "logger.*" else group
+    leaf = key[len(shown) + 1:].split(".")[0]
+    where = shown if group not in OPTION_KEY or any_option else f"{shown} {option}"
     near = difflib.get_close_matches(leaf, names, n=1)
-    hint = f"did you mean {group}.{near[0]}?" if near else \
+    hint = f"did you mean {shown}.{near[0]}?" if near else \
         f"its keys: {', '.join(n for n in names if not n.startswith('_'))}"
     return ConfigError(key, value, f"not a key of {where} ({hint})")
 
 
-def _check_group(group: str, node) -> None:
-    if node is None and group in OPTIONAL_GROUPS:
-        return
-    if not isinstance(node, dict):
-        raise ConfigError(group, node, "is required: choose one of conf/" + group)
-    option = None
-    if group in OPTION_KEY:  # the option first: it decides which keys the group takes
-        key = f"{group}.{OPTION_KEY[group]}"
-        option = node.get(OPTION_KEY[group])
-        allowed = KNOBS[key].rule(option)
+def locate(target: str, key: str):
+    """What a dotted `_target_` names (the longest importable module, then attributes), as Hydra will
+    find it; ConfigError in one line where it cannot."""
+    import importlib
+
+    parts = target.split(".")
+    for cut in range(len(parts), 0, -1):
+        module_name = ".".join(parts[:cut])
+        try:
+            obj = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name and not module_name.startswith(e.name) and e.name != module_name:
+                raise ConfigError(key, target, f"cannot be imported: {module_name} needs {e.name}, which is not "
+                                               "installed") from None
+            continue
+        except Exception as e:  # noqa: BLE001 - an error inside the module itself
+            raise ConfigError(key, target, f"cannot be imported: {one_line(e, 200)}") from None
+        for name in parts[cut:]:
+            if not hasattr(obj, name):
+                raise ConfigError(key, target, f"cannot be imported: {'.'.join(parts[:cut])} has no {name}")
+            obj = getattr(obj, name)
+        return obj
+    raise ConfigError(key, target, f"cannot be imported: no module named {parts[0]}")
+
+
+def _target_keys(target: str, key: str) -> list[str] | None:
+    """The keyword parameters of what `target` names (None: it takes any, **kwargs); ConfigError when
+    it does not import."""
+    obj = locate(target, key)
+    try:
+        params = inspect.signature(obj).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: let it decide
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def _option(group: str, node: dict, prefix: str):
+    """Which option of `group` the config `node` is (its target, or a built-in model's name), after
+    checking the key that says so; and the keys a user's own `_target_` takes (None: not one)."""
+    key = f"{prefix}.{OPTION_KEY[group]}"
+    option = node.get(OPTION_KEY[group])
+    allowed = KNOBS[f"{group}.{OPTION_KEY[group]}"].rule(option)
+    if allowed:
+        raise ConfigError(key, option, allowed)
+    if option in EXTRAS and importlib.util.find_spec(EXTRAS[option][0]) is None:
+        package, extra = EXTRAS[option]
+        raise ConfigError(key, option, f"needs the {package} package: pip install -e '.[{extra}]'")
+    if group == "model" and option == BUILTIN:
+        name = node.get("name")
+        allowed = KNOBS["model.name"].rule(name)
         if allowed:
-            raise ConfigError(key, option, allowed)
-    knobs = declared(group, option)
+            raise ConfigError("model.name", name, allowed)
+        return name, None
+    if option in KNOWN[group] or OPTION_KEY[group] != "_target_":
+        return option, None
+    params = _target_keys(option, key)  # a user's own: it must import, its keys are its parameters
+    if params is None:
+        return option, None
+    if node.get("_partial_"):  # the first argument (the parameters, the optimizer) is given when it is built
+        params = params[1:]
+    return option, sorted(set(params) | (set(RESERVED) if group == "model" else set()))
+
+
+def _check_node(group: str, node, prefix: str) -> None:
+    """One group's config (or one logger's, group `logger.*`): the option, then every key against the
+    option's rules; a key without a rule is refused with the nearest one. A user's own `_target_`:
+    the group's common keys by their rules, the rest must be parameters of what it names."""
+    if not isinstance(node, dict):
+        raise ConfigError(prefix, node, "is required: choose one of conf/" + prefix.split(".")[0])
+    option, own, foreign = None, None, False
+    if group in OPTION_KEY:  # the option first: it decides which keys the group takes
+        option, own = _option(group, node, prefix)
+        foreign = OPTION_KEY[group] == "_target_" and option not in KNOWN[group] and \
+            not (group == "model" and option in MODELS)
+    knobs = {leaf: k for leaf, k in declared(group, None).items() if not k.only} if foreign \
+        else declared(group, option)
     for leaf, knob_ in knobs.items():
         if not knob_.optional and leaf not in node:
-            raise ConfigError(f"{group}.{leaf}", _AsTyped("(absent)"), "is required here: only optional keys may "
-                                                                      "be left out")
-    for key, value in _flatten(node, f"{group}."):
-        leaf = key[len(group) + 1:]
-        if leaf not in knobs:
-            raise unknown_key(group, option, key, value)
-        allowed = knobs[leaf].rule(value)
-        if allowed:
-            raise ConfigError(key, value, allowed)
+            raise ConfigError(f"{prefix}.{leaf}", _AsTyped("(absent)"), "is required here: only optional keys may "
+                                                                       "be left out")
+    for key, value in _flatten(node, f"{prefix}."):
+        leaf = key[len(prefix) + 1:]
+        if leaf in knobs:
+            allowed = knobs[leaf].rule(value)
+            if allowed:
+                raise ConfigError(key, value, allowed)
+        elif not foreign or (own is not None and leaf.split(".")[0] not in own):
+            raise unknown_key(group, option, key, value, names=own)
+
+
+def _check_group(group: str, node) -> None:
+    if group in OPTIONAL_GROUPS and node in (None, {}):
+        return
+    if group == "logger":  # a dict of named loggers
+        if not isinstance(node, dict):
+            raise ConfigError("logger", node, "must be loggers by name: logger=tensorboard, logger=[tensorboard,mlflow]")
+        for name, entry in node.items():
+            _check_node("logger.*", entry, f"logger.{name}")
+        return
+    _check_node(group, node, group)
 
 
 # ---- keys that must agree -------------------------------------------------------------------------
@@ -313,7 +461,7 @@ def _model_fits_dataset(c: dict) -> None:
         raise ConfigError("dataset.num_classes", None, "must be an integer >= 2 (only image_folder counts its "
                                                        "classes itself)")
     for key, of in (("in_channels", "channels"), ("num_classes", "num_classes")):
-        if m[key] != d[of]:
+        if key in m and m[key] != d[of]:
             raise ConfigError(f"model.{key}", m[key], f"must equal dataset.{of} ({_spell(d[of])})")
 
 
@@ -368,17 +516,15 @@ def model_shape(c: dict) -> ModelShape:
     input size it cannot take and coupled layers it does not have; counts parameters and the
     activations of one image. Cached: a sweep's jobs mostly share a model."""
     from .coupling import Coupling
-    from .models import smallest_input_size
+    from .models import make, smallest_input_size
 
-    m = c["model"]
-    options = {k: v for k, v in m.items() if k not in ("_target_", "name", "in_channels", "num_classes",
-                                                        "input_size")}
-    cache_key = repr((m, c["coupling"]))
+    m, d = c["model"], c["dataset"]
+    cache_key = repr((m, d["channels"], d["num_classes"], c["coupling"]))
     if cache_key in _shapes:
         return _shapes[cache_key]
-    size, channels = m["input_size"], m["in_channels"]
+    size, channels = m["input_size"], d["channels"]
     with torch.device("meta"):
-        model = MODELS[m["name"]](channels, m["num_classes"] or 2, **options).eval()
+        model = make(m, channels, d["num_classes"] or 2).eval()
     counted: list[int] = []
     leaves = [mod for mod in model.modules() if not list(mod.children())]
     hooks = [mod.register_forward_hook(lambda mod, i, out: counted.append(
@@ -387,7 +533,7 @@ def model_shape(c: dict) -> ModelShape:
         with torch.no_grad():
             model(torch.empty(1, channels, size, size, device="meta"))
     except RuntimeError:
-        raise ConfigError("model.input_size", size, f"{m['name']} needs images of at least "
+        raise ConfigError("model.input_size", size, f"{display_name(m)} needs images of at least "
                                                     f"{smallest_input_size(model, channels)} pixels") from None
     finally:
         for h in hooks:
@@ -421,9 +567,10 @@ def plain_config(cfg: DictConfig) -> dict:
 def check_config(cfg: DictConfig) -> dict:
     """Everything the config alone decides (no data, no machine); returns the resolved plain config."""
     c = plain_config(cfg)
-    allowed = KNOBS["seed"].rule(c.get("seed"))
-    if allowed:
-        raise ConfigError("seed", c.get("seed"), allowed)
+    for key in ("seed", "optimized_metric"):
+        allowed = KNOBS[key].rule(c.get(key))
+        if allowed:
+            raise ConfigError(key, c.get(key), allowed)
     for group in GROUPS:
         _check_group(group, c.get(group))
     for check in CHECKS:
@@ -464,7 +611,7 @@ def check_machine(c: dict) -> None:
     need, free = batch_bytes(c, model_shape(c)), available_bytes(device)
     if need > free:
         raise ConfigError("model.input_size", c["model"]["input_size"],
-                          f"a training batch of {c['trainer']['batch_size']} images of {c['model']['name']} needs "
+                          f"a training batch of {c['trainer']['batch_size']} images of {display_name(c['model'])} needs "
                           f"about {_size(need)}, more than the {_size(free)} free on {device}; lower "
                           "model.input_size or trainer.batch_size")
 
@@ -473,15 +620,20 @@ def validate(cfg: DictConfig) -> None:
     check_machine(check_config(cfg))
 
 
-def check_override_keys(overrides) -> None:
+def check_override_keys(overrides, own_configs: bool = False) -> None:
     """Refuse `group.key=value` overrides (parsed by coupled_net.cli.check_command_line) whose key no
     option of the group declares, in one line, before Hydra composes: for `trainer.epoch=3` Hydra's own
-    refusal spans five lines and proposes `+trainer.epoch=3`, which would add a key nothing reads."""
+    refusal spans five lines and proposes `+trainer.epoch=3`, which would add a key nothing reads.
+    Groups whose options may be a user's own `_target_` (model, optimizer, ...) take keys the table
+    cannot know: there, only a plain `key=value` without configs of the user's own (`own_configs`:
+    --config-dir, hydra.searchpath) is refused here; the rest is checked once composed (check_config)."""
     from .cli import fail
 
     for o in overrides:
         group, _, rest = o.key_or_group.partition(".")
-        if not rest or group not in GROUPS or o.is_delete() or o.package is not None:
+        if not rest or group not in GROUPS or o.is_delete() or o.package is not None or group == "logger":
+            continue
+        if OPTION_KEY.get(group) == "_target_" and (own_configs or o.is_add() or o.is_force_add()):
             continue
         if f"{group}.{rest.split('.')[0]}" not in KNOBS:
             value = _AsTyped(o.get_value_string()) if o.is_sweep_override() else o.value()

@@ -18,7 +18,7 @@ except KeyboardInterrupt:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(cfg: DictConfig) -> str:
+def main(cfg: DictConfig) -> float:
     return train_task(cfg)
 
 

@@ -7,11 +7,13 @@ import math
 
 import pytest
 import torch
-from torchvision.transforms import InterpolationMode
+from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
 from coupled_net import data
-from coupled_net.augment import AffineRanges, affine_theta, augment_batch, sample_params, warp
+from coupled_net.augment import (AffineRanges, CropFlip, Letters, NoAugment, RandomPadCrop, affine_theta,
+                                 augment_batch, pad_crop_flip, sample_crop_params, sample_params, warp)
+from coupled_net.errors import ConfigError
 from coupled_net.run import run
 from helpers import compose_cfg
 
@@ -147,3 +149,177 @@ def test_the_sampler_length_is_what_it_yields(n, world, shuffle, start):
         sampler = data.EpochSampler(n, shuffle, seed=0, rank=rank, world_size=world)
         sampler.set_epoch(1, start)
         assert len(sampler) == len(list(sampler))
+
+
+# ---- the augment group: Letters, CropFlip, NoAugment ------------------------------------------
+
+ZERO, ONE = torch.tensor([0.0]), torch.tensor([1.0])  # mean 0, std 1: a pipeline's output is pixel / 255
+
+
+def test_letters_defaults_draw_exactly_what_the_seeds_tensor_pipeline_draws():
+    u8 = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    ours = Letters().batch(u8, 28, ZERO, ONE, torch.Generator().manual_seed(3))
+    seed = augment_batch(u8, 28, ZERO, ONE, torch.Generator().manual_seed(3))
+    assert torch.equal(ours, seed)
+    assert Letters() == Letters(0.5, 20.0, 0.1, [0.8, 1.2], 10.0)  # a YAML list is kept as a tuple
+
+
+def test_letters_configured_with_only_a_certain_flip_mirrors_every_image():
+    u8 = torch.arange(16, dtype=torch.uint8).view(1, 1, 4, 4).repeat(3, 1, 1, 1)
+    out = Letters(flip_p=1.0, degrees=0, translate=0, scale=[1, 1], shear=0).batch(
+        u8, 4, ZERO, ONE, torch.Generator().manual_seed(0))
+    row0 = [3, 2, 1, 0]  # the first row 0 1 2 3, mirrored
+    assert (out[:, 0, 0] * 255).round().tolist() == [row0] * 3
+
+
+def test_letters_parameters_follow_the_configured_ranges():
+    r = Letters(flip_p=0.2, degrees=5, translate=0.3, scale=[0.5, 0.6], shear=2)
+    p = sample_params(20000, torch.Generator().manual_seed(1), r)
+    assert abs(p["flip"].double().mean().item() - 0.2) < 0.02
+    for key, (lo, hi) in {"angle": (-5, 5), "tx": (-0.3, 0.3), "ty": (-0.3, 0.3), "scale": (0.5, 0.6),
+                          "shear": (-2, 2)}.items():
+        assert lo <= p[key].min().item() and p[key].max().item() <= hi, key
+        assert p[key].max().item() - p[key].min().item() > 0.95 * (hi - lo), key  # the whole range is used
+
+
+def test_crop_flip_offsets_cover_zero_to_twice_the_padding_and_flips_come_with_probability_p():
+    p = sample_crop_params(20000, torch.Generator().manual_seed(0), padding=3, flip_p=0.3)
+    for key in ("top", "left"):
+        assert sorted(p[key].unique().tolist()) == [0, 1, 2, 3, 4, 5, 6], key
+        assert abs(p[key].double().mean().item() - 3.0) < 0.05, key  # uniform on 0..6
+    assert abs(p["flip"].double().mean().item() - 0.3) < 0.02
+
+
+def test_crop_flip_pads_with_zeros_crops_and_flips_as_computed_by_hand():
+    image = torch.arange(1, 17, dtype=torch.uint8).view(1, 4, 4)   # 1 2 3 4 / 5 6 7 8 / ...
+    images = torch.stack([torch.cat([image, image + 100])] * 2)     # 2 images, 2 channels
+    params = {"top": torch.tensor([0, 2]), "left": torch.tensor([2, 0]), "flip": torch.tensor([False, True])}
+    out = pad_crop_flip(images, 1, params)
+    # image 0: the padded 6x6 image's rows 0..3, columns 2..5: a zero row on top, a zero column right
+    assert out[0, 0].tolist() == [[0, 0, 0, 0], [2, 3, 4, 0], [6, 7, 8, 0], [10, 11, 12, 0]]
+    assert out[0, 1].tolist() == [[0, 0, 0, 0], [102, 103, 104, 0], [106, 107, 108, 0], [110, 111, 112, 0]]
+    # image 1: rows 2..5, columns 0..3 (0 5 6 7 / 0 9 10 11 / 0 13 14 15 / 0 0 0 0), then mirrored
+    assert out[1, 0].tolist() == [[7, 6, 5, 0], [11, 10, 9, 0], [15, 14, 13, 0], [0, 0, 0, 0]]
+    assert out.dtype == torch.uint8 and out.shape == (2, 2, 4, 4)
+
+
+def every_crop(image, padding, flips=True):
+    """Every window the CropFlip of `image` [h, w] may give (mirrored too, with `flips`), by numpy."""
+    import numpy as np
+
+    a = np.pad(image.numpy(), padding)
+    h, w = image.shape
+    crops = [a[t:t + h, le:le + w] for t in range(2 * padding + 1) for le in range(2 * padding + 1)]
+    mirrored = [np.fliplr(c) for c in crops] if flips else []
+    return {tuple(c.flatten().tolist()) for c in crops + mirrored}
+
+
+def test_crop_flip_tensor_batches_are_the_hand_enumerated_crops_and_use_them_all():
+    image = torch.arange(1, 17, dtype=torch.uint8).view(4, 4)
+    allowed = every_crop(image, 1)
+    assert len(allowed) == 18  # 9 offsets x (flipped or not), all different for this image
+    out = CropFlip(padding=1, flip_p=0.5).batch(image.expand(400, 1, 4, 4), 4, ZERO, ONE,
+                                                 torch.Generator().manual_seed(0))
+    got = [tuple((o * 255).round().int().flatten().tolist()) for o in out]
+    assert set(got) == allowed
+
+
+def test_crop_flip_with_no_padding_and_no_flip_is_the_eval_path():
+    u8 = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    mean, std = torch.tensor([0.4, 0.5, 0.6]), torch.tensor([0.2, 0.25, 0.3])
+    out = CropFlip(padding=0, flip_p=0.0).batch(u8, 28, mean, std, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, augment_batch(u8, 28, mean, std, None))
+
+
+def test_crop_flip_pil_transforms_pad_crop_flip_at_the_stored_size_then_resize_and_normalize():
+    crop, flip, resize, to_image, to_float, normalize = CropFlip(padding=4, flip_p=0.25).pil(
+        224, [0.1, 0.2, 0.3], [0.4, 0.5, 0.6]).transforms
+    assert isinstance(crop, RandomPadCrop) and crop.padding == 4
+    assert isinstance(flip, v2.RandomHorizontalFlip) and flip.p == 0.25
+    assert isinstance(resize, v2.Resize) and list(resize.size) == [224, 224] and resize.antialias is True
+    assert isinstance(to_image, v2.ToImage) and isinstance(to_float, v2.ToDtype) and to_float.scale is True
+    assert list(normalize.mean) == [0.1, 0.2, 0.3] and list(normalize.std) == [0.4, 0.5, 0.6]
+
+
+def test_the_pil_random_pad_crop_gives_the_hand_enumerated_crops_of_a_pil_image():
+    import numpy as np
+    from PIL import Image
+
+    image = torch.arange(1, 17, dtype=torch.uint8).view(4, 4)
+    pil = Image.fromarray(image.numpy())
+    torch.manual_seed(0)
+    got = {tuple(np.asarray(RandomPadCrop(1)(pil)).flatten().tolist()) for _ in range(200)}
+    assert got == every_crop(image, 1, flips=False)  # the 9 offsets, no mirror: the flip is the next transform
+
+
+def test_letters_pil_transforms_carry_the_configured_numbers():
+    _, flip, rotation, affine, *_ = Letters(0.3, 7, 0.2, [0.9, 1.1], 4).pil(28, [0.5], [0.5]).transforms
+    assert flip.p == 0.3 and list(rotation.degrees) == [-7, 7]
+    assert list(affine.translate) == [0.2, 0.2] and list(affine.scale) == [0.9, 1.1] and list(affine.shear) == [-4, 4]
+
+
+@pytest.mark.parametrize("policy, expected", [
+    (lambda: CropFlip(padding=-1), "augment.padding=-1: must be an integer >= 0"),
+    (lambda: CropFlip(flip_p=1.5), "augment.flip_p=1.5: must be a number in [0, 1]"),
+    (lambda: Letters(translate=1), "augment.translate=1: must be a number in [0, 1)"),
+    (lambda: Letters(scale=[1.2, 0.8]), "augment.scale=[1.2, 0.8]: must be a list of two numbers > 0, the smaller first"),
+])
+def test_a_policy_with_an_impossible_number_is_refused_in_one_line(policy, expected):
+    with pytest.raises(ConfigError) as e:
+        policy()
+    assert str(e.value) == expected
+
+
+def policy_loader(policy, seed=0, train=True, pipeline="tensor"):
+    images = torch.randint(0, 256, (40, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(9))
+    src = data.ArraySource(images, torch.arange(40) % 10)
+    mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
+    if pipeline == "tensor":
+        split = data.SplitDataset(src, torch.arange(40), None, 0)
+        return data.TensorLoader(split, torch.device("cpu"), 32, mean, std, 16, train, seed, augment=policy)
+    train_tf, eval_tf = data.seed_transforms(32, mean, std, policy)
+    split = data.SplitDataset(src, torch.arange(40), train_tf if train else eval_tf, 0)
+    return data.EpochLoader(split, 16, train, 0, False, seed)
+
+
+def epoch_batches(loader, epoch):
+    loader.set_epoch(epoch)
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+@pytest.mark.parametrize("pipeline", ["tensor", "pil"])
+@pytest.mark.parametrize("policy", [Letters(), CropFlip(padding=4)], ids=["letters", "crop_flip"])
+def test_each_policy_is_deterministic_per_seed_and_epoch_in_both_pipelines(pipeline, policy):
+    a = epoch_batches(policy_loader(policy, pipeline=pipeline), 1)
+    b = epoch_batches(policy_loader(policy, pipeline=pipeline), 1)
+    assert len(a) == 3 and all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b))
+    c = epoch_batches(policy_loader(policy, pipeline=pipeline), 2)
+    assert a[0][0].shape == (16, 3, 32, 32) and not torch.equal(a[0][0], c[0][0])
+    # the same images as the unaugmented eval path, moved: same labels, other pixels
+    plain = {int(y): x for x, y in zip(*epoch_batches(policy_loader(NoAugment(), pipeline=pipeline), 1)[0])}
+    assert any(not torch.equal(x, plain[int(y)]) for x, y in zip(*a[0]) if int(y) in plain)
+
+
+@pytest.mark.parametrize("pipeline", ["tensor", "pil"])
+def test_augment_none_trains_on_images_prepared_exactly_like_eval_images(pipeline):
+    train = policy_loader(NoAugment(), pipeline=pipeline)
+    train.set_epoch(3)
+    order = train.sampler.positions()[0]
+    train_images = torch.cat([x for x, _ in train])
+    eval_loader = policy_loader(NoAugment(), train=False, pipeline=pipeline)  # unshuffled: position k is image k
+    eval_loader.set_epoch(0)
+    eval_images = torch.cat([x for x, _ in eval_loader])
+    assert not torch.equal(order, torch.arange(40))  # training is still shuffled
+    torch.testing.assert_close(train_images, eval_images[order], atol=0, rtol=0)
+
+
+def test_the_augment_group_reaches_the_training_loader(tmp_path):
+    from coupled_net.build import build_loaders, resolve
+
+    def policy(*overrides):
+        spec = resolve(compose_cfg("experiment=quickstart", "dataset.train_per_class=4", "dataset.test_per_class=1",
+                                   "trainer.batch_size=8", f"dataset.root={tmp_path}", *overrides))
+        return build_loaders(spec)["train"].augment
+    assert policy() == Letters()
+    assert policy("augment=crop_flip", "augment.padding=2") == CropFlip(padding=2, flip_p=0.5)
+    assert policy("augment=none") == NoAugment()

@@ -1,4 +1,4 @@
-"""launch/collect.py and the end-of-sweep collection, and logger=tensorboard."""
+"""launch/collect.py and the end-of-sweep collection (the trackers, logger=…: tests/test_loggers.py)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ from pathlib import Path
 from coupled_net import review
 from coupled_net.collect import LEADING, collect
 from coupled_net.report import write_summary
-from coupled_net.run import run
-from helpers import REPO, compose_cfg, make_run, run_cli
+from helpers import REPO, make_run, run_cli
 
 COLLECT = REPO / "launch" / "collect.py"
 FAST = ["experiment=quickstart", "dataset.train_per_class=40", "dataset.test_per_class=10", "trainer.epochs=1"]
@@ -126,26 +125,6 @@ def test_collecting_a_hundred_runs_is_quick(sweeps, tmp_path):
     df = write_summary([tmp_path / "tree"]).runs
     print(f"collected {len(df)} runs in {time.perf_counter() - start:.2f} s")
     assert len(df) == 100 and set(df["status"]) == {"done"}
-
-
-def test_tensorboard_logger_writes_the_epoch_scalars(tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    cfg = compose_cfg(*FAST, "trainer.epochs=2", "logger=tensorboard", "dataset.train_per_class=8",
-                      f"dataset.root={tmp_path}")
-    run(cfg, tmp_path / "run")
-    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
-    events.Reload()
-    rows = pd.read_csv(tmp_path / "run" / "epochs.csv")
-    for tag, column in (("accuracy/val_after_ke", "ke_val_acc"), ("loss/train", "train_loss"), ("lr", "lr")):
-        scalars = events.Scalars(tag)
-        assert [s.step for s in scalars] == [1, 2]
-        assert [s.value for s in scalars] == pytest.approx(list(rows[column]), rel=1e-6)
-
-
-def test_no_logger_writes_no_tensorboard_files(tmp_path):
-    run(compose_cfg(*FAST, "dataset.train_per_class=8", f"dataset.root={tmp_path}"), tmp_path / "run")
-    assert not (tmp_path / "run" / "tensorboard").exists()
 
 
 # ---- statuses that tell the truth, runs counted once (SPEC §5, §6): crafted run directories -------

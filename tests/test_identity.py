@@ -21,13 +21,42 @@ def fingerprint(*overrides: str) -> str:
 def test_the_non_identity_keys_are_the_ones_the_spec_lists():
     assert NON_IDENTITY == ("dataset.root", "dataset.download", "trainer.device", "trainer.num_workers",
                             "trainer.threads", "trainer.progress", "trainer.compile", "trainer.channels_last",
-                            "logger", "hydra")
+                            "logger", "hydra", "optimized_metric")
+
+
+# Fingerprints computed by the version before the augment group and the recipe keys existed (commit
+# e3293fa): runs it made must keep them, so that they resume and re-launched sweeps skip them.
+BEFORE_THE_NEW_KEYS = [
+    (["experiment=quickstart"], "2972b43501ac47f5"),
+    ([], "933635ba84765f7e"),
+    (["experiment=quickstart", "coupling.alpha=4", "seed=2"], "409b20f3c3fec338"),
+    (["dataset=cifar10", "augment=letters"], "16d0f7daccce51e9"),  # what cifar10 was trained with then
+]
+
+
+@pytest.mark.parametrize("overrides, expected", BEFORE_THE_NEW_KEYS, ids=[" ".join(o) or "default"
+                                                                          for o, _ in BEFORE_THE_NEW_KEYS])
+def test_runs_made_before_the_new_keys_existed_keep_their_fingerprint(overrides, expected):
+    assert identity_of(compose_cfg(*overrides)).fingerprint == expected
+
+
+@pytest.mark.parametrize("override", [
+    "trainer.label_smoothing=0.1", "trainer.grad_clip_norm=1.0", "trainer.overfit_batches=2",
+    "scheduler.warmup_epochs=2", "augment=none", "augment=crop_flip", "augment.degrees=10",
+])
+def test_a_new_key_away_from_its_neutral_value_is_part_of_the_identity(override):
+    assert fingerprint(override) != fingerprint()
+
+
+def test_cifar10_now_trains_with_crop_flip_so_its_fingerprint_differs_from_before():
+    assert identity_of(compose_cfg("dataset=cifar10")).fingerprint != "16d0f7daccce51e9"
+    assert identity_of(compose_cfg("dataset=cifar10")).keys["augment._target_"] == "coupled_net.augment.CropFlip"
 
 
 @pytest.mark.parametrize("override", [
     "dataset.root=/somewhere/else", "dataset.download=true", "trainer.device=cpu", "trainer.num_workers=3",
     "trainer.threads=1", "trainer.progress=false", "trainer.compile=true", "trainer.channels_last=true",
-    "logger=tensorboard", "+note=first-try",
+    "logger=tensorboard", "logger=[tensorboard,mlflow]", "+note=first-try", "optimized_metric=val_loss",
 ])
 def test_where_and_how_a_run_executes_and_labels_leave_the_fingerprint_unchanged(override):
     assert fingerprint(override) == fingerprint()

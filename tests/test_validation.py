@@ -17,7 +17,7 @@ from coupled_net.validation import check_config, declared, validate
 
 from helpers import CONF, compose_cfg, run_cli, snapshot
 
-GROUPS = ["model", "dataset", "optimizer", "scheduler", "coupling", "trainer", "logger"]
+GROUPS = ["model", "dataset", "augment", "optimizer", "scheduler", "coupling", "trainer", "logger"]
 QUICK = ["experiment=quickstart"]
 
 
@@ -42,15 +42,28 @@ def composed(group, option):
     return compose_cfg(f"{group}={option}", *extra)
 
 
+def option_of(group, node):
+    """The option a group's config is: a built-in model by its name, a dataset by its name, the rest by target."""
+    if group == "dataset" or (group == "model" and node["_target_"] == "coupled_net.models.build_model"):
+        return node["name"]
+    return node.get("_target_")
+
+
 @pytest.mark.parametrize("group, option", list(options_of_every_group()))
 def test_every_key_of_every_group_option_has_a_declared_rule(group, option):
     cfg = composed(group, option)
+    if (group, option) == ("logger", "none"):
+        assert not cfg.get("logger")  # no logger: nothing, or an empty node
+        return
     node = OmegaConf.to_container(cfg[group], resolve=False)
-    which = node.get({"model": "name", "dataset": "name"}.get(group, "_target_"))
-    rules = declared(group, which)
-    assert leaf_keys(node), f"conf/{group}/{option}.yaml composed to nothing"
-    missing = [f"{group}.{key}" for key in leaf_keys(node) if key not in rules]
-    assert missing == [], f"conf/{group}/{option}.yaml: no rule in coupled_net.validation.KNOBS for {missing}"
+    # a logger option is one named entry of the logger dict (logger=[tensorboard,mlflow] holds two)
+    entries = {f"logger.{k}": ("logger.*", v) for k, v in node.items()} if group == "logger" else \
+        {group: (group, node)}
+    for prefix, (kind, entry) in entries.items():
+        rules = declared(kind, option_of(kind, entry))
+        assert leaf_keys(entry), f"conf/{group}/{option}.yaml composed to nothing"
+        missing = [f"{prefix}.{key}" for key in leaf_keys(entry) if key not in rules]
+        assert missing == [], f"conf/{group}/{option}.yaml: no rule in coupled_net.validation.KNOBS for {missing}"
 
 
 @pytest.mark.parametrize("group, option", list(options_of_every_group()))
@@ -109,6 +122,31 @@ BAD = [
      "torch.optim.SGD (its keys: dampening, lr, momentum, nesterov, weight_decay)"),
     (["+model.width=64"], "model.width=64: not a key of model alexnet (its keys: in_channels, input_size, name, "
      "num_classes)"),
+    # the research-surface keys (issue 12): off by default, checked like the rest
+    (["trainer.label_smoothing=1.0"], "trainer.label_smoothing=1.0: must be a number in [0, 1)"),
+    (["trainer.grad_clip_norm=0"], "trainer.grad_clip_norm=0: must be a number > 0 or null"),
+    (["trainer.overfit_batches=-1"], "trainer.overfit_batches=-1: must be an integer >= 0"),
+    (["scheduler.warmup_epochs=1.5"], "scheduler.warmup_epochs=1.5: must be an integer >= 0"),
+    (["trainer.checkpoint_every=0"], "trainer.checkpoint_every=0: must be an integer >= 1 or null"),
+    (["optimized_metric=test_top1"], "optimized_metric='test_top1': allowed: val_top1, val_top5, val_loss"),
+    (["augment.degrees=200"], "augment.degrees=200: must be a number in [0, 180]"),
+    (["augment=crop_flip", "augment.padding=-4"], "augment.padding=-4: must be an integer >= 0"),
+    (["augment.scale=[1.2,0.8]"], "augment.scale=[1.2, 0.8]: must be a list of two numbers > 0, the smaller first"),
+    (["augment=crop_flip", "+augment.degrees=3"], "augment.degrees=3: not a key of augment "
+     "coupled_net.augment.CropFlip (its keys: flip_p, padding)"),
+    (["logger=mlflow", "+logger.mlflow.mode=offline"], "logger.mlflow.mode='offline': not a key of logger.mlflow "
+     "coupled_net.loggers.MLflowLogger (its keys: experiment_name, tracking_uri)"),
+    (["logger=wandb", "logger.wandb.mode=cloud"], "logger.wandb.mode='cloud': allowed: offline, online, disabled"),
+    # a user's own _target_: it must import, and its keys are its parameters
+    (["optimizer._target_=torch.optim.NoSuchOptimizer"], "optimizer._target_='torch.optim.NoSuchOptimizer': cannot "
+     "be imported: torch.optim has no NoSuchOptimizer"),
+    (["model._target_=mymodels.Net"], "model._target_='mymodels.Net': cannot be imported: no module named mymodels"),
+    (["optimizer._target_=torch.optim.RMSprop", "+optimizer.centred=true"], "optimizer.centred=True: not a key of "
+     "optimizer torch.optim.RMSprop (did you mean optimizer.centered?)"),
+    (["scheduler._target_=torch.optim.lr_scheduler.ExponentialLR", "scheduler.step_size=3"], "scheduler.step_size=3: "
+     "not a key of scheduler torch.optim.lr_scheduler.ExponentialLR (its keys: gamma, last_epoch)"),
+    (["optimizer._target_=torch optim"], "optimizer._target_='torch optim': must be a dotted import path such as "
+     "torchvision.models.resnet18"),
 ]
 
 
@@ -117,6 +155,30 @@ def test_a_bad_value_is_refused_in_one_line_naming_key_value_and_what_is_allowed
     with pytest.raises(ConfigError) as refused:
         check_config(compose_cfg(*overrides))
     assert str(refused.value) == message
+
+
+def test_a_user_s_own_optimizer_scheduler_and_model_targets_pass_with_their_own_keys():
+    check_config(compose_cfg(*QUICK, "optimizer._target_=torch.optim.RMSprop", "+optimizer.centered=true"))
+    check_config(compose_cfg(*QUICK, "scheduler=none", "scheduler._target_=torch.optim.lr_scheduler.ExponentialLR",
+                             "~scheduler.factor", "~scheduler.total_iters", "+scheduler.gamma=0.9"))
+    check_config(compose_cfg(*QUICK, "model._target_=torchvision.models.mobilenet_v3_small", "~model.name",
+                             "~model.width", "~model.in_channels", "model.input_size=32"))
+
+
+def test_an_option_that_needs_a_missing_extra_is_refused_naming_the_pip_command(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("timm", "wandb") else
+                        real(name, *a))
+    with pytest.raises(ConfigError) as refused:
+        check_config(compose_cfg(*QUICK, "model=timm"))
+    assert str(refused.value) == "model._target_='coupled_net.models.timm_model': needs the timm package: " \
+                                 "pip install -e '.[timm]'"
+    with pytest.raises(ConfigError) as refused:
+        check_config(compose_cfg(*QUICK, "logger=[tensorboard,wandb]"))
+    assert str(refused.value) == "logger.wandb._target_='coupled_net.loggers.WandbLogger': needs the wandb " \
+                                 "package: pip install -e '.[wandb]'"
 
 
 def test_a_top_level_plus_key_is_a_label_and_an_optimizers_own_keys_may_be_added_or_left_out():

@@ -10,7 +10,10 @@
   together run at most `array_parallelism` tasks at once; the manifest lists every chunk's jobs.
 
 Finished runs are left out, and conflicting ones refused, before this launcher sees the jobs
-(the coupled_net sweeper, coupled_net.sweep); each job checks its directory again when it starts."""
+(the coupled_net sweeper, coupled_net.sweep); each job checks its directory again when it starts.
+Under a search (hparams_search=optuna_lr: hydra-optuna-sweeper calls `launch` once per batch of
+trials) each JobReturn carries the job's float (coupled_net.cli.train_task: optimized_metric), and
+`detach` is refused: a search needs every value before it samples on."""
 
 from __future__ import annotations
 
@@ -67,11 +70,15 @@ class SweepAwareLauncher(BaseSubmititLauncher):
         """Hydra calls this before the sweep writes anything (multirun.yaml, the sweep directory):
         the place to refuse what sbatch would, so that a refusal leaves no trace."""
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
-        if self._EXECUTOR != "slurm":
-            return
         from coupled_net.cli import fail
         from coupled_net.errors import ConfigError
 
+        if self.detach and searching(config.hydra.sweeper):
+            # a search samples each trial from the values of those before: it cannot leave them running
+            fail(str(ConfigError("hydra.launcher.detach", True, "a search (hparams_search=...) needs every trial's "
+                                 "value before it samples the next one: leave detach out (the sweep waits)")))
+        if self._EXECUTOR != "slurm":
+            return
         try:
             check_slurm_client()
             settle_memory(self.params, given_keys(config))
@@ -205,6 +212,32 @@ class SweepAwareLauncher(BaseSubmititLauncher):
             manifest["jobs"].append({"job_id": str(job.job_id), "job_num": num, "overrides": overrides,
                                      "run_dir": str(run_dir), "submitted_at": now, "executor": self._EXECUTOR})
         write_json(path, manifest)
+
+
+# Sweepers that launch what the command line lists and read no job's return value: coupled_net's own
+# (it reads the run directories) and Hydra's basic one. Any other (hydra-optuna-sweeper's) searches:
+# it needs each job's value (coupled_net.cli.train_task returns optimized_metric) before going on.
+LISTING_SWEEPERS = ("hydra_plugins.coupled_net_launcher.sweeper.CoupledSweeper",
+                    "hydra._internal.core_plugins.basic_sweeper.BasicSweeper")
+
+
+def searching(sweeper_cfg) -> bool:
+    """Is the sweeper configured by `sweeper_cfg` (hydra.sweeper) one that optimizes over the values
+    the jobs return (hparams_search=optuna_lr), rather than one that runs a list of jobs?"""
+    return str((sweeper_cfg or {}).get("_target_")) not in LISTING_SWEEPERS
+
+
+def _direction(metric) -> str:
+    from coupled_net.sweep import direction
+
+    return direction(str(metric))
+
+
+# `${coupled_net.direction:${optimized_metric}}` (conf/hparams_search/*.yaml): a study maximizes an
+# accuracy and minimizes a loss without a second key to keep in step. Registered here because every
+# process that composes or resolves a config of ours imports this module (coupled_net.cli does).
+if not OmegaConf.has_resolver("coupled_net.direction"):
+    OmegaConf.register_new_resolver("coupled_net.direction", _direction)
 
 
 def _finished(overrides, value) -> JobReturn:
