@@ -60,6 +60,9 @@ def group_keys(runs: pd.DataFrame) -> list[str]:
     keys = [k for k in config_columns(runs) if k != "seed"]
     order = {k: i for i, k in enumerate(ORDER)}
     others = sorted(varying(done, [k for k in keys if k not in FIRST]), key=lambda k: (order.get(k, len(ORDER)), k))
+    # model=torchvision/timm: model.name is the arch (identity.model_name); one column says it
+    others = [k for k in others if not (k == "model.arch" and "model.name" in done
+                                        and done[k].astype(str).equals(done["model.name"].astype(str)))]
     return [k for k in FIRST if k in runs] + others
 
 

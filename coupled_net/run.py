@@ -291,9 +291,12 @@ class RunDirectory:
 def write_model_summary(model: torch.nn.Module, channels: int, size: int, coupling: Coupling, path: Path) -> None:
     from torchinfo import summary
 
+    # on the model's own device: torchinfo moves the model to the device it is given (a "cpu" here once
+    # left every GPU run's model on the CPU, its batches on the GPU)
+    device = next(model.parameters()).device
     was_training = model.training
-    stats = summary(model.eval(), input_data=torch.zeros(1, channels, size, size), device="cpu", verbose=0,
-                    col_names=("output_size", "num_params", "kernel_size"), depth=4)
+    stats = summary(model.eval(), input_data=torch.zeros(1, channels, size, size, device=device), device=device,
+                    verbose=0, col_names=("output_size", "num_params", "kernel_size"), depth=4)
     model.train(was_training)
     text = f"{stats}\n\ncoupled layer(s): {', '.join(coupling.layer_paths)}; alpha={coupling.alpha}\n"
     atomic_write(path, lambda f: f.write(text.encode()))

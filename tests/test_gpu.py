@@ -39,3 +39,11 @@ def test_a_run_finished_on_the_cpu_is_not_trained_again_on_the_gpu(tmp_path):
     gpu = run(compose_cfg(*TINY, "trainer.epochs=1", "trainer.device=cuda", f"dataset.root={tmp_path}"), tmp_path / "run")
     assert gpu == cpu and (tmp_path / "run" / "results.json").read_bytes() == before
     assert read_results(tmp_path / "run")["fingerprint"] == cpu["fingerprint"]
+
+
+def test_a_torchvision_model_trains_on_the_gpu_and_its_model_summary_leaves_it_there(tmp_path):
+    # the model summary (torchinfo) once moved every model back to the CPU before epoch 1 on a GPU
+    res = run(compose_cfg(*TINY, "model=torchvision", "model.arch=mobilenet_v3_small", "model.input_size=32",
+                          "trainer.epochs=1", "trainer.device=cuda", f"dataset.root={tmp_path}"), tmp_path / "run")
+    assert res["status"] == "done", res["error"]
+    assert "mobilenet_v3_small" in res["model"]

@@ -345,3 +345,17 @@ def test_coupling_a_grouped_conv_with_pairs_inside_groups_makes_their_outputs_eq
         out = model(torch.randn(1, 4, 5, 5))
     assert torch.equal(out[0, 4], out[0, 5])  # pair 2 straddles no group: the same inputs, the same map
     assert not torch.equal(out[0, 6], out[0, 7])
+
+
+def test_the_model_summary_leaves_the_model_on_its_own_device(tmp_path):
+    # the meta device stands in for a GPU: torchinfo moves a model to the device it is given, and a
+    # summary on "cpu" once left every GPU run's model on the CPU
+    from coupled_net.coupling import Coupling
+    from coupled_net.run import write_model_summary
+
+    with torch.device("meta"):
+        model = models.make({"_target_": "coupled_net.models.torchvision_model", "arch": "mobilenet_v3_small",
+                             "weights": None, "input_size": 32}, 1, 26)
+    write_model_summary(model, 1, 32, Coupling(model, 2), tmp_path / "model_summary.txt")
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert "coupled layer(s): features.0.0; alpha=2" in (tmp_path / "model_summary.txt").read_text()

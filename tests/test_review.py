@@ -3,6 +3,7 @@ every expected value is computed here, by hand or with scipy, not by the code un
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 
@@ -250,3 +251,23 @@ def test_the_readme_notebook_example_runs_as_written(sweep):
     namespace = {}
     exec(block.replace('"outputs/multirun/2026-11-25/10-00-00"', repr(str(sweep[0]))), namespace)  # noqa: S102
     assert len(namespace["runs"]) == len(TOP1) and len(namespace["curves"]) == 3 * len(TOP1)
+
+
+def test_torchvision_runs_are_grouped_by_their_arch_as_the_model_name_without_a_second_column(tmp_path):
+    # model=torchvision keeps no model.name in its config: the review names the model by its arch
+    # (as results.json does), and model.arch, which says the same, is not a group column of its own
+    for arch, alpha, seed, top1 in [("mobilenet_v3_small", 0, 1, 30.0), ("mobilenet_v3_small", 4, 1, 28.0),
+                                    ("regnet_y_400mf", 0, 1, 70.0), ("regnet_y_400mf", 4, 1, 71.0)]:
+        run_dir = make_run(tmp_path / f"{arch}-{alpha}", test_top1=top1, model__arch=arch, coupling__alpha=alpha,
+                           seed=seed, model___target_="coupled_net.models.torchvision_model")
+        res = json.loads((run_dir / "results.json").read_text())
+        del res["identity"]["model.name"]
+        res["model"] = arch
+        (run_dir / "results.json").write_text(json.dumps(res))
+    frame = review.runs(tmp_path)
+    assert sorted(frame["model.name"]) == ["mobilenet_v3_small"] * 2 + ["regnet_y_400mf"] * 2
+    assert review.group_keys(frame) == ["model.name", "dataset.name", "coupling.alpha"]
+    table = review.summarize(frame)
+    assert list(zip(table["model.name"], table["coupling.alpha"], table["test_top1_mean"])) == [
+        ("mobilenet_v3_small", 0, 30.0), ("mobilenet_v3_small", 4, 28.0), ("regnet_y_400mf", 0, 70.0),
+        ("regnet_y_400mf", 4, 71.0)]

@@ -8,7 +8,6 @@ import json
 import re
 import subprocess
 
-import optuna
 import pytest
 import yaml
 from hydra import compose, initialize_config_dir
@@ -23,6 +22,8 @@ from coupled_net.identity import identity_of
 from coupled_net.sweep import best_trial, objective
 from helpers import CONF, REPO, make_run, read_results, run_cli, run_dirs
 from hydra_plugins.coupled_net_launcher import launcher
+
+optuna = pytest.importorskip("optuna")  # the [optuna] extra (CI installs it)
 
 MAX_FLOAT = 1.7976931348623157e308  # sys.float_info.max, typed out
 METRICS = {"val": {"top1": 41.5, "top5": 88.25, "loss": 0.75}, "test": {"top1": 40.0, "top5": 87.0, "loss": 0.8}}
