@@ -13,12 +13,11 @@ Every tracker implements
 A tracker is a convenience, the run directory is the record: `Loggers` fans each call out to all of
 them, and a tracker that raises is warned about once (`logger mlflow: <one line>`) and left out for
 the rest of the run, which goes on. A tracker whose package is not installed is a ConfigError before
-anything runs (`missing_extra`, called by the config validation)."""
+anything runs (coupled_net.validation.missing_extra, one table for every optional extra)."""
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import numbers
@@ -26,28 +25,12 @@ import os
 from pathlib import Path
 
 from .errors import ConfigError, one_line
+from .validation import missing_extra
 
 log = logging.getLogger(__name__)
 
-# logger target -> (the module that must be importable, the pip extra that installs it)
-EXTRAS = {"coupled_net.loggers.TensorBoardLogger": ("tensorboard", "tensorboard"),
-          "coupled_net.loggers.MLflowLogger": ("mlflow", "mlflow"),
-          "coupled_net.loggers.WandbLogger": ("wandb", "wandb")}
 FINAL_SPLITS = ("val", "test")
 FINAL_METRICS = ("top1", "top5", "loss")
-
-
-def missing_extra(target: str) -> str | None:
-    """What to install for the logger `target` when its package is absent, else None. Looks only
-    (importlib.util.find_spec): cheap enough to call for every job before a sweep starts."""
-    if target not in EXTRAS:
-        return None
-    module, extra = EXTRAS[target]
-    try:
-        found = importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):  # sys.modules[module] = None, or a broken install
-        found = False
-    return None if found else f"needs the {module} package: pip install -e '.[{extra}]'"
 
 
 def _require(target: str, name: str) -> None:

@@ -183,6 +183,21 @@ TENSORBOARD, MLFLOW, WANDB = ("coupled_net.loggers.TensorBoardLogger", "coupled_
 EXTRAS = {TIMM: ("timm", "timm"), TENSORBOARD: ("tensorboard", "tensorboard"), MLFLOW: ("mlflow", "mlflow"),
           WANDB: ("wandb", "wandb")}
 UNIT = number(ge=0, lt=1)  # momentum-like: a fraction of the past kept
+
+
+def missing_extra(target: str) -> str | None:
+    """What to install for the option `target` when its package is absent, else None. Looks only
+    (importlib.util.find_spec): cheap enough to call for every job before a sweep starts."""
+    if target not in EXTRAS:
+        return None
+    module, extra = EXTRAS[target]
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # sys.modules[module] = None, or a broken install
+        found = False
+    return None if found else f"needs the {module} package: pip install -e '.[{extra}]'"
+
+
 OPTIMIZED = ("val_top1", "val_top5", "val_loss")
 
 
@@ -387,9 +402,9 @@ def _option(group: str, node: dict, prefix: str):
     allowed = KNOBS[f"{group}.{OPTION_KEY[group]}"].rule(option)
     if allowed:
         raise ConfigError(key, option, allowed)
-    if option in EXTRAS and importlib.util.find_spec(EXTRAS[option][0]) is None:
-        package, extra = EXTRAS[option]
-        raise ConfigError(key, option, f"needs the {package} package: pip install -e '.[{extra}]'")
+    problem = missing_extra(option)
+    if problem:
+        raise ConfigError(key, option, problem)
     if group == "model" and option == BUILTIN:
         name = node.get("name")
         allowed = KNOBS["model.name"].rule(name)

@@ -36,11 +36,11 @@ BAD_INPUT = [
     (["dataset.val_fraction=1.5"], "dataset.val_fraction=1.5: must be a number strictly between 0 and 1"),
     (["dataset=image_folder", "dataset.root=/nonexistent/data"], "dataset.root='/nonexistent/data': must be a readable directory"),
     (["trainer.epochs=0"], "trainer.epochs=0: must be an integer >= 1"),
-    (["model=no_such_model"], "model='no_such_model': allowed: alexnet, resnet18, small_cnn, vgg11"),
+    (["model=no_such_model"], "model='no_such_model': allowed: alexnet, resnet18, small_cnn, timm, torchvision, vgg11"),
     (["model=alexnet", "model.input_size=28"], "model.input_size=28: alexnet needs images of at least 63 pixels"),
     (["trainer.device=cuda"], "trainer.device='cuda': no CUDA GPU is visible to this process"),
     (["optimizer.lr=-0.1"], "optimizer.lr=-0.1: must be a number > 0"),
-    (["dataset=no_such_data"], "dataset='no_such_data': allowed: cifar10, emnist_letters"),
+    (["dataset=no_such_data"], "dataset='no_such_data': allowed: cifar10, cifar100, emnist_letters"),
 ]
 
 
