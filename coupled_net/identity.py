@@ -187,9 +187,12 @@ def run_name(task_overrides) -> str:
 
 
 def register_resolver() -> None:
-    """`${coupled_net.run_name:${hydra.overrides.task}}`, used by conf/train.yaml's hydra.sweep.subdir."""
+    """`${coupled_net.run_name:${hydra.overrides.task}}`, used by conf/train.yaml's hydra.sweep.subdir;
+    `${coupled_net.minus:a,b}` (a - b), used by conf/scheduler/cosine.yaml's T_max."""
     if not OmegaConf.has_resolver("coupled_net.run_name"):
         OmegaConf.register_new_resolver("coupled_net.run_name", lambda overrides: run_name(list(overrides)))
+    if not OmegaConf.has_resolver("coupled_net.minus"):
+        OmegaConf.register_new_resolver("coupled_net.minus", lambda a, b: a - b)
 
 
 register_resolver()

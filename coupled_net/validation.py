@@ -486,6 +486,13 @@ def _pipeline(c: dict) -> None:
         raise ConfigError("dataset.pipeline", "tensor", "needs a dataset held in memory; use pil for image_folder")
 
 
+def _warmup_within_run(c: dict) -> None:
+    warmup, epochs = (c.get("scheduler") or {}).get("warmup_epochs"), (c.get("trainer") or {}).get("epochs")
+    if _is_int(warmup) and _is_int(epochs) and warmup >= epochs > 0:
+        raise ConfigError("scheduler.warmup_epochs", warmup, f"must be less than trainer.epochs ({epochs}): the "
+                                                             "schedule starts after the warmup")
+
+
 def _nesterov(c: dict) -> None:
     o = c["optimizer"]
     if o.get("nesterov") and (o.get("momentum", 0) <= 0 or o.get("dampening", 0) != 0):
@@ -586,6 +593,7 @@ def check_config(cfg: DictConfig) -> dict:
         allowed = KNOBS[key].rule(c.get(key))
         if allowed:
             raise ConfigError(key, c.get(key), allowed)
+    _warmup_within_run(c)  # before the groups: cosine's T_max is counted from it (T_max=0 would say less)
     for group in GROUPS:
         _check_group(group, c.get(group))
     for check in CHECKS:

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf, open_dict
 from torch import nn
 
 from coupled_net.build import build, make_scheduler, resolve
+from coupled_net.errors import ConfigError
 from coupled_net.run import run
 from coupled_net.trainer import Numerics, Progress, Trainer
 from helpers import CONF, compose_cfg, metric_table, read_results, run_cli
@@ -230,3 +231,14 @@ def test_debug_fast_puts_runs_and_sweeps_under_outputs_debug():
     hydra = OmegaConf.to_container(cfg.hydra, resolve=False)  # ${now:...} is resolved only in a real run
     assert hydra["run"]["dir"] == "outputs/debug/runs/${now:%Y-%m-%d}/${now:%H-%M-%S}"
     assert hydra["sweep"]["dir"] == "outputs/debug/multirun/${now:%Y-%m-%d}/${now:%H-%M-%S}"
+
+
+def test_cosine_counts_its_t_max_from_the_end_of_the_warmup_so_the_lr_reaches_eta_min_with_the_run():
+    from coupled_net.validation import check_config
+
+    assert compose_cfg("scheduler=cosine", "trainer.epochs=10").scheduler.T_max == 10
+    assert compose_cfg("scheduler=cosine", "trainer.epochs=10", "scheduler.warmup_epochs=3").scheduler.T_max == 7
+    with pytest.raises(ConfigError) as refused:  # a warmup as long as the run leaves no schedule
+        check_config(compose_cfg("scheduler=cosine", "trainer.epochs=3", "scheduler.warmup_epochs=3"))
+    assert str(refused.value) == "scheduler.warmup_epochs=3: must be less than trainer.epochs (3): the schedule " \
+                                 "starts after the warmup"
