@@ -195,9 +195,8 @@ def make_scheduler(scfg, optimizer: torch.optim.Optimizer):
     lr, and from there on the main scheduler runs as it would from the start of a run without warmup
     (SequentialLR restarts it at its epoch 0 at the milestone). So the main scheduler's epochs count
     after the warmup: step_size, T_max, total_iters mean the same with and without it, and for a
-    user's own scheduler nothing needs translating. The price: cosine's default T_max=${trainer.epochs}
-    then ends w epochs after the run (the lr of the last epoch is a little above eta_min); set
-    scheduler.T_max to the epochs minus the warmup to end on eta_min.
+    user's own scheduler nothing needs translating (conf/scheduler/cosine.yaml's T_max is the epochs
+    after the warmup, so it still ends on eta_min with the run).
     Warmup 0 builds exactly the scheduler of the config (the seed's protocol unchanged)."""
     node = OmegaConf.to_container(scfg, resolve=True) if isinstance(scfg, DictConfig) else dict(scfg)
     warmup = int(node.pop("warmup_epochs", 0) or 0)

@@ -188,11 +188,21 @@ def run_name(task_overrides) -> str:
 
 def register_resolver() -> None:
     """`${coupled_net.run_name:${hydra.overrides.task}}`, used by conf/train.yaml's hydra.sweep.subdir;
-    `${coupled_net.minus:a,b}` (a - b), used by conf/scheduler/cosine.yaml's T_max."""
+    `${coupled_net.minus:a,b}` (a - b), used by conf/scheduler/cosine.yaml's T_max;
+    `${coupled_net.direction:${optimized_metric}}` (conf/hparams_search/*.yaml): a study maximizes an
+    accuracy and minimizes a loss without a second key to keep in step."""
     if not OmegaConf.has_resolver("coupled_net.run_name"):
         OmegaConf.register_new_resolver("coupled_net.run_name", lambda overrides: run_name(list(overrides)))
     if not OmegaConf.has_resolver("coupled_net.minus"):
         OmegaConf.register_new_resolver("coupled_net.minus", lambda a, b: a - b)
+    if not OmegaConf.has_resolver("coupled_net.direction"):
+        OmegaConf.register_new_resolver("coupled_net.direction", _direction)
+
+
+def _direction(metric) -> str:
+    from .sweep import direction
+
+    return direction(str(metric))
 
 
 register_resolver()

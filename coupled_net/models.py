@@ -414,7 +414,7 @@ def timm_model(arch: str, in_channels: int, num_classes: int, input_size: int, w
     return _build_checked(construct, in_channels, num_classes, input_size, arch, (TIMM, arch, weights))
 
 
-def _keywords(fn) -> tuple[list[str], bool]:
+def keywords(fn) -> tuple[list[str], bool]:
     """The keyword parameters of `fn` (a class: its __init__) and whether it takes **kwargs."""
     try:
         params = inspect.signature(fn).parameters.values()
@@ -448,7 +448,7 @@ def make(m: dict, channels: int, num_classes: int) -> nn.Module:
         return build_model(**{**options, "in_channels": channels, "num_classes": num_classes})
     own = {TORCHVISION: torchvision_model, TIMM: timm_model}.get(target)
     if own is not None:
-        named, var_kw = _keywords(own)
+        named, var_kw = keywords(own)
         options = {k: v for k, v in options.items() if k != "name"}
         _check_keys(target, options, named, var_kw)
         return own(**{**options, "in_channels": channels, "num_classes": num_classes})
@@ -459,7 +459,7 @@ def make(m: dict, channels: int, num_classes: int) -> nn.Module:
         raise ConfigError("model._target_", target, f"cannot be imported: {one_line(e)}") from None
     if not callable(fn):
         raise ConfigError("model._target_", target, f"is a {type(fn).__name__}, not a class or function")
-    named, var_kw = _keywords(fn)
+    named, var_kw = keywords(fn)
     given = {"in_channels": channels, "num_classes": num_classes, **({"name": m["name"]} if "name" in m else {})}
     options = {k: v for k, v in options.items() if k not in RESERVED}
     _check_keys(target, options, named, var_kw)

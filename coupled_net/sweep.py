@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .errors import ConfigError
 from .identity import identity_of, run_key
-from .validation import check_config
+from .validation import OBJECTIVES, check_config
 from .run import Verdict, inspect
 
 log = logging.getLogger(__name__)
@@ -172,11 +172,9 @@ def finished(planned: list[PlannedJob]) -> list[PlannedJob]:
 
 
 # ---- what a run returns to a sweeper that optimizes (hparams_search=optuna_lr) ---------------------
-# optimized_metric -> where it is in results.json's `metrics` (the best model, equalized) and which way
-# is better. conf/hparams_search/*.yaml take hydra.sweeper.direction from here (the coupled_net.direction
-# resolver), so optimized_metric=val_loss alone makes a study minimize.
-OBJECTIVES = {"val_top1": (("val", "top1"), "maximize"), "val_top5": (("val", "top5"), "maximize"),
-              "val_loss": (("val", "loss"), "minimize")}
+# validation.OBJECTIVES says where each optimized_metric is and which way is better. conf/hparams_search/
+# *.yaml take hydra.sweeper.direction from it (the coupled_net.direction resolver), so
+# optimized_metric=val_loss alone makes a study minimize.
 
 
 def direction(metric: str) -> str:

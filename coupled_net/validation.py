@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
-import inspect
 import math
 import os
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from .coupling import MODES, SCHEDULES
 from .data import NAMES as DATASETS
 from .errors import ConfigError, one_line
-from .models import BUILTIN, MODELS, RESERVED, display_name
+from .models import BUILTIN, MODELS, RESERVED, display_name, keywords
 
 SELECT_BY = ("val_loss", "ke_val_loss")
 SEED_MAX = 2**32 - 1  # numpy's seeds stop there
@@ -198,7 +197,10 @@ def missing_extra(target: str) -> str | None:
     return None if found else f"needs the {module} package: pip install -e '.[{extra}]'"
 
 
-OPTIMIZED = ("val_top1", "val_top5", "val_loss")
+# optimized_metric -> where it is in results.json's `metrics` (the best model, equalized) and which way
+# is better (coupled_net.sweep.objective; the coupled_net.direction resolver of conf/hparams_search/)
+OBJECTIVES = {"val_top1": (("val", "top1"), "maximize"), "val_top5": (("val", "top5"), "maximize"),
+              "val_loss": (("val", "loss"), "minimize")}
 
 
 @dataclass(frozen=True)
@@ -218,7 +220,7 @@ def optional(rule: Rule, *only: str) -> Knob:
 
 KNOBS: dict[str, Knob] = {
     "seed": knob(integer(0, SEED_MAX)),
-    "optimized_metric": knob(choice(*OPTIMIZED)),       # what the task returns to a sweeper (Optuna)
+    "optimized_metric": knob(choice(*OBJECTIVES)),       # what the task returns to a sweeper (Optuna)
     # model (the built-in four are options by name; the rest by _target_)
     "model._target_": knob(dotted_path),
     "model.name": knob(choice(*sorted(MODELS)), *MODELS),
@@ -384,14 +386,8 @@ def locate(target: str, key: str):
 def _target_keys(target: str, key: str) -> list[str] | None:
     """The keyword parameters of what `target` names (None: it takes any, **kwargs); ConfigError when
     it does not import."""
-    obj = locate(target, key)
-    try:
-        params = inspect.signature(obj).parameters.values()
-    except (TypeError, ValueError):  # a builtin without a signature: let it decide
-        return None
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return None
-    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    named, any_keyword = keywords(locate(target, key))  # a builtin without a signature takes any too
+    return None if any_keyword else named
 
 
 def _option(group: str, node: dict, prefix: str):
@@ -430,8 +426,7 @@ def _check_node(group: str, node, prefix: str) -> None:
     option, own, foreign = None, None, False
     if group in OPTION_KEY:  # the option first: it decides which keys the group takes
         option, own = _option(group, node, prefix)
-        foreign = OPTION_KEY[group] == "_target_" and option not in KNOWN[group] and \
-            not (group == "model" and option in MODELS)
+        foreign = OPTION_KEY[group] == "_target_" and option not in KNOWN[group]
     knobs = {leaf: k for leaf, k in declared(group, None).items() if not k.only} if foreign \
         else declared(group, option)
     for leaf, knob_ in knobs.items():

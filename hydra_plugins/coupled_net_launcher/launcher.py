@@ -37,7 +37,7 @@ from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQu
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 from omegaconf import OmegaConf
 
-import coupled_net.identity  # noqa: F401 - registers the run-name resolver in SLURM job processes too
+import coupled_net.identity  # noqa: F401 - registers our resolvers (run name, direction) in SLURM job processes too
 from coupled_net.results import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -227,17 +227,6 @@ def searching(sweeper_cfg) -> bool:
     return str((sweeper_cfg or {}).get("_target_")) not in LISTING_SWEEPERS
 
 
-def _direction(metric) -> str:
-    from coupled_net.sweep import direction
-
-    return direction(str(metric))
-
-
-# `${coupled_net.direction:${optimized_metric}}` (conf/hparams_search/*.yaml): a study maximizes an
-# accuracy and minimizes a loss without a second key to keep in step. Registered here because every
-# process that composes or resolves a config of ours imports this module (coupled_net.cli does).
-if not OmegaConf.has_resolver("coupled_net.direction"):
-    OmegaConf.register_new_resolver("coupled_net.direction", _direction)
 
 
 def _finished(overrides, value) -> JobReturn:
