@@ -23,7 +23,9 @@ from . import data, synthetic
 from .coupling import Coupling
 from .models import build_model
 from .monitor import SystemMonitor
-from .results import CsvLog, EPOCH_COLUMNS, provenance, save_torch
+from .checkpoint import save_torch
+from .epochlog import EPOCH_COLUMNS, CsvLog
+from .machine import provenance, usable_cpus
 from .trainer import synchronize
 
 MEAN, STD = [0.1125], [0.2285]
@@ -74,7 +76,7 @@ def _split(n_per_class: int) -> data.SplitDataset:
 
 
 def pil_loader(split, size, batch, workers, train=True):
-    train_tf, eval_tf = data.seed_transforms(size, MEAN, STD)
+    train_tf, eval_tf = data.pil_transforms(size, MEAN, STD)
     ds = data.SplitDataset(split.source, split.indices, train_tf if train else eval_tf, 1)
     return data.EpochLoader(ds, batch, train, workers, False, 0)
 
@@ -201,7 +203,7 @@ def bookkeeping(device, epoch_seconds: float, epochs: int = REPEATS) -> list[tup
     return [("bookkeeping per epoch (s) / share of a quickstart epoch", per_epoch, per_epoch / epoch_seconds)]
 
 
-def run() -> str:
+def measure_all() -> str:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     workers = min(2, data_workers())
@@ -216,8 +218,6 @@ def run() -> str:
 
 
 def data_workers() -> int:
-    from .validation import usable_cpus
-
     return usable_cpus()
 
 

@@ -1,12 +1,13 @@
 """One place builds a run: the config is validated and resolved once per process (`resolve`), then
 everything the trainer needs is built from it (`build`): model and coupling, data loaders,
-optimizer, scheduler, numerics, the DDP world. Nothing here touches a run directory; `run.py`
-owns that. `evaluate.py` and the tests build through the same functions.
+optimizer, scheduler, numerics, the DDP world; and the run's trackers (`build_trackers`). Nothing
+here owns a run directory: coupled_net.lifecycle does. coupled_net.reevaluate and the tests build
+through the same functions.
 
     spec = resolve(cfg)                 # ConfigError for bad input, before any data or model
     parts = build(spec)
     trainer = make_trainer(spec, parts)  # no run directory: rows and the best weights in memory
-    trainer.fit(Progress())
+    trainer.fit(LoopState())
 """
 
 from __future__ import annotations
@@ -15,20 +16,30 @@ import logging
 import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LinearLR, SequentialLR
 
 from . import data, models
+from .augment import Letters, NoAugment
 from .coupling import Coupling
 from .distributed import World, init_world
-from .errors import ConfigError, DatasetUnavailable
+from .errors import ConfigError, DatasetUnavailable, one_line
+from .identity import Identity, flatten
+from .loggers import Loggers
+from .machine import usable_cpus
 from .trainer import Numerics, Trainer
-from .validation import batch_fits, resolve_device, usable_cpus, validate
+from .validation import batch_fits, validate
 
+log = logging.getLogger(__name__)
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS; read at CUDA init
 
 
@@ -99,12 +110,11 @@ def prepare_config(cfg: DictConfig) -> None:
 def resolve(cfg: DictConfig, world: World | None = None) -> RunSpec:
     """Validate the config (one line per mistake: ConfigError), fill what follows from the data itself
     (image_folder's class count), join the DDP world and pick the device, threads and workers."""
-    validate(cfg)
+    device = validate(cfg)
     prepare_config(cfg)
     world = world or init_world(cfg.trainer.device)
     if not world.is_main:  # one voice in the log: rank 0's
         logging.getLogger("coupled_net").setLevel(logging.WARNING)
-    device = resolve_device(cfg.trainer.device)
     if world.active and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
@@ -115,7 +125,7 @@ def resolve(cfg: DictConfig, world: World | None = None) -> RunSpec:
     return RunSpec(cfg, world, device, threads, workers)
 
 
-def build_model(spec: RunSpec) -> tuple[torch.nn.Module, Coupling]:
+def build_coupled_model(spec: RunSpec) -> tuple[torch.nn.Module, Coupling]:
     """The model (initial weights from `seed`: everything is seeded first) and its coupled layers,
     on the CPU."""
     torch.set_num_threads(spec.threads)
@@ -129,8 +139,6 @@ def build_loaders(spec: RunSpec) -> dict:
     """train / val / test loaders (this rank's shard of the training set). The training split is
     augmented by the `augment` policy; with trainer.overfit_batches=N it is instead the same first N
     batches of the training split every epoch, unshuffled and unaugmented (loaded like eval data)."""
-    from .augment import Letters, NoAugment
-
     cfg, world = spec.cfg, spec.world
     # the policy object; a config saved before the augment group existed (a run evaluated again) trained
     # with the seed's family. _convert_: augment.scale arrives as a tuple, not a ListConfig
@@ -170,7 +178,7 @@ class Parts:
 
 def build(spec: RunSpec) -> Parts:
     cfg, device = spec.cfg, spec.device
-    model, coupling = build_model(spec)
+    model, coupling = build_coupled_model(spec)
     loaders = build_loaders(spec)
     memory = torch.channels_last if cfg.trainer.get("channels_last") else torch.preserve_format
     model = model.to(device, memory_format=memory)
@@ -178,8 +186,6 @@ def build(spec: RunSpec) -> Parts:
     scheduler = make_scheduler(cfg.scheduler, optimizer)
     train_model = model
     if spec.world.active:
-        from torch.nn.parallel import DistributedDataParallel
-
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.trainer.compile:
         train_model = torch.compile(train_model)
@@ -203,8 +209,6 @@ def make_scheduler(scfg, optimizer: torch.optim.Optimizer):
     main = instantiate(node)(optimizer)
     if warmup == 0:
         return main
-    from torch.optim.lr_scheduler import LinearLR, SequentialLR
-
     ramp = LinearLR(optimizer, start_factor=1 / (warmup + 1), end_factor=1.0, total_iters=warmup)
     return SequentialLR(optimizer, [ramp, main], milestones=[warmup])
 
@@ -212,7 +216,7 @@ def make_scheduler(scfg, optimizer: torch.optim.Optimizer):
 def make_trainer(spec: RunSpec, parts: Parts, **run_dir_parts) -> Trainer:
     """A Trainer for `parts` with the loop settings of `spec`; `run_dir_parts` are the keyword
     arguments that tie it to a run directory (files, monitor, logger, guard, stamp, on_epoch_end,
-    progress_bars), all optional."""
+    progress_bars), all optional; a logger is what build_trackers returns (None: no trackers)."""
     t = spec.cfg.trainer
     return Trainer(model=parts.model, coupling=parts.coupling, optimizer=parts.optimizer, scheduler=parts.scheduler,
                    loaders=parts.loaders, device=spec.device, numerics=parts.numerics, train_model=parts.train_model,
@@ -220,3 +224,49 @@ def make_trainer(spec: RunSpec, parts: Parts, **run_dir_parts) -> Trainer:
                    checkpoint_every=t.checkpoint_every, limit_batches=t.limit_batches,
                    label_smoothing=float(t.get("label_smoothing", 0.0)), grad_clip_norm=t.get("grad_clip_norm"),
                    **run_dir_parts)
+
+
+# ---- the run's trackers ------------------------------------------------------------------------------
+
+
+def start_trackers(nodes, context: dict, params: dict) -> Loggers:
+    """Every tracker config in `nodes` (name -> config; None: left out), each given `context` (run_dir,
+    sweep_dir, run_name, fingerprint), then told the run's hyperparameters `params`. A missing extra
+    is a ConfigError; a tracker that cannot start (its server down) is warned about and left out."""
+    loggers = Loggers()
+    try:
+        for name, node in nodes.items():
+            if node is None:
+                continue
+            try:
+                loggers.append(instantiate(node, **context))
+            except ConfigError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the run matters more than its tracker
+                cause = e.__cause__ if isinstance(e, InstantiationException) and e.__cause__ else e
+                log.warning("logger %s: %s", name, one_line(cause, 300))
+        loggers.log_hparams(params)
+    except BaseException:
+        loggers.close()  # the ones already started (a W&B service process)
+        raise
+    if loggers:
+        log.info("trackers: %s", loggers.describe())
+    return loggers
+
+
+def build_trackers(cfg: DictConfig, run_dir: Path, identity: Identity) -> Loggers | None:
+    """Every tracker under `logger` (none there: None) as one `Loggers`, told the run's hyperparameters:
+    its identity config (flattened), labels and fingerprint. Each gets the run directory, the run's name
+    and, in a sweep job, the sweep directory (MLflow's default store is shared by the sweep)."""
+    if not cfg.get("logger"):
+        return None
+    sweep_dir = None
+    try:
+        hc = HydraConfig.get()
+        sweep_dir = Path(hc.sweep.dir).resolve() if hc.mode == RunMode.MULTIRUN else None
+    except ValueError:  # not under Hydra (a run started directly): a single run
+        pass
+    context = {"run_dir": run_dir, "sweep_dir": sweep_dir, "run_name": Path(run_dir).resolve().name,
+               "fingerprint": identity.fingerprint}
+    params = {**identity.keys, **flatten(identity.labels), "fingerprint": identity.fingerprint}
+    return start_trackers(cfg.logger, context, params)

@@ -1,4 +1,7 @@
-"""Hydra callbacks registered in conf/train.yaml."""
+"""Hydra callbacks registered in conf/train.yaml: a single run's config is refused before Hydra
+makes its directory (RefuseBadConfig); a search's config is checked before its first trial, and a
+sweep ends with its review and a verdict that names its failed runs (SweepReport). They run where
+the entry point does, so they end the process with one line (coupled_net.errors.fail)."""
 
 from __future__ import annotations
 
@@ -6,12 +9,31 @@ import logging
 import sys
 from pathlib import Path
 
+import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from .results import read_json
+from .errors import ConfigError, fail
+from .objectives import direction
+from .results import FINISHED
+from .rundir import describe_owner
+from .storage import read_json
+from .sweep import STUDY_FILE, best_trial, launched, not_started, searching
+from .validation import check_config, validate
 
 log = logging.getLogger("coupled_net")
+
+
+class RefuseBadConfig(Callback):
+    """conf/train.yaml's first callback: a single run's config is validated before Hydra makes its
+    run directory, so a refusal leaves nothing on disk; the result is kept for the run's build, which
+    does not validate it again. (A sweep's jobs: coupled_net.sweep.plan.)"""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        try:
+            validate(config, keep=True)
+        except ConfigError as e:
+            fail(str(e))
 
 
 class SweepReport(Callback):
@@ -24,13 +46,6 @@ class SweepReport(Callback):
         """A search (hparams_search=optuna_lr) checks its config before the first trial: coupled_net's
         own sweeper checks every job's config when it plans the sweep, a search has no plan to check
         (its trials are sampled one by one), and a mistake would otherwise fail every trial."""
-        from hydra_plugins.coupled_net_launcher.launcher import searching
-
-        from .cli import fail
-        from .errors import ConfigError
-        from .sweep import direction
-        from .validation import check_config
-
         if not searching(config.hydra.sweeper):
             return
         # optuna's storage module imports alembic, whose plugins each log a line at INFO ("setup plugin
@@ -49,8 +64,7 @@ class SweepReport(Callback):
             fail(str(e))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        from .report import write_summary
-        from .sweep import launched
+        from .report import write_summary  # seaborn and matplotlib: imported when a sweep ends, not at start
 
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
@@ -78,10 +92,6 @@ class SweepReport(Callback):
 def say_best_trial(config: DictConfig, sweep_dir: Path) -> None:
     """After a search: its best value, parameters and run directory (the sweeper wrote the first two
     into optimization_results.yaml; the run directory is the one its overrides name)."""
-    from hydra_plugins.coupled_net_launcher.launcher import searching
-
-    from .sweep import STUDY_FILE, best_trial
-
     found = best_trial(sweep_dir) if searching(config.hydra.sweeper) else None
     if found is None or "best_value" not in found[0]:
         return
@@ -94,17 +104,12 @@ def say_best_trial(config: DictConfig, sweep_dir: Path) -> None:
 def unfinished(df, planned=None):
     """The runs of this launch (`planned`; all of `df` without a plan) that did not finish, with what
     stopped them: their error, or who holds a run still in progress."""
-    import pandas as pd
-
-    from .run import describe_owner
-    from .sweep import not_started
-
     if planned is not None:
         mine = {str(job.done_in or job.run_dir) for job in planned}
         missing = sorted(mine - set(df["run_dir"]))  # never started: no directory to collect
         df = pd.concat([df[df["run_dir"].isin(mine)], pd.DataFrame(
             {"run_dir": missing, "status": "not started", "error": [not_started.get(r) for r in missing]})])
-    bad = df[~df["status"].isin(["done", "diverged"])].copy()
+    bad = df[~df["status"].isin(FINISHED)].copy()
     owners = {}
     for run_dir in bad["run_dir"]:
         res = read_json(Path(run_dir) / "results.json") or {}

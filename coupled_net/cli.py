@@ -1,77 +1,52 @@
-"""What the launch/ entry points do once Hydra has composed the config."""
+"""What the launch/ entry points do once Hydra has composed the config: the task of train.py (one
+run; a sweep's job) and of prepare.py. These are entry points: they end the process with one line
+(coupled_net.errors.fail) where the library raises."""
 
 from __future__ import annotations
 
 import logging
-import sys
 import traceback
-from contextlib import contextmanager
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from hydra_plugins.coupled_net_launcher.launcher import register_plugins
-
-from .errors import ConfigError, DatasetUnavailable, RunFault
+from . import commandline, data, sweep
+from .errors import ConfigError, DatasetUnavailable, RunFault, RunRefused, fail
+from .lifecycle import describe_fault, execute_run
 from .logs import CONSOLE_ONLY, FILE_ONLY
+from .objectives import objective
+from .signals import RunInterrupted
 
 log = logging.getLogger("coupled_net")
 
 
-def fail(message: str, code: int = 2, details: list[str] = (), to_file: bool = True):
-    """End the process with one line on stderr (the last thing printed), after `details`, if any;
-    `to_file`: the line also goes to train.log (False where the run logged it there already)."""
-    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
-    for handler in logging.getLogger().handlers if to_file else ():  # inside Hydra: train.log (only there)
-        if isinstance(handler, logging.FileHandler):
-            handler.handle(record)
-    sys.stderr.flush()
-    for line in details:
-        print(f"coupled_net: error: {line}", file=sys.stderr)
-    print(f"coupled_net: error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(code)
-
-
-@contextmanager
-def interrupted():
-    """Ctrl-C outside a run (composing, planning, waiting for SLURM jobs): one line, exit 130."""
+def check_command_line(args: list[str], conf_dir: Path) -> None:
+    """launch/train.py's checks before Hydra starts (coupled_net.commandline): a mistake ends the
+    process with one line, before anything is composed or written."""
     try:
-        yield
-    except KeyboardInterrupt:
-        print("\ncoupled_net: error: interrupted (SIGINT); runs already started keep their state: the same "
-              "command resumes them", file=sys.stderr, flush=True)
-        raise SystemExit(130) from None
-
-
-def setup() -> None:
-    """What must happen before Hydra starts: our launchers known to Hydra, even in an editable install."""
-    register_plugins()
+        commandline.check(args, conf_dir)
+    except ConfigError as e:
+        fail(str(e))
 
 
 def hydra_files(cfg: DictConfig) -> dict[str, str]:
     """What Hydra writes into `<run dir>/.hydra/` (conf/train.yaml turns that off, hydra.output_subdir:
     null): the run writes it itself once the directory is its own, so a refused start changes nothing."""
-    from omegaconf import OmegaConf
-
     hydra_cfg = HydraConfig.instance().cfg
     return {"config.yaml": OmegaConf.to_yaml(cfg), "hydra.yaml": OmegaConf.to_yaml(hydra_cfg),
             "overrides.yaml": OmegaConf.to_yaml(hydra_cfg.hydra.overrides.task)}
 
 
 def train_task(cfg: DictConfig) -> float:
-    """Run one job; returns its `optimized_metric` (coupled_net.sweep.objective: val_top1 / val_top5 /
+    """Run one job; returns its `optimized_metric` (coupled_net.objectives: val_top1 / val_top5 /
     val_loss of the best, equalized model), what an optimizing sweeper (hparams_search=optuna_lr)
     reads; a run that failed, was refused, did not start or diverged returns the worst value so a
     study goes on, and a run found finished in its directory returns its stored value. A single run
     that fails exits non-zero with one line; in a sweep the failure is recorded in the run's
     results.json and the sweep goes on (its verdict reads the run directories, not these values). A
     stop signal (Ctrl-C) ends the process, a sweep included, with one line."""
-    from . import sweep
-    from .run import RunRefused, describe_fault, run
-    from .signals import RunInterrupted
-
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     single = hc.mode == RunMode.RUN
@@ -84,7 +59,7 @@ def train_task(cfg: DictConfig) -> float:
                   run_dir.name, extra=CONSOLE_ONLY)
         return _returned(hc, run_dir, metric, None)
     try:
-        outcome = run(cfg, run_dir, hydra_files=hydra_files(cfg))
+        outcome = execute_run(cfg, run_dir, hydra_files=hydra_files(cfg))
     except RunRefused as e:
         if single:
             fail(str(e))
@@ -119,126 +94,21 @@ def train_task(cfg: DictConfig) -> float:
 def _returned(hc, run_dir: Path, metric: str, results: dict | None) -> float:
     """train_task's value for a run whose results.json is `results` (None: nothing to read); said on
     the console when a search sweeper (not coupled_net's own, which reads the run directories) gets it."""
-    from hydra_plugins.coupled_net_launcher.launcher import searching
-
-    from .sweep import objective
-
     value = objective(results, metric)
-    if hc.mode == RunMode.MULTIRUN and searching(hc.sweeper):
+    if hc.mode == RunMode.MULTIRUN and sweep.searching(hc.sweeper):
         log.info("%s: %s = %s returned to the sweeper", run_dir.name, metric, f"{value:g}")
     return value
 
 
 def _dataset_key(cfg: DictConfig) -> str | None:
     """A downloadable dataset and the root it is looked for in ("mnist@/data"), else None."""
-    from .data import LOADERS, dataset_root
-
     try:
-        return f"{cfg.dataset.name}@{dataset_root(cfg.dataset)}" if cfg.dataset.name in LOADERS else None
+        return f"{cfg.dataset.name}@{data.dataset_root(cfg.dataset)}" if cfg.dataset.name in data.LOADERS else None
     except Exception:  # noqa: BLE001 - a bad dataset config: the run itself reports it
         return None
 
 
-def check_command_line(args: list[str], conf_dir: Path) -> None:
-    """What launch/train.py checks before Hydra starts, each a one-line refusal: the overrides are
-    parsed once (as Hydra parses them) for every check; malformed ones are left to Hydra."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    from .validation import check_override_keys
-
-    extra_dirs, candidates, i = [], [], 0
-    while i < len(args):  # `--config-dir DIR` / `-cd DIR` / `--config-dir=DIR` add options too
-        arg = args[i]
-        if arg in ("--config-dir", "-cd") and i + 1 < len(args):
-            extra_dirs.append(Path(args[i + 1]))
-            i += 1
-        elif arg.startswith("--config-dir="):
-            extra_dirs.append(Path(arg.split("=", 1)[1]))
-        elif "=" in arg and not arg.startswith("-"):
-            candidates.append(arg)
-        i += 1
-    try:
-        overrides = OverridesParser.create().parse_overrides(candidates)
-    except HydraException:
-        return  # malformed: Hydra reports it
-    searchpath = [o for o in overrides if o.key_or_group == "hydra.searchpath"]
-    check_group_choices(overrides, config_repository(conf_dir, extra_dirs, searchpath))
-    check_output_dirs(overrides)
-    check_override_keys(overrides, own_configs=bool(extra_dirs or searchpath))
-
-
-def config_repository(conf_dir: Path, extra_dirs: list[Path], searchpath_overrides=()):
-    """Hydra's config search path as `launch/train.py` will see it (conf/, search-path plugins, each
-    --config-dir, a hydra.searchpath override), as a repository that lists a group's options."""
-    from hydra._internal.config_repository import ConfigRepository
-    from hydra._internal.utils import create_config_search_path
-
-    search_path = create_config_search_path(f"file://{conf_dir.resolve()}")
-    for d in extra_dirs:  # as hydra's main does for --config-dir
-        search_path.prepend("command-line", f"file://{d.resolve()}")
-    for o in searchpath_overrides:
-        for path in o.value() if isinstance(o.value(), list) else []:
-            search_path.append("hydra.searchpath in command-line", str(path))
-    return ConfigRepository(search_path)
-
-
-def check_group_choices(overrides, repository) -> None:
-    """Refuse `group=option` overrides naming an option that no directory of the config search path
-    holds (conf/, a --config-dir, hydra.searchpath), with one line, before Hydra composes (whose own
-    message spans a screen and ends with a hint about stack traces). `logger=[a,b]` names several."""
-    from hydra.core.object_type import ObjectType
-
-    for o in overrides:
-        group = o.key_or_group
-        if o.package is not None or o.is_delete() or group.startswith("hydra") or not repository.group_exists(group):
-            continue
-        options = repository.get_group_options(group, ObjectType.CONFIG)
-        if o.is_sweep_override():
-            values = list(o.sweep_string_iterator())
-        elif isinstance(o.value(), list):
-            values = [str(v) for v in o.value()]
-        else:
-            values = [o.get_value_element_as_str()]
-        for value in values:
-            if value not in options and value != "null":
-                fail(f"{group}={value!r}: allowed: {', '.join(sorted(options))}")
-        if group == "hparams_search" and any(v != "none" for v in values):
-            _needs_optuna(values)
-
-
-def _needs_optuna(values) -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None:
-        fail(f"hparams_search={','.join(values)}: needs the hydra-optuna-sweeper package: pip install -e '.[optuna]'")
-
-
-def check_output_dirs(overrides) -> None:
-    """Refuse a `hydra.run.dir` / `hydra.sweep.dir` that cannot be a directory of ours (a file, a path
-    through a file, a folder not writable), with one line, before Hydra tries to create it and fails
-    with a traceback."""
-    import os
-
-    for o in overrides:
-        key = o.key_or_group
-        if key not in ("hydra.run.dir", "hydra.sweep.dir") or o.is_delete() or o.is_sweep_override():
-            continue
-        value = o.get_value_element_as_str()
-        if "${" in value or not value:
-            continue
-        path = Path(os.path.expanduser(value))
-        existing = next(p for p in (path, *path.parents) if p.exists() or p == Path(p.anchor or "."))
-        if not existing.is_dir():
-            where = "is a file" if existing == path else f"{existing} is a file"
-            fail(f"{key}={value}: {where}, not a directory: choose another {key}")
-        if not os.access(existing, os.W_OK | os.X_OK):
-            fail(f"{key}={value}: {existing} is not writable by this user: choose another {key}")
-
-
 def prepare_task(cfg: DictConfig) -> None:
-    from . import data
-
     try:
         print(data.prepare(cfg.dataset))
     except (ConfigError, DatasetUnavailable) as e:

@@ -13,8 +13,10 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
-from .identity import NEUTRAL, is_non_identity, model_name, run_key
-from .results import read_json
+from .epochlog import epoch_summary, read_epochs
+from .identity import NEUTRAL, flatten, is_non_identity, model_name, run_key
+from .results import load_results
+from .storage import read_json
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +51,9 @@ def find_runs(paths) -> list[Path]:
     return sorted(found)
 
 
-def _flatten(node, prefix="") -> dict:
-    out = {}
-    for key, value in node.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{name}."))
-        elif isinstance(value, list):
-            out[name] = ",".join(map(str, value))
-        else:
-            out[name] = value
-    return out
+def _flatten(node) -> dict:
+    """A config as the review's columns: dotted keys, lists as one text (`0.8,1.2`)."""
+    return {k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in flatten(node).items() if v != {}}
 
 
 def run_config(run_dir: Path, res: dict | None = None) -> dict:
@@ -121,7 +115,7 @@ def _age_s(iso: str | None) -> float | None:
         return None
 
 
-def owner_gone(res: dict, epochs: pd.DataFrame, queue: dict | None) -> str | None:
+def owner_gone(res: dict, epochs: list[dict], queue: dict | None) -> str | None:
     """Why a `running` run's owner is gone (a short reason), or None while it may be alive: the SLURM
     job is no longer known (when squeue answers), else its pid is dead on this host, else its
     heartbeat is older than max(15 min, 3 x its mean epoch time)."""
@@ -132,97 +126,21 @@ def owner_gone(res: dict, epochs: pd.DataFrame, queue: dict | None) -> str | Non
     if owner.get("host") == socket.gethostname() and owner.get("pid"):
         return None if _pid_alive(owner) else f"pid {owner['pid']} on {owner['host']} is gone"
     age = _age_s(res.get("heartbeat_at"))
-    mean_epoch = float(epochs["epoch_time_s"].mean()) if len(epochs) and "epoch_time_s" in epochs else 0.0
+    mean_epoch = epoch_summary(epochs)["epoch_time_s_mean"] or 0.0
     limit = max(STALE_AFTER_S, 3 * mean_epoch)
     if age is not None and age > limit:
         return f"no heartbeat for {age / 60:.0f} min"
     return None
 
 
-# columns every written epochs.csv row has numbers in (a loss may be nan: a diverged epoch)
-REQUIRED = ["epoch", "val_acc", "ke_val_acc", "epoch_time_s"]
-
-
-def read_epochs(run_dir: Path) -> tuple[pd.DataFrame, str | None]:
-    """epochs.csv as numbers, and what is wrong with it (None: nothing). A row with a cell that is
-    not a number, or without the numbers every row has (a line cut short by a kill or a full disk),
-    is left out and named."""
-    path = run_dir / "epochs.csv"
-    try:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except FileNotFoundError:
-        return pd.DataFrame(), None
-    except pd.errors.EmptyDataError:
-        return pd.DataFrame(), None
-    except (OSError, ValueError, pd.errors.ParserError) as e:
-        return pd.DataFrame(), f"epochs.csv: {' '.join(str(e).split())[:200]}"
-    missing = [c for c in REQUIRED if c not in raw.columns]
-    if missing:
-        return pd.DataFrame(), f"epochs.csv: no column {missing[0]!r} in its header"
-    numbers = raw.apply(pd.to_numeric, errors="coerce")
-    garbage = (numbers.isna() & ~raw.isin(["nan", "NaN", "inf", "-inf"])).any(axis=1)
-    garbage |= numbers[REQUIRED].isna().any(axis=1)
-    problem = None
-    if garbage.any():
-        lines = [str(i + 2) for i in raw.index[garbage]]  # +2: the header is line 1
-        problem = f"epochs.csv: line{'s' if len(lines) > 1 else ''} {', '.join(lines[:5])} not numbers"
-    return numbers[~garbage].reset_index(drop=True), problem
-
-
 def epoch_rows(run_dir: Path) -> pd.DataFrame:
-    return read_epochs(run_dir)[0]
-
-
-def load_results(run_dir: Path) -> tuple[dict | None, str | None]:
-    """results.json, read and parsed once: (its record, None), or (None, why it cannot be used), or
-    (None, None) where there is none."""
-    import json
-
-    path = run_dir / "results.json"
-    try:
-        res = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None, None
-    except (OSError, ValueError) as e:
-        return None, f"results.json: not valid JSON ({' '.join(str(e).split())[:120]})"
-    if not isinstance(res, dict):
-        return None, f"results.json: a JSON {type(res).__name__}, not an object"
-    if not isinstance(res.get("metrics") or {}, dict) or not isinstance(res.get("provenance") or {}, dict):
-        return None, "results.json: `metrics` or `provenance` is not an object"
-    return res, None
-
-
-def read_results(run_dir: Path) -> dict | None:
-    return load_results(run_dir)[0]
-
-
-def _mean(epochs: pd.DataFrame, column: str) -> float | None:
-    values = pd.to_numeric(epochs[column], errors="coerce") if column in epochs else pd.Series(dtype=float)
-    return float(values.mean()) if values.notna().any() else None
-
-
-def epoch_metrics(epochs: pd.DataFrame, best_epoch) -> dict:
-    """Per-run numbers from epochs.csv: `ke_drop` = val_acc - ke_val_acc (top-1 points lost at an
-    equalization) as the mean over epochs and at the best epoch; mean timings; `ke_overhead` = mean
-    ke_eval_time_s / mean epoch_time_s (what the second validation costs, as a share of an epoch)."""
-    out = {"ke_time_s_mean": _mean(epochs, "ke_time_s"), "epoch_time_s_mean": _mean(epochs, "epoch_time_s"),
-           "ke_eval_time_s_mean": _mean(epochs, "ke_eval_time_s"), "ke_drop_mean": None, "ke_drop_best": None,
-           "ke_overhead": None, "best_val_acc": None, "best_ke_val_acc": None, "last_val_acc": None}
-    if {"val_acc", "ke_val_acc"} <= set(epochs.columns) and len(epochs):
-        val, ke_val = (pd.to_numeric(epochs[c], errors="coerce") for c in ("val_acc", "ke_val_acc"))
-        drop = val - ke_val
-        out.update(ke_drop_mean=float(drop.mean()), best_val_acc=float(val.max()),
-                   best_ke_val_acc=float(ke_val.max()), last_val_acc=float(val.iloc[-1]))
-        at_best = drop[pd.to_numeric(epochs["epoch"], errors="coerce") == best_epoch] if best_epoch else []
-        out["ke_drop_best"] = float(at_best.iloc[-1]) if len(at_best) else None
-    if out["ke_eval_time_s_mean"] is not None and out["epoch_time_s_mean"]:
-        out["ke_overhead"] = out["ke_eval_time_s_mean"] / out["epoch_time_s_mean"]
-    return out
+    """epochs.csv's whole rows (coupled_net.epochlog.read_epochs) as numbers, one row per epoch."""
+    return pd.DataFrame(read_epochs(run_dir)[0])
 
 
 def run_row(run_dir: Path, cfg: dict, res: dict | None, queue: dict | None = None,
             problem: str | None = None) -> dict:
-    """One run's row (`problem`: why its results.json cannot be used, from load_results); a run
+    """One run's row (`problem`: why its results.json cannot be used, coupled_net.results.load_results); a run
     whose files cannot be read is `unreadable`, with the file and why."""
     try:
         return _run_row(run_dir, cfg, res, queue, problem)
@@ -231,7 +149,7 @@ def run_row(run_dir: Path, cfg: dict, res: dict | None, queue: dict | None = Non
 
 
 def _run_row(run_dir: Path, cfg: dict, res: dict | None, queue: dict | None, problem: str | None) -> dict:
-    epochs, bad_epochs = read_epochs(run_dir)
+    rows, bad_epochs = read_epochs(run_dir)
     error = None
     if res is None:
         error = problem
@@ -240,7 +158,7 @@ def _run_row(run_dir: Path, cfg: dict, res: dict | None, queue: dict | None, pro
     else:
         status = res.get("status", "unknown")
         if status == "running":
-            gone = owner_gone(res, epochs, queue)
+            gone = owner_gone(res, rows, queue)
             if gone:
                 status, error = "stale", f"{gone}: it ended without recording why; the same command resumes it"
     if bad_epochs:
@@ -250,13 +168,13 @@ def _run_row(run_dir: Path, cfg: dict, res: dict | None, queue: dict | None, pro
         "model": res.get("model", cfg.get("model.name")), "dataset": res.get("dataset", cfg.get("dataset.name")),
         "alpha": res.get("alpha", cfg.get("coupling.alpha")), "seed": res.get("seed", cfg.get("seed")),
         "status": status,
-        "epochs_run": res.get("epochs_run", int(epochs["epoch"].max()) if len(epochs) else 0),
+        "epochs_run": res.get("epochs_run", max(r["epoch"] for r in rows) if rows else 0),
         "best_epoch": res.get("best_epoch"),
         "total_time_s": res.get("total_time_s"), "device": (res.get("provenance") or {}).get("device"),
         "run_dir": str(run_dir), "error": error or res.get("error"),
         "coupling_mode": res.get("coupling_mode", cfg.get("coupling.mode")),
         "coupling_schedule": res.get("coupling_schedule", cfg.get("coupling.schedule")),
-        **epoch_metrics(epochs, res.get("best_epoch")),
+        **epoch_summary(rows, res.get("best_epoch")),
     }
     for split in ("val", "test"):
         for k in ("top1", "top5"):

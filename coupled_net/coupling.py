@@ -43,27 +43,36 @@ def resolve_layers(model: nn.Module, layer: str | Sequence[str] | None) -> list[
     return resolved
 
 
+def coupled_layers(model: nn.Module, alpha: int, layer=None, mode: str = "copy",
+                   schedule: str = "epoch") -> list[tuple[str, nn.Conv2d]]:
+    """The layers a coupling config names in `model`, after checking it against them: ConfigError
+    for a mode, schedule or alpha not allowed, a layer that is not a Conv2d, alpha above half its
+    filters. Validation calls it on a shape-only (meta) model; Coupling on the real one."""
+    if mode not in MODES:
+        raise ConfigError("coupling.mode", mode, f"allowed: {', '.join(MODES)}")
+    if schedule not in SCHEDULES:
+        raise ConfigError("coupling.schedule", schedule, f"allowed: {', '.join(SCHEDULES)}")
+    if isinstance(alpha, bool) or not isinstance(alpha, int) or alpha < 0:
+        raise ConfigError("coupling.alpha", alpha, "must be an integer >= 0 (0 = no coupling)")
+    layers = resolve_layers(model, layer)
+    for path, conv in layers:
+        per_group = conv.out_channels // conv.groups
+        if alpha > 0 and conv.groups > 1 and per_group % 2:
+            raise ConfigError("coupling.layer", path,
+                              f"a grouped conv (groups={conv.groups}, {per_group} filter(s) per group): filters 2k "
+                              "and 2k+1 see different input channels, so equal filters would not give equal "
+                              "outputs; couple a conv with an even number of filters per group")
+        if 2 * alpha > conv.out_channels:
+            raise ConfigError("coupling.alpha", alpha,
+                              f"at most {conv.out_channels // 2}: layer {path} has {conv.out_channels} filters")
+    return layers
+
+
 class Coupling:
     """The coupled layers of one model and how to equalize them."""
 
     def __init__(self, model: nn.Module, alpha: int, layer=None, mode: str = "copy", schedule: str = "epoch"):
-        if mode not in MODES:
-            raise ConfigError("coupling.mode", mode, f"allowed: {', '.join(MODES)}")
-        if schedule not in SCHEDULES:
-            raise ConfigError("coupling.schedule", schedule, f"allowed: {', '.join(SCHEDULES)}")
-        if isinstance(alpha, bool) or not isinstance(alpha, int) or alpha < 0:
-            raise ConfigError("coupling.alpha", alpha, "must be an integer >= 0 (0 = no coupling)")
-        self.layers = resolve_layers(model, layer)
-        for path, conv in self.layers:
-            per_group = conv.out_channels // conv.groups
-            if alpha > 0 and conv.groups > 1 and per_group % 2:
-                raise ConfigError("coupling.layer", path,
-                                  f"a grouped conv (groups={conv.groups}, {per_group} filter(s) per group): filters 2k "
-                                  "and 2k+1 see different input channels, so equal filters would not give equal "
-                                  "outputs; couple a conv with an even number of filters per group")
-            if 2 * alpha > conv.out_channels:
-                raise ConfigError("coupling.alpha", alpha,
-                                  f"at most {conv.out_channels // 2}: layer {path} has {conv.out_channels} filters")
+        self.layers = coupled_layers(model, alpha, layer, mode, schedule)
         self.alpha, self.mode, self.schedule = alpha, mode, schedule
 
     @property

@@ -27,10 +27,12 @@ from torchvision.transforms import v2
 from . import synthetic
 from .augment import Letters, augment_batch, eval_transforms
 from .errors import ConfigError, DatasetUnavailable, one_line
-from .results import atomic_write, read_json
+from .machine import affinity_cpus
+from .storage import atomic_write, read_json
 
 log = logging.getLogger(__name__)
 DOWNLOAD_TIMEOUT_S = 30
+IN_MEMORY_ONLY = "needs a dataset held in memory; use pil for image_folder"  # dataset.pipeline=tensor
 
 
 # ---- sources: where the images of one split come from ------------------------------------------
@@ -268,11 +270,7 @@ def _write_verdicts(root: Path, files: dict[str, list]) -> None:
 def _check_threads() -> int:
     """PIL releases the GIL while it decodes, so threads decode in parallel; a few more threads than
     cores also hide the file reads' latency on a network filesystem."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    return min(16, 2 * cpus)
+    return min(16, 2 * affinity_cpus())
 
 
 def _relative(paths: list[str], root: Path) -> list[str]:
@@ -421,7 +419,7 @@ def count_classes(dcfg) -> int:
 
 # ---- transforms, splits and loaders ----------------------------------------------------------
 
-def seed_transforms(size: int, mean, std, augment=None) -> tuple[v2.Compose, v2.Compose]:
+def pil_transforms(size: int, mean, std, augment=None) -> tuple[v2.Compose, v2.Compose]:
     """The train transforms of the augment policy `augment` (default: the seed notebook's, Letters())
     and the val/test transforms, resizing to `size` x `size`."""
     return (Letters() if augment is None else augment).pil(size, mean, std), eval_transforms(size, mean, std)
@@ -442,7 +440,7 @@ def build_splits(dcfg, input_size: int, seed: int, augment=None) -> DataSplits:
         raise ConfigError("dataset", dcfg.name, f"allowed: {', '.join(NAMES)}")
     if dcfg.get("pipeline", "pil") not in PIPELINES:
         raise ConfigError("dataset.pipeline", dcfg.get("pipeline"), f"allowed: {', '.join(PIPELINES)}")
-    train_tf, eval_tf = seed_transforms(input_size, dcfg.mean, dcfg.std, augment)
+    train_tf, eval_tf = pil_transforms(input_size, dcfg.mean, dcfg.std, augment)
     if dcfg.name == "image_folder":
         train_src, pool, test_src, test_idx, _ = image_folder_sources(dcfg, seed)
     else:
@@ -545,7 +543,7 @@ class TensorLoader:
                  train: bool, seed: int, rank: int = 0, world_size: int = 1, augment=None):
         src = split.source
         if not isinstance(src, ArraySource):
-            raise ConfigError("dataset.pipeline", "tensor", "needs a dataset held in memory; use pil for image_folder")
+            raise ConfigError("dataset.pipeline", "tensor", IN_MEMORY_ONLY)
         images = src.images[split.indices]
         images = images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2)
         self.images = images.contiguous().to(device)

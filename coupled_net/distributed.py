@@ -7,8 +7,11 @@ import logging
 import os
 from dataclasses import dataclass
 
+import submitit
 import torch
 import torch.distributed as dist
+
+from .machine import submitit_tasks
 
 log = logging.getLogger(__name__)
 
@@ -28,22 +31,11 @@ class World:
         return self.size > 1
 
 
-def _submitit_tasks() -> int:
-    try:
-        import submitit
-
-        return submitit.JobEnvironment().num_tasks
-    except Exception:  # noqa: BLE001 - not inside a submitit job
-        return 1
-
-
 def init_world(device_name: str) -> World:
     """Join (or create) the process group this process belongs to, if any."""
     if dist.is_available() and dist.is_initialized():
         return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and _submitit_tasks() > 1:
-        import submitit
-
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and submitit_tasks() > 1:
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:

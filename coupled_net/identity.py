@@ -2,7 +2,7 @@
 say only where and how it runs; and the sweep sub-directory name derived from the same rule (§6).
 
 This module is the one place that lists those keys. A directory holding a run of another
-fingerprint is never trained in, resumed or skipped into (coupled_net.run); the name of a sweep's
+fingerprint is never trained in, resumed or skipped into (coupled_net.rundir); the name of a sweep's
 run directory leaves out the same keys, so re-launching with another `dataset.root` or
 `trainer.device` finds the runs it already made."""
 
@@ -12,9 +12,12 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import QuotedString
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError, one_line
+from .objectives import direction
 
 # Keys (or whole sub-trees) that change where or how a run executes, never what it computes.
 NON_IDENTITY = ("dataset.root", "dataset.download", "trainer.device", "trainer.num_workers", "trainer.threads",
@@ -53,12 +56,13 @@ def is_non_identity(key: str) -> bool:
     return any(key == k or key.startswith(k + ".") or key.startswith(k + "/") for k in NON_IDENTITY)
 
 
-def _flatten(node, prefix: str = "") -> dict:
+def flatten(node, prefix: str = "") -> dict:
+    """A nested config as dotted keys (`{"a": {"b": 1}}` -> `{"a.b": 1}`); an empty mapping is a value."""
     out = {}
     for key, value in node.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict) and value:
-            out.update(_flatten(value, f"{name}."))
+            out.update(flatten(value, f"{name}."))
         else:
             out[name] = value
     return out
@@ -99,7 +103,7 @@ def identity_of(cfg: DictConfig) -> Identity:
     for key, value in NEUTRAL.items():
         if _canonical(_get(plain, key)) == _canonical(value):
             _drop(plain, key)
-    keys = {k: v for k, v in _flatten(plain).items() if not is_non_identity(k)}
+    keys = {k: v for k, v in flatten(plain).items() if not is_non_identity(k)}
     return Identity(keys=dict(sorted(keys.items())), labels=labels)
 
 
@@ -153,8 +157,6 @@ def _is_label(key: str, is_add: bool) -> bool:
 
 def _value_text(o) -> str:
     """An override's value as one text whatever quoting was typed: 'mean', "mean" and mean alike."""
-    from hydra.core.override_parser.types import QuotedString
-
     value = o.value()
     if isinstance(value, QuotedString):
         return value.text
@@ -167,8 +169,6 @@ def run_name(task_overrides) -> str:
     """A sweep job's sub-directory, from its overrides alone: `key=value` of every identity key,
     sorted by key, joined with commas; no job number, so the same overrides give the same directory
     whatever else the sweep holds. Longer than 200 bytes: a readable prefix and an 8-hex digest."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     overrides = OverridesParser.create().parse_overrides([str(o) for o in task_overrides])
     items = []
     for o in overrides:
@@ -196,13 +196,7 @@ def register_resolver() -> None:
     if not OmegaConf.has_resolver("coupled_net.minus"):
         OmegaConf.register_new_resolver("coupled_net.minus", lambda a, b: a - b)
     if not OmegaConf.has_resolver("coupled_net.direction"):
-        OmegaConf.register_new_resolver("coupled_net.direction", _direction)
-
-
-def _direction(metric) -> str:
-    from .sweep import direction
-
-    return direction(str(metric))
+        OmegaConf.register_new_resolver("coupled_net.direction", lambda metric: direction(str(metric)))
 
 
 register_resolver()

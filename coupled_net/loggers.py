@@ -10,10 +10,11 @@ Every tracker implements
     log_final(metrics)    val_/test_ top1/top5/loss of the best (equalized) model, best_epoch, status
     close()
 
-A tracker is a convenience, the run directory is the record: `Loggers` fans each call out to all of
-them, and a tracker that raises is warned about once (`logger mlflow: <one line>`) and left out for
-the rest of the run, which goes on. A tracker whose package is not installed is a ConfigError before
-anything runs (coupled_net.validation.missing_extra, one table for every optional extra)."""
+A tracker is a convenience, the run directory is the record: the builder (coupled_net.build.
+build_trackers) starts them, `Loggers` fans each call out to all of them, and a tracker that raises
+is warned about once (`logger mlflow: <one line>`) and left out for the rest of the run, which goes
+on. A tracker whose package is not installed is a ConfigError before anything runs
+(coupled_net.extras, one table for every optional extra)."""
 
 from __future__ import annotations
 
@@ -22,10 +23,14 @@ import json
 import logging
 import numbers
 import os
+import time
+import warnings
 from pathlib import Path
 
 from .errors import ConfigError, one_line
-from .validation import missing_extra
+from .extras import missing_extra
+from .results import FINISHED
+from .storage import read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -68,52 +73,12 @@ def _numbers(metrics: dict) -> dict:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, numbers.Real) and not isinstance(v, bool)}
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-        return value if isinstance(value, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_json(path: Path, value: dict) -> None:
-    from .results import atomic_write
-
-    atomic_write(path, lambda f: f.write((json.dumps(value, indent=1) + "\n").encode()))
-
-
 class Loggers(list):
     """All of a run's trackers as one: every call goes to each; one that raises is warned about once
     and dropped, so a tracker (a full quota, a dead server) never takes a run down."""
 
-    @classmethod
-    def start(cls, nodes, context: dict, params: dict) -> Loggers:
-        """Every tracker config in `nodes` (name -> config; None: left out), each given `context` (run_dir,
-        sweep_dir, run_name, fingerprint), then told the run's hyperparameters `params`. A missing extra
-        is a ConfigError; a tracker that cannot start (its server down) is warned about and left out."""
-        from hydra.errors import InstantiationException
-
-        from .build import instantiate
-
-        loggers = cls()
-        try:
-            for name, node in nodes.items():
-                if node is None:
-                    continue
-                try:
-                    loggers.append(instantiate(node, **context))
-                except ConfigError:
-                    raise
-                except Exception as e:  # noqa: BLE001 - the run matters more than its tracker
-                    cause = e.__cause__ if isinstance(e, InstantiationException) and e.__cause__ else e
-                    log.warning("logger %s: %s", name, one_line(cause, 300))
-            loggers.log_hparams(params)
-        except BaseException:
-            loggers.close()  # the ones already started (a W&B service process)
-            raise
-        if loggers:
-            log.info("trackers: %s", "; ".join(f"{lg.name} ({getattr(lg, 'where', '')})" for lg in loggers))
-        return loggers
+    def describe(self) -> str:
+        return "; ".join(f"{lg.name} ({getattr(lg, 'where', '')})" for lg in self)
 
     def _each(self, method: str, *args) -> None:
         for logger in list(self):
@@ -216,8 +181,6 @@ class TensorBoardLogger:
 def _quiet_mlflow() -> None:
     """MLflow's own INFO lines (a new experiment, a run's URL) and its deprecation notice for the file
     store say nothing a coupled_net user needs."""
-    import warnings
-
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*[Ff]ile ?[Ss]tore.*")
@@ -255,7 +218,7 @@ class MLflowLogger:
         self.client, self.state_path = MlflowClient(tracking_uri), run_dir / self.STATE
         # closed without a final word: the run ended as a kill would end it
         self.tracking_uri, self.status = tracking_uri, "KILLED"
-        state = _read_json(self.state_path)
+        state = read_json(self.state_path) or {}
         self.run_id, self.logged_steps = None, set()
         if state.get("tracking_uri") == tracking_uri and state.get("run_id"):
             try:
@@ -272,8 +235,8 @@ class MLflowLogger:
             tags = {"run_dir": str(run_dir), **({"fingerprint": fingerprint} if fingerprint else {})}
             run = self.client.create_run(experiment, run_name=run_name or run_dir.name, tags=tags)
             self.run_id = run.info.run_id
-            _write_json(self.state_path, {"tracking_uri": tracking_uri, "experiment_id": experiment,
-                                          "run_id": self.run_id})
+            write_json(self.state_path, {"tracking_uri": tracking_uri, "experiment_id": experiment,
+                                         "run_id": self.run_id}, indent=1)
         self.where = f"{tracking_uri}, run {self.run_id}"
 
     def _experiment(self, name: str) -> str:
@@ -298,8 +261,6 @@ class MLflowLogger:
             self.client.log_batch(self.run_id, params=new[start:start + 100])
 
     def log_epoch(self, row: dict) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         step = int(row["epoch"])
@@ -311,8 +272,6 @@ class MLflowLogger:
         self.logged_steps.add(step)
 
     def log_final(self, metrics: dict) -> None:
-        import time
-
         from mlflow.entities import Metric, RunTag
 
         now, step = int(time.time() * 1000), metrics.get("best_epoch") or 0
@@ -345,11 +304,11 @@ class WandbLogger:
 
         run_dir = Path(run_dir).resolve()
         self.state_path = run_dir / self.STATE
-        state = _read_json(self.state_path)
+        state = read_json(self.state_path) or {}
         run_id = state.get("id") or hashlib.sha256(f"{run_dir}:{fingerprint}".encode()).hexdigest()[:16]
         self.last_step = int(state.get("last_step") or 0)
         self.state = {"id": run_id, "project": project, "last_step": self.last_step}
-        _write_json(self.state_path, self.state)
+        write_json(self.state_path, self.state, indent=1)
         (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(dir=str(run_dir), mode=mode, project=project, entity=entity,
                               name=run_name or run_dir.name, id=run_id, resume="allow", reinit="create_new",
@@ -366,11 +325,11 @@ class WandbLogger:
             return
         self.run.log({k: v for k, v in row.items() if k != "epoch"}, step=step)
         self.last_step = self.state["last_step"] = step
-        _write_json(self.state_path, self.state)
+        write_json(self.state_path, self.state, indent=1)
 
     def log_final(self, metrics: dict) -> None:
         self.run.summary.update({f"final/{k}": v for k, v in metrics.items() if v is not None})
-        self.exit_code = 0 if metrics.get("status") in ("done", "diverged") else 1
+        self.exit_code = 0 if metrics.get("status") in FINISHED else 1
 
     def close(self) -> None:
         self.run.finish(exit_code=self.exit_code)

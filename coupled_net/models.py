@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import copy
 import difflib
-import inspect
 import os
 from collections.abc import Callable
 from urllib.parse import urlparse
 
 import torch
+from hydra.utils import instantiate
 from torch import nn
 from torchvision import models as tvm
 
 from .errors import ConfigError, one_line
+from .extras import TIMM, missing_extra
 from .identity import model_name
+from .targets import check_keys, keywords, locate
 
 
 class SmallCNN(nn.Module):
@@ -77,20 +79,15 @@ MODELS = {"alexnet": _alexnet, "resnet18": _resnet18, "vgg11": _vgg11, "small_cn
 
 def build_model(name: str, in_channels: int, num_classes: int, input_size: int, **options) -> nn.Module:
     """Build `name` for `in_channels`-channel images of `input_size` pixels and `num_classes`
-    classes; refuses an input size the model cannot take."""
+    classes; refuses an input size the model cannot take (checked once per process, _build_checked)."""
     if name not in MODELS:
         raise ConfigError("model", name, f"allowed: {', '.join(sorted(MODELS))}")
     if in_channels not in (1, 3):
         raise ConfigError("dataset.channels", in_channels, "allowed: 1 or 3")
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ConfigError("dataset.num_classes", num_classes, "must be an integer >= 2")
-    with torch.device("meta"):  # a shape-only copy: no memory, no weight initialisation
-        probe = MODELS[name](in_channels, num_classes, **options).eval()
-    smallest = smallest_input_size(probe, in_channels)
-    if not isinstance(input_size, int) or input_size < smallest:
-        raise ConfigError("model.input_size", input_size,
-                          f"{name} needs images of at least {smallest} pixels")
-    return MODELS[name](in_channels, num_classes, **options)
+    return _build_checked(lambda load: MODELS[name](in_channels, num_classes, **options), in_channels, num_classes,
+                          input_size, name, (BUILTIN, name, options))
 
 
 def _forward_ok(model: nn.Module, in_channels: int, size: int) -> bool:
@@ -120,7 +117,6 @@ def smallest_input_size(probe: nn.Module, in_channels: int) -> int:
 
 BUILTIN = "coupled_net.models.build_model"
 TORCHVISION = "coupled_net.models.torchvision_model"
-TIMM = "coupled_net.models.timm_model"
 # coupled_net's own model keys: never passed to a foreign `_target_` that does not take them
 RESERVED = ("input_size", "in_channels", "num_classes", "name")
 # what an unknown torchvision name is answered with when no name is close to it
@@ -131,9 +127,6 @@ AUX_LOGITS = ("googlenet", "inception_v3")
 # pretrained ones fix their size)
 SIZE_KWARG = {"vit_": "image_size", "maxvit_": "input_size"}
 WEIGHT_SUFFIXES = (".pt", ".pth", ".pth.tar", ".bin", ".ckpt", ".safetensors")
-
-
-display_name = model_name  # what results.json and the summary call the model of config `m`
 
 
 def _on_meta() -> bool:
@@ -256,6 +249,8 @@ def _build_checked(construct: Callable[[bool], nn.Module], channels: int, num_cl
     built on the meta device (no memory, no initialisation, no weights read) and checked there, once
     per process for one `key` (the model's config); the real model is built only after that — unless
     the build itself is on the meta device (validation)."""
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ConfigError("model.input_size", size, "must be an integer >= 1")
     meta = _on_meta()
     key = repr((key, channels, num_classes, size))
     probe = None
@@ -391,10 +386,10 @@ def timm_model(arch: str, in_channels: int, num_classes: int, input_size: int, w
     """Any timm model by name (timm.create_model, which adapts its own input conv and classifier).
     Random weights unless `weights` is a checkpoint file here (timm's pretrained_cfg_overlay file=);
     nothing is downloaded."""
-    try:
-        import timm
-    except ImportError:
-        raise ConfigError("model", "timm", "needs the timm package: pip install -e '.[timm]'") from None
+    problem = missing_extra(TIMM)
+    if problem:
+        raise ConfigError("model", "timm", problem)
+    import timm  # an optional extra: imported only for a timm model
     if not timm.is_model(arch):
         close = _suggest(arch, timm.list_models())
         raise ConfigError("model.arch", arch, f"not a timm model; close matches: {close}" if close else
@@ -414,22 +409,6 @@ def timm_model(arch: str, in_channels: int, num_classes: int, input_size: int, w
     return _build_checked(construct, in_channels, num_classes, input_size, arch, (TIMM, arch, weights))
 
 
-def keywords(fn) -> tuple[list[str], bool]:
-    """The keyword parameters of `fn` (a class: its __init__) and whether it takes **kwargs."""
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):  # no signature to read (a builtin): take everything
-        return [], True
-    named = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    return named, any(p.kind == p.VAR_KEYWORD for p in params)
-
-
-def _check_keys(target: str, options: dict, named: list[str], var_kw: bool) -> None:
-    for key, value in options.items():
-        if key not in named and not var_kw and not (key.startswith("_") and key.endswith("_")):
-            raise ConfigError(f"model.{key}", value, f"not a key of model {target} (its keys: {', '.join(named)})")
-
-
 def make(m: dict, channels: int, num_classes: int) -> nn.Module:
     """The model of the resolved model config `m` (any `_target_`) for `channels`-channel images and
     `num_classes` classes; ConfigError in one line where it cannot be built or adapted.
@@ -439,8 +418,6 @@ def make(m: dict, channels: int, num_classes: int) -> nn.Module:
     then in_channels/num_classes are the dataset's), and is then adapted like torchvision_model: first
     conv rebuilt for the channels (from its kernels when the config sets `weights` or `pretrained`),
     classifier for the classes."""
-    from hydra._internal.utils import _locate  # hydra.utils.get_object, without its logged error
-
     num_classes = 2 if num_classes is None else num_classes  # image_folder before its classes are counted
     target = m.get("_target_")
     options = {k: v for k, v in m.items() if k != "_target_"}
@@ -450,28 +427,21 @@ def make(m: dict, channels: int, num_classes: int) -> nn.Module:
     if own is not None:
         named, var_kw = keywords(own)
         options = {k: v for k, v in options.items() if k != "name"}
-        _check_keys(target, options, named, var_kw)
+        check_keys("model", target, options, named, var_kw)
         return own(**{**options, "in_channels": channels, "num_classes": num_classes})
-    name = display_name(m)
-    try:
-        fn = _locate(str(target))
-    except Exception as e:
-        raise ConfigError("model._target_", target, f"cannot be imported: {one_line(e)}") from None
+    name = model_name(m)
+    fn = locate(str(target), "model._target_")
     if not callable(fn):
         raise ConfigError("model._target_", target, f"is a {type(fn).__name__}, not a class or function")
     named, var_kw = keywords(fn)
     given = {"in_channels": channels, "num_classes": num_classes, **({"name": m["name"]} if "name" in m else {})}
     options = {k: v for k, v in options.items() if k not in RESERVED}
-    _check_keys(target, options, named, var_kw)
+    check_keys("model", target, options, named, var_kw)
     options.update({k: v for k, v in given.items() if k in named})
     pretrained = any(options.get(k) not in (None, False) for k in ("weights", "pretrained"))
     size = m.get("input_size")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-        raise ConfigError("model.input_size", size, "must be an integer >= 1")
 
     def construct(load: bool) -> nn.Module:
-        from hydra.utils import instantiate
-
         try:
             model = instantiate({"_target_": target, **options}, _convert_="all")
         except Exception as e:  # hydra's InstantiationException wraps the model's own error

@@ -19,7 +19,7 @@ import pandas as pd
 
 from . import review
 from .collect import DERIVED, IDENTITY, LEADING, SHOWN, TRAILING, _plain, varying
-from .results import atomic_write
+from .storage import atomic_write
 
 DELTA_METRICS = ("test_top1", "val_top1")
 PLOTS = ("summary_test_top1_vs_alpha.png", "summary_delta_vs_alpha.png", "summary_learning_curves.png")

@@ -23,6 +23,8 @@ import signal
 import threading
 from contextlib import contextmanager
 
+from .machine import slurm_job_id
+
 log = logging.getLogger(__name__)
 REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -53,8 +55,6 @@ def _is_default(sig: int, handler) -> bool:
 def _outside_slurm(handler) -> bool:
     """submitit's SIGTERM bypass is SLURM's business; in submitit's local executor (hydra/launcher=local)
     SIGTERM comes from its controller stopping the job: a stop like any other."""
-    from .results import slurm_job_id
-
     return _is_submitit_handler(handler) and slurm_job_id() is None
 
 

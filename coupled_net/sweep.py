@@ -2,24 +2,28 @@
 its identity overrides, coupled_net.identity.run_name) is inspected. A directory holding a run of
 another config, or two jobs that would share one directory, refuse the whole launch, listing every
 conflict, before anything is written or submitted; jobs whose directory holds their finished run
-are not launched again. Each run checks again when it starts (coupled_net.run.inspect, under the
-directory's lock), so a race between two launches is still caught."""
+are not launched again. Each run checks again when it starts (coupled_net.rundir.examine, under the
+directory's lock), so a race between two launches is still caught. Also: whether a sweep is a search
+(an optimizing sweeper), and a search's result."""
 
 from __future__ import annotations
 
 import logging
-import math
-import sys
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .errors import ConfigError
 from .identity import identity_of, run_key
-from .validation import OBJECTIVES, check_config
-from .run import Verdict, inspect
+from .results import FINISHED
+from .rundir import Verdict, examine
+from .storage import read_json, write_json
+from .validation import check_config
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +63,11 @@ not_started: dict[str, str] = {}  # run dir -> why this launch did not start it
 
 
 def _unavailable_file(sweep_dir: Path) -> Path | None:
-    import os
-
     array = os.environ.get("SLURM_ARRAY_JOB_ID")
     return Path(sweep_dir) / f".unavailable.{array}.json" if array else None
 
 
 def note_unavailable(sweep_dir: Path, dataset: str, reason: str) -> None:
-    from .results import read_json, write_json
-
     _unavailable[dataset] = reason
     path = _unavailable_file(sweep_dir)
     if path is not None:
@@ -79,8 +79,6 @@ def note_unavailable(sweep_dir: Path, dataset: str, reason: str) -> None:
 
 def unavailable(sweep_dir: Path, dataset: str) -> str | None:
     """The first failure's line if `dataset` (name and root) was found unavailable in this launch."""
-    from .results import read_json
-
     if dataset in _unavailable:
         return _unavailable[dataset]
     path = _unavailable_file(sweep_dir)
@@ -97,12 +95,10 @@ def planned_num(overrides, default: int) -> int:
 
 def _finished_runs(sweep_dir: Path) -> dict[str, Path]:
     """(fingerprint, labels) -> run dir, for the finished runs directly below `sweep_dir`."""
-    from .results import FINISHED, read_json
-
     found = {}
     for run_dir in sorted(sweep_dir.iterdir()) if sweep_dir.is_dir() else ():
         res = read_json(run_dir / "results.json") if run_dir.is_dir() else None
-        if isinstance(res, dict) and res.get("fingerprint") and res.get("status") in FINISHED:
+        if res and res.get("fingerprint") and res.get("status") in FINISHED:
             found.setdefault(run_key(res["fingerprint"], res.get("labels")), run_dir)
     return found
 
@@ -128,7 +124,7 @@ def plan(config_loader, config: DictConfig, jobs: Sequence[Sequence[str]], first
         try:
             check_config(task)  # a bad value in one job refuses the whole launch (see bad_configs)
             identity = identity_of(task)
-            job.verdict = inspect(run_dir, identity)
+            job.verdict = examine(run_dir, identity)
             job.verdict.checkpoint = None  # only its fingerprint was needed here
         except ConfigError as e:
             job.error = str(e)
@@ -171,43 +167,18 @@ def finished(planned: list[PlannedJob]) -> list[PlannedJob]:
     return [j for j in planned if j.done_in is not None]
 
 
-# ---- what a run returns to a sweeper that optimizes (hparams_search=optuna_lr) ---------------------
-# validation.OBJECTIVES says where each optimized_metric is and which way is better. conf/hparams_search/
-# *.yaml take hydra.sweeper.direction from it (the coupled_net.direction resolver), so
-# optimized_metric=val_loss alone makes a study minimize.
+# ---- a search: a sweeper that optimizes over the values the runs return --------------------------
+# Sweepers that launch what the command line lists and read no job's return value: coupled_net's own
+# (it reads the run directories) and Hydra's basic one. Any other (hydra-optuna-sweeper's) searches:
+# it needs each job's value (coupled_net.cli.train_task returns optimized_metric) before going on.
+LISTING_SWEEPERS = ("hydra_plugins.coupled_net_launcher.sweeper.CoupledSweeper",
+                    "hydra._internal.core_plugins.basic_sweeper.BasicSweeper")
 
 
-def direction(metric: str) -> str:
-    """`maximize` / `minimize` for an optimized_metric; an unknown one is refused by the config check
-    (coupled_net.validation) before a study starts, so its direction does not matter: maximize."""
-    return OBJECTIVES.get(str(metric), OBJECTIVES["val_top1"])[1]
-
-
-def worst(metric: str) -> float:
-    """What a run that has no result to offer returns: a study must go on past it and never pick it.
-    Not NaN: hydra-optuna-sweeper 1.3 then tells optuna 2.10 the trial FAILED *with* the NaN, which
-    optuna refuses with an error that ends the whole study (and with max_failure_rate 0.0, any failed
-    trial does). Not inf for a loss: optuna accepts it, but RDB storages on MySQL cannot store it and
-    optimization_results.yaml would show `.inf`; the largest finite float ranks below every real loss
-    just as well (TPE only orders the values). Accuracies are percentages: 0.0 is the floor."""
-    return 0.0 if direction(metric) == "maximize" else sys.float_info.max
-
-
-def objective(results: dict | None, metric: str) -> float:
-    """The value of `optimized_metric` for the run whose results.json is `results` (None: the run did
-    not start or could not record anything). Only a `done` run has one: a `diverged` run's metrics come
-    from the epochs before its loss blew up, not from a completed schedule, and a setting that diverges
-    must not win a study; failed, refused and unstarted runs have none. Never NaN (see `worst`)."""
-    if metric not in OBJECTIVES:
-        raise ConfigError("optimized_metric", metric, f"allowed: {', '.join(OBJECTIVES)}")
-    (split, name), _ = OBJECTIVES[metric]
-    if not isinstance(results, dict) or results.get("status") != "done":
-        return worst(metric)
-    try:
-        value = float(((results.get("metrics") or {}).get(split) or {})[name])
-    except (KeyError, TypeError, ValueError):
-        return worst(metric)
-    return value if math.isfinite(value) else worst(metric)
+def searching(sweeper_cfg) -> bool:
+    """Is the sweeper configured by `sweeper_cfg` (hydra.sweeper) one that optimizes over the values
+    the jobs return (hparams_search=optuna_lr), rather than one that runs a list of jobs?"""
+    return str((sweeper_cfg or {}).get("_target_")) not in LISTING_SWEEPERS
 
 
 STUDY_FILE = "optimization_results.yaml"  # what hydra-optuna-sweeper writes into the sweep directory
@@ -220,9 +191,6 @@ def best_trial(sweep_dir: Path) -> tuple[dict, Path | None] | None:
     path = Path(sweep_dir) / STUDY_FILE
     if not path.is_file():
         return None
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
     study = OmegaConf.to_container(OmegaConf.load(path))
     wanted = study.get("best_params") or {}
     parser = OverridesParser.create()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import shutil
 import sys
 import time
@@ -25,18 +24,18 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from itertools import islice
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from . import checkpoint
 from .coupling import Coupling
 from .data import EpochLoader
 from .distributed import World, all_reduce_sum, barrier, broadcast_from_main, max_on_host
-from .loggers import NullLogger
+from .epochlog import EPOCH_COLUMNS, CsvLog
 from .monitor import SystemMonitor
-from .results import EPOCH_COLUMNS, CsvLog, RunFiles, save_torch
+from .results import RunFiles
 from .signals import RunInterrupted, StopGuard
 
 log = logging.getLogger(__name__)
@@ -51,19 +50,6 @@ REQUEUE_WAIT_S = 60  # a rank other than 0, after a requeue signal: how long it 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -96,7 +82,7 @@ def _summed_over_ranks(sums: torch.Tensor, seen: int) -> list[float]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, device: torch.device, numerics: Numerics | None = None) -> dict:
+def evaluate_batches(model: nn.Module, batches, device: torch.device, numerics: Numerics | None = None) -> dict:
     """Per-sample mean loss, top-1 and top-5 accuracy (percent) over `batches` of (images, labels),
     summed over all ranks."""
     numerics = numerics or Numerics(device)
@@ -117,7 +103,7 @@ def evaluate(model: nn.Module, batches, device: torch.device, numerics: Numerics
 
 
 @dataclass
-class Progress:
+class LoopState:
     """What the loop carries from epoch to epoch (and through a checkpoint)."""
     epoch: int = 0                      # epochs finished
     best_metric: float = math.inf
@@ -140,7 +126,7 @@ class Trainer:
                  world: World = World(), train_model: nn.Module | None = None, files: RunFiles | None = None,
                  monitor: SystemMonitor | None = None, logger=None, progress_bars: bool = False,
                  guard: StopGuard | None = None, stamp: dict | None = None,
-                 on_epoch_end: Callable[[Progress], None] | None = None):
+                 on_epoch_end: Callable[[LoopState], None] | None = None):
         self.model, self.coupling, self.optimizer, self.scheduler = model, coupling, optimizer, scheduler
         self.train_model = model if train_model is None else train_model  # DDP-wrapped and/or compiled
         self.loaders, self.device, self.world = loaders, device, world
@@ -148,7 +134,7 @@ class Trainer:
         self.checkpoint_every, self.limit = checkpoint_every, limit_batches  # checkpoint_every None: no periodic copies
         self.label_smoothing, self.grad_clip_norm = label_smoothing, grad_clip_norm
         self.numerics = numerics or Numerics(device)
-        self.files, self.monitor, self.logger = files, monitor, logger or NullLogger()
+        self.files, self.monitor, self.logger = files, monitor, logger  # logger: a coupled_net.loggers.Loggers
         self.bars = progress_bars and world.is_main
         self.guard = guard or StopGuard()  # not entered: no handlers, never pending
         self.stamp = stamp or {}           # stored in every checkpoint (the run's fingerprint)
@@ -169,7 +155,7 @@ class Trainer:
         n = len(loader) if self.limit is None else max(0, min(len(loader), self.limit - done))
         return tqdm(islice(loader, n), total=n, desc=desc, leave=False, disable=not self.bars, file=sys.stderr)
 
-    def train_one_epoch(self, epoch: int, progress: Progress) -> tuple[float, float]:
+    def train_one_epoch(self, epoch: int, progress: LoopState) -> tuple[float, float]:
         """One pass over this rank's shard; resumes mid-epoch from progress.partial."""
         self.train_model.train()
         partial = progress.partial or {"epoch": epoch, "step": 0, "sums": [0.0, 0.0, 0.0]}
@@ -227,7 +213,7 @@ class Trainer:
         self._agreed_signal = max_on_host(self.guard.pending[1] if self.guard.pending else 0)
         return self._agreed_signal
 
-    def _stop_mid_epoch(self, progress: Progress, epoch: int, step: int, sums: torch.Tensor, seen: int) -> None:
+    def _stop_mid_epoch(self, progress: LoopState, epoch: int, step: int, sums: torch.Tensor, seen: int) -> None:
         """last.pt at this step boundary (rank 0), then the signal is acted on. The epoch's running
         sums are stored added over all ranks, so a resume is exact whichever rank carries them."""
         loss_sum, correct, seen_all = _summed_over_ranks(sums, seen)
@@ -255,8 +241,8 @@ class Trainer:
         time.sleep(REQUEUE_WAIT_S)
         raise RunInterrupted(pending[1], f"{where} (rank 0 was to requeue the job)")
 
-    def evaluate(self, name: str, desc: str = "") -> dict:
-        return evaluate(self.model, self._batches(name, desc or name), self.device, self.numerics)
+    def evaluate_split(self, name: str, desc: str = "") -> dict:
+        return evaluate_batches(self.model, self._batches(name, desc or name), self.device, self.numerics)
 
     def _timed(self, fn):
         synchronize(self.device)
@@ -267,24 +253,18 @@ class Trainer:
 
     # ---- checkpoints -----------------------------------------------------------------------------
 
-    def state(self, progress: Progress) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.numerics.scaler.state_dict(),
-                "progress": asdict(progress), "rng": rng_state(), **self.stamp}
+    def state(self, progress: LoopState) -> dict:
+        return checkpoint.training_state(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                         scaler=self.numerics.scaler, progress=asdict(progress), stamp=self.stamp)
 
-    def load_state(self, ckpt: dict) -> Progress:
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt.get("scaler"):
-            self.numerics.scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
-        return Progress(**ckpt["progress"])
+    def load_state(self, ckpt: dict) -> LoopState:
+        return LoopState(**checkpoint.restore_training(ckpt, model=self.model, optimizer=self.optimizer,
+                                                       scheduler=self.scheduler, scaler=self.numerics.scaler))
 
-    def _save_last(self, progress: Progress, periodic: bool = True) -> None:
+    def _save_last(self, progress: LoopState, periodic: bool = True) -> None:
         if not self.writes:
             return
-        save_torch(self.files.last, self.state(progress))
+        checkpoint.save_torch(self.files.last, self.state(progress))
         if periodic and self.checkpoint_every is not None and progress.epoch % self.checkpoint_every == 0:
             shutil.copyfile(self.files.last, self.files.periodic(progress.epoch))
 
@@ -296,10 +276,9 @@ class Trainer:
         if not self.writes:
             self.best_state = {k: v.detach().clone() for k, v in state.items()}
             return
-        state._metadata["coupled_net"] = {"fingerprint": self.stamp.get("fingerprint"), "epoch": epoch}
-        save_torch(self.files.best, state)
+        checkpoint.write_best(self.files.best, state, self.stamp.get("fingerprint"), epoch)
 
-    def reconcile_best(self, progress: Progress) -> None:
+    def reconcile_best(self, progress: LoopState) -> None:
         """Make best.pt the weights of `progress.best_epoch` before training resumes from `progress`
         (the model holds that checkpoint's weights), whatever kill came between best.pt and last.pt:
         best.pt of an epoch the run replays is removed; one behind a last.pt that says its own epoch
@@ -311,15 +290,14 @@ class Trainer:
         if forget:
             progress.best_metric, progress.best_epoch = math.inf, None
 
-    def _reconcile_best_file(self, progress: Progress) -> bool:
+    def _reconcile_best_file(self, progress: LoopState) -> bool:
         """Rank 0's part of reconcile_best; True: the best epoch's weights are lost."""
         path, want = self.files.best, progress.best_epoch
         if not path.exists():
             have = None
         else:
             try:
-                meta = torch.load(path, map_location="cpu", weights_only=True, mmap=True)._metadata
-                have = (meta.get("coupled_net") or {}).get("epoch", "unknown")
+                have = checkpoint.best_epoch(path)
             except Exception as e:  # noqa: BLE001 - truncated or corrupt: as good as absent
                 log.warning("%s is unreadable (%s): not kept", path, " ".join(str(e).split())[:200])
                 path.unlink()
@@ -348,7 +326,7 @@ class Trainer:
 
     # ---- the loop --------------------------------------------------------------------------------
 
-    def fit(self, progress: Progress) -> Progress:
+    def fit(self, progress: LoopState) -> LoopState:
         """Epochs until `epochs`, early stopping or divergence. A stop signal is acted on at the next
         step boundary (mid-epoch checkpoint; under DDP the next STOP_CHECK_EVERY-th step, all ranks at
         the same one) or, when it comes during validation, after the epoch."""
@@ -359,7 +337,7 @@ class Trainer:
                     self._act_on_stop(f"after epoch {progress.epoch}")
         return progress
 
-    def _one_epoch(self, progress: Progress) -> None:
+    def _one_epoch(self, progress: LoopState) -> None:
         epoch = progress.epoch + 1
         self._started = started = time.perf_counter()
         self._record_system(epoch, "start")
@@ -367,9 +345,9 @@ class Trainer:
         self._carried = carried = (progress.partial or {}).get("elapsed_s", 0.0)  # before an interruption
 
         ((train_loss, train_acc), val), epoch_time = self._timed(
-            lambda: (self.train_one_epoch(epoch, progress), self.evaluate("val", f"epoch {epoch} val")))
+            lambda: (self.train_one_epoch(epoch, progress), self.evaluate_split("val", f"epoch {epoch} val")))
         _, ke_time = self._timed(self.coupling.equalize)
-        ke_val, ke_eval_extra = self._timed(lambda: self.evaluate("val", f"epoch {epoch} val after KE"))
+        ke_val, ke_eval_extra = self._timed(lambda: self.evaluate_split("val", f"epoch {epoch} val after KE"))
 
         row = dict(zip(EPOCH_COLUMNS, [
             epoch, lr, train_loss, train_acc, val["loss"], val["top1"], ke_val["loss"], ke_val["top1"],
@@ -377,7 +355,7 @@ class Trainer:
         self.rows.append(row)
         if self.writes:
             self.files.epochs.append(row)
-        if self.world.is_main:
+        if self.world.is_main and self.logger is not None:
             self.logger.log_epoch(row)
         log.info("epoch %d/%d  lr %.3g  train loss %.4f acc %.2f%%  val loss %.4f acc %.2f%%  "
                  "after KE: val loss %.4f acc %.2f%%  (%.1fs, KE %.2gs)", epoch, self.epochs, lr, train_loss,
@@ -416,6 +394,6 @@ class Trainer:
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         elif self.files is not None and self.files.best.exists():
-            self.model.load_state_dict(torch.load(self.files.best, map_location=self.device, weights_only=True))
+            self.model.load_state_dict(checkpoint.read_best(self.files.best, self.device))
         self.coupling.equalize()
-        return {split: self.evaluate(split, f"final {split}") for split in ("val", "test")}
+        return {split: self.evaluate_split(split, f"final {split}") for split in ("val", "test")}

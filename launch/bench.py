@@ -6,7 +6,7 @@ Both sides of every comparison get the same protocol: one warm-up pass each, the
 of timed passes each, interleaved; each side's median images/s and its slowest-fastest spread are
 printed, and the ratio is that of the medians (coupled_net.bench.compare)."""
 
-from coupled_net.bench import run
+from coupled_net.bench import measure_all
 
 if __name__ == "__main__":
-    print(run())
+    print(measure_all())

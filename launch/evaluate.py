@@ -14,7 +14,7 @@ try:  # importing torch takes seconds: Ctrl-C meanwhile ends with one line too
     import os
 
     from coupled_net.errors import ConfigError, DatasetUnavailable, one_line
-    from coupled_net.evaluate import SPLITS, describe, evaluate_run, table
+    from coupled_net.reevaluate import SPLITS, describe, evaluate_run, table
 except KeyboardInterrupt:
     print("\nevaluate: error: interrupted (SIGINT) while starting; nothing was evaluated", file=sys.stderr)
     raise SystemExit(130) from None

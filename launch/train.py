@@ -11,7 +11,9 @@ try:  # importing torch takes seconds: Ctrl-C meanwhile ends with one line too
     import hydra
     from omegaconf import DictConfig
 
-    from coupled_net.cli import check_command_line, interrupted, setup, train_task
+    from coupled_net.cli import check_command_line, train_task
+    from coupled_net.errors import interrupted
+    from hydra_plugins.coupled_net_launcher.launcher import register_plugins
 except KeyboardInterrupt:
     print("\ncoupled_net: error: interrupted (SIGINT) while starting; nothing was run", file=sys.stderr)
     raise SystemExit(130) from None
@@ -25,5 +27,5 @@ def main(cfg: DictConfig) -> float:
 if __name__ == "__main__":
     with interrupted():
         check_command_line(sys.argv[1:], Path(__file__).resolve().parents[1] / "conf")
-        setup()
+        register_plugins()  # our launchers and sweeper known to Hydra, even in an editable install
         main()

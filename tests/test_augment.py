@@ -14,7 +14,7 @@ from coupled_net import data
 from coupled_net.augment import (AffineRanges, CropFlip, Letters, NoAugment, RandomPadCrop, affine_theta,
                                  augment_batch, pad_crop_flip, sample_crop_params, sample_params, warp)
 from coupled_net.errors import ConfigError
-from coupled_net.run import run
+from coupled_net.lifecycle import execute_run
 from helpers import compose_cfg
 
 BILINEAR = InterpolationMode.BILINEAR
@@ -126,7 +126,7 @@ def test_a_resumed_epoch_yields_the_remaining_batches_unchanged():
 def test_both_pipelines_run_a_quickstart_epoch(tmp_path, pipeline):
     cfg = compose_cfg("experiment=quickstart", f"dataset.pipeline={pipeline}", "dataset.train_per_class=20",
                       "dataset.test_per_class=5", "trainer.epochs=1", f"dataset.root={tmp_path}")
-    res = run(cfg, tmp_path / "run")
+    res = execute_run(cfg, tmp_path / "run")
     assert res["status"] == "done" and res["epochs_run"] == 1
     assert 0 <= res["metrics"]["test"]["top1"] <= res["metrics"]["test"]["top5"] <= 100
 
@@ -277,7 +277,7 @@ def policy_loader(policy, seed=0, train=True, pipeline="tensor"):
     if pipeline == "tensor":
         split = data.SplitDataset(src, torch.arange(40), None, 0)
         return data.TensorLoader(split, torch.device("cpu"), 32, mean, std, 16, train, seed, augment=policy)
-    train_tf, eval_tf = data.seed_transforms(32, mean, std, policy)
+    train_tf, eval_tf = data.pil_transforms(32, mean, std, policy)
     split = data.SplitDataset(src, torch.arange(40), train_tf if train else eval_tf, 0)
     return data.EpochLoader(split, 16, train, 0, False, seed)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from coupled_net.build import build, make_trainer, resolve
-from coupled_net.trainer import Progress
+from coupled_net.trainer import LoopState
 
 from helpers import compose_cfg
 
@@ -22,7 +22,7 @@ def test_a_trainer_built_without_a_run_directory_trains_two_batches(tmp_path, mo
     parts.model.register_forward_pre_hook(lambda module, args: steps.append(1) if module.training else None)
 
     trainer = make_trainer(spec, parts)
-    progress = trainer.fit(Progress())
+    progress = trainer.fit(LoopState())
 
     assert len(steps) == 2  # trainer.limit_batches=2
     assert (progress.epoch, progress.best_epoch) == (1, 1)

@@ -189,7 +189,7 @@ def test_a_running_slurm_run_is_stale_once_slurm_no_longer_knows_its_job():
     from coupled_net.collect import owner_gone
 
     res = {"status": "running", "owner": {"host": "node-3", "pid": 1, "slurm_job_id": "41_2"}, "heartbeat_at": iso(3600)}
-    none = pd.DataFrame()
+    none = []  # no epoch rows
     assert owner_gone(res, none, {"41_2": ("PENDING", "BeginTime")}) is None  # requeued, waiting: alive
     assert owner_gone(res, none, {"41_3": ("RUNNING", "None")}) == "SLURM job 41_2 is no longer known"
     assert owner_gone(res, none, None) == "no heartbeat for 60 min"  # no squeue here: the heartbeat decides
@@ -214,7 +214,7 @@ def test_a_slurm_sweep_collected_by_a_relative_path_or_after_a_move_counts_each_
 def test_a_job_of_submitits_local_executor_is_not_a_slurm_job(monkeypatch):
     import submitit
 
-    from coupled_net.results import slurm_job_id
+    from coupled_net.machine import slurm_job_id
 
     class Env:
         def __init__(self, cluster):

@@ -7,7 +7,7 @@ import importlib.util
 
 import pytest
 
-from coupled_net import cli
+from coupled_net import cli, commandline
 
 from helpers import CONF, run_cli
 
@@ -39,12 +39,12 @@ def test_a_mistyped_option_is_refused_listing_the_users_options_beside_the_shipp
 
 
 def test_an_option_on_a_hydra_searchpath_override_counts_as_well(own_configs):
-    repo = cli.config_repository(CONF, [], [])
+    repo = commandline.config_repository(CONF, [], [])
     assert "mobilenet" not in repo.get_group_options("model")
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     searchpath = OverridesParser.create().parse_overrides([f"hydra.searchpath=[file://{own_configs}]"])
-    repo = cli.config_repository(CONF, [], searchpath)
+    repo = commandline.config_repository(CONF, [], searchpath)
     assert sorted(repo.get_group_options("model")) == sorted(BUILT_IN_MODELS + ["mobilenet"])
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from coupled_net.run import run
+from coupled_net.lifecycle import execute_run
 from coupled_net.validation import validate
 
 from helpers import compose_cfg
@@ -77,7 +77,7 @@ def test_model_on_dataset_composes_and_trains(model, dataset, standin_datasets, 
     assert cfg.model.input_size == DEFAULT_INPUT_SIZE[model]
     assert cfg.model.num_classes == classes and cfg.model.in_channels == channels
 
-    results = run(cfg, run_dir)
+    results = execute_run(cfg, run_dir)
 
     assert results["status"] == "done", results["error"]
     assert results["error"] is None
@@ -121,7 +121,7 @@ def test_optimizer_and_scheduler_on_quickstart(optimizer, scheduler, tmp_path, r
     lr = cfg.optimizer.lr
     assert isinstance(lr, float) and lr > 0
 
-    results = run(cfg, run_dir)
+    results = execute_run(cfg, run_dir)
 
     assert results["status"] == "done", results["error"]
     assert results["epochs_run"] == 1
@@ -154,7 +154,7 @@ def test_label_is_accepted_by_a_run(standin_datasets, tmp_path, run_dir):
     cfg = compose_cfg("experiment=quickstart", "dataset=mnist", "+label=abc", *FAST,
                       root_override(tmp_path / "data"))
     assert cfg.label == "abc"
-    results = run(cfg, run_dir)
+    results = execute_run(cfg, run_dir)
     assert results["status"] == "done", results["error"]
     assert results["model"] == "small_cnn" and results["dataset"] == "mnist"
     state = torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)

@@ -12,7 +12,7 @@ import coupled_net.build as build_module
 from coupled_net.coupling import Coupling
 from coupled_net.errors import ConfigError
 from coupled_net.models import build_model
-from coupled_net.run import run
+from coupled_net.lifecycle import execute_run
 from helpers import compose_cfg
 
 TINY = ["experiment=quickstart", "dataset.train_per_class=12", "dataset.test_per_class=4", "trainer.batch_size=16",
@@ -128,7 +128,7 @@ def test_schedule_decides_when_filters_are_equal(schedule, tmp_path, monkeypatch
     monkeypatch.setattr(build_module, "Coupling", RecordingCoupling)
     cfg = compose_cfg(*TINY, "coupling.alpha=4", f"coupling.schedule={schedule}", "trainer.epochs=2",
                       "trainer.limit_batches=4", f"dataset.root={tmp_path}")
-    assert run(cfg, tmp_path / "run")["status"] == "done"
+    assert execute_run(cfg, tmp_path / "run")["status"] == "done"
     seen = RecordingCoupling.seen
     train = [equal for training, equal in seen if training]
     evals = [equal for training, equal in seen if not training][1:]  # [0]: torchinfo's model_summary forward
@@ -149,7 +149,7 @@ def test_schedule_decides_when_filters_are_equal(schedule, tmp_path, monkeypatch
 
 def test_best_checkpoint_holds_coupled_filters(tmp_path):
     cfg = compose_cfg(*TINY, "coupling.alpha=2", "trainer.epochs=2", f"dataset.root={tmp_path}")
-    run(cfg, tmp_path / "run")
+    execute_run(cfg, tmp_path / "run")
     state = torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=True)
     w, b = state["features.0.weight"], state["features.0.bias"]
     assert not any(k.startswith("module.") for k in state)
@@ -159,7 +159,7 @@ def test_best_checkpoint_holds_coupled_filters(tmp_path):
 
 def test_alpha_zero_makes_ke_metrics_equal_plain_metrics(tmp_path):
     cfg = compose_cfg(*TINY, "coupling.alpha=0", "trainer.epochs=2", f"dataset.root={tmp_path}")
-    run(cfg, tmp_path / "run")
+    execute_run(cfg, tmp_path / "run")
     with open(tmp_path / "run" / "epochs.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2

@@ -13,7 +13,7 @@ from coupled_net import data, synthetic
 from coupled_net.augment import augment_batch
 from coupled_net.build import build_loaders, resolve
 from coupled_net.errors import DatasetUnavailable
-from coupled_net.run import run
+from coupled_net.lifecycle import execute_run
 from helpers import compose_cfg, run_cli
 from helpers.standins import N_TEST, N_TRAIN, FakeSVHN
 
@@ -93,7 +93,7 @@ def test_a_validation_batch_is_the_datasets_pixels_normalized_with_its_labels(na
 
 @pytest.mark.parametrize("name", list(NEW))
 def test_each_new_dataset_trains_and_tests_a_short_run(name, tmp_path, standin_datasets):
-    res = run(cfg_for(name, tmp_path, "trainer.epochs=1", "trainer.limit_batches=2"), tmp_path / "run")
+    res = execute_run(cfg_for(name, tmp_path, "trainer.epochs=1", "trainer.limit_batches=2"), tmp_path / "run")
     assert res["status"] == "done" and res["epochs_run"] == 1 and res["dataset"] == name
     assert 0 <= res["metrics"]["test"]["top1"] <= res["metrics"]["test"]["top5"] <= 100
 
@@ -173,7 +173,7 @@ def test_overfit_batches_yield_the_first_training_images_unshuffled_and_unaugmen
 
 def test_debug_overfit_drives_the_training_loss_down(tmp_path):
     # measured on a CPU: 3.34 -> 0.17 in 6 epochs (without overfit_batches, 12 epochs: 3.65 -> 2.68)
-    res = run(overfit_cfg(tmp_path, "trainer.epochs=6", "trainer.patience=6"), tmp_path / "run")
+    res = execute_run(overfit_cfg(tmp_path, "trainer.epochs=6", "trainer.patience=6"), tmp_path / "run")
     assert res["status"] == "done" and res["epochs_run"] == 6
     loss = list(pd.read_csv(tmp_path / "run" / "epochs.csv")["train_loss"])
     assert loss[-1] < 0.25 * loss[0], loss

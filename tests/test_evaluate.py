@@ -1,4 +1,4 @@
-"""launch/evaluate.py and coupled_net.evaluate: re-evaluating a trained run's checkpoint."""
+"""launch/evaluate.py and coupled_net.reevaluate: re-evaluating a trained run's checkpoint."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import torch
 from helpers import REPO, compose_cfg, read_results, run_cli
 from omegaconf import OmegaConf
 
-from coupled_net.build import build_loaders, build_model, instantiate, resolve
+from coupled_net.build import build_coupled_model, build_loaders, instantiate, resolve
 from coupled_net.distributed import World
 from coupled_net.errors import ConfigError
-from coupled_net.evaluate import evaluate_run
-from coupled_net.run import run
-from coupled_net.trainer import evaluate
+from coupled_net.reevaluate import evaluate_run
+from coupled_net.lifecycle import execute_run
+from coupled_net.trainer import evaluate_batches
 
 EVALUATE = REPO / "launch" / "evaluate.py"
 # 26 classes x 4 training images: 88 train and 16 val (val_fraction 0.15); 26 x 2 = 52 test images; a batch
@@ -31,7 +31,7 @@ METRICS = ("loss", "top1", "top5")
 def train(root, name, *overrides):
     cfg = compose_cfg(*TINY, f"dataset.root={root}", *overrides)
     run_dir = root / name
-    results = run(cfg, run_dir, hydra_files={"config.yaml": OmegaConf.to_yaml(cfg)})
+    results = execute_run(cfg, run_dir, hydra_files={"config.yaml": OmegaConf.to_yaml(cfg)})
     assert results["status"] == "done"
     return run_dir
 
@@ -125,9 +125,9 @@ def test_a_run_trained_with_limit_batches_is_evaluated_on_whole_splits(runs):
     # the same as evaluating best.pt by hand over the whole test loader...
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     spec = resolve(cfg, World())
-    model, _ = build_model(spec)
+    model, _ = build_coupled_model(spec)
     model.load_state_dict(torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True))
-    assert just_metrics(test) == evaluate(model, build_loaders(spec)["test"], spec.device)
+    assert just_metrics(test) == evaluate_batches(model, build_loaders(spec)["test"], spec.device)
     # ...and not what the run measured on its first batch
     assert just_metrics(test) != results["metrics"]["test"]
 

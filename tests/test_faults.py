@@ -12,7 +12,7 @@ import torch
 
 from coupled_net.errors import RunFault
 from coupled_net.report import write_summary
-from coupled_net.run import run
+from coupled_net.lifecycle import execute_run
 from helpers import compose_cfg, make_run, run_cli, snapshot
 
 TINY = ["experiment=quickstart", "dataset.train_per_class=4", "dataset.test_per_class=2", "trainer.batch_size=16"]
@@ -27,7 +27,7 @@ def test_a_full_disk_fails_the_run_with_one_line_naming_the_file_and_the_space_l
 
     monkeypatch.setattr(torch, "save", full)
     monkeypatch.setattr("shutil.disk_usage", lambda path: Usage(10 << 30, (10 << 30) - 1536 * 1024, 1536 * 1024))
-    res = run(compose_cfg(*TINY, "trainer.epochs=1", f"dataset.root={tmp_path}"), tmp_path / "run")
+    res = execute_run(compose_cfg(*TINY, "trainer.epochs=1", f"dataset.root={tmp_path}"), tmp_path / "run")
     assert res["status"] == "failed"
     # the first torch.save of the run is last.pt at the end of epoch 1 (written before best.pt)
     assert res["error"] == f"No space left on device writing {tmp_path / 'run' / 'checkpoints' / 'last.pt'} " \
@@ -40,7 +40,7 @@ def test_a_full_disk_fails_the_run_with_one_line_naming_the_file_and_the_space_l
 
 def test_a_checkpoint_that_does_not_fit_the_model_is_refused_on_resume_with_the_reason(tmp_path):
     cfg = compose_cfg(*TINY, "trainer.epochs=2", f"dataset.root={tmp_path}")
-    run(cfg, tmp_path / "run")
+    execute_run(cfg, tmp_path / "run")
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     ckpt = torch.load(last, weights_only=False)
     name = next(iter(ckpt["model"]))
@@ -49,7 +49,7 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_refused_on_resume_with_the_
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     (tmp_path / "run" / "results.json").write_text(json.dumps({**results, "status": "interrupted"}))
     with pytest.raises(RunFault) as refused:
-        run(cfg, tmp_path / "run")
+        execute_run(cfg, tmp_path / "run")
     assert str(refused.value).startswith(f"{last} cannot be loaded into this model (")
     assert name in str(refused.value) and "\n" not in str(refused.value)
     after = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -116,7 +116,7 @@ def test_the_review_lists_a_bad_run_directory_as_unreadable_and_summarizes_the_o
     assert status["good"] == ("done", None)
     assert status["garbage"] == ("unreadable", "epochs.csv: lines 3, 4 not numbers")
     assert status["list"] == ("unreadable", "results.json: a JSON list, not an object")
-    assert status["wide"][0] == "unreadable" and status["wide"][1].startswith("epochs.csv: Error tokenizing data")
+    assert status["wide"] == ("unreadable", "epochs.csv: line 3 more cells than its header")
     assert list(s.groups["n"]) == [1] and list(s.groups["test_top1_mean"]) == [70.0]
     assert f"not in the table: {tmp_path / 'list'} (unreadable: results.json: a JSON list, not an object)" \
         in s.headline

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from coupled_net.build import build, resolve
-from coupled_net.run import run
+from coupled_net.lifecycle import execute_run
 
 from helpers import compose_cfg, read_results
 
@@ -26,7 +26,7 @@ def test_the_tensor_pipeline_holds_the_split_on_the_gpu_and_batches_arrive_there
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_autocast_trains_on_the_gpu_and_stores_float32_weights(tmp_path, precision):
-    res = run(compose_cfg(*TINY, "trainer.epochs=2", "trainer.device=cuda", f"trainer.precision={precision}",
+    res = execute_run(compose_cfg(*TINY, "trainer.epochs=2", "trainer.device=cuda", f"trainer.precision={precision}",
                           f"dataset.root={tmp_path}"), tmp_path / "run")
     assert res["status"] == "done" and res["provenance"]["device"] == torch.cuda.get_device_name(0)
     best = torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=True)
@@ -34,16 +34,16 @@ def test_autocast_trains_on_the_gpu_and_stores_float32_weights(tmp_path, precisi
 
 
 def test_a_run_finished_on_the_cpu_is_not_trained_again_on_the_gpu(tmp_path):
-    cpu = run(compose_cfg(*TINY, "trainer.epochs=1", "trainer.device=cpu", f"dataset.root={tmp_path}"), tmp_path / "run")
+    cpu = execute_run(compose_cfg(*TINY, "trainer.epochs=1", "trainer.device=cpu", f"dataset.root={tmp_path}"), tmp_path / "run")
     before = (tmp_path / "run" / "results.json").read_bytes()
-    gpu = run(compose_cfg(*TINY, "trainer.epochs=1", "trainer.device=cuda", f"dataset.root={tmp_path}"), tmp_path / "run")
+    gpu = execute_run(compose_cfg(*TINY, "trainer.epochs=1", "trainer.device=cuda", f"dataset.root={tmp_path}"), tmp_path / "run")
     assert gpu == cpu and (tmp_path / "run" / "results.json").read_bytes() == before
     assert read_results(tmp_path / "run")["fingerprint"] == cpu["fingerprint"]
 
 
 def test_a_torchvision_model_trains_on_the_gpu_and_its_model_summary_leaves_it_there(tmp_path):
     # the model summary (torchinfo) once moved every model back to the CPU before epoch 1 on a GPU
-    res = run(compose_cfg(*TINY, "model=torchvision", "model.arch=mobilenet_v3_small", "model.input_size=32",
+    res = execute_run(compose_cfg(*TINY, "model=torchvision", "model.arch=mobilenet_v3_small", "model.input_size=32",
                           "trainer.epochs=1", "trainer.device=cuda", f"dataset.root={tmp_path}"), tmp_path / "run")
     assert res["status"] == "done", res["error"]
     assert "mobilenet_v3_small" in res["model"]

@@ -18,7 +18,7 @@ from PIL import Image
 from coupled_net import data
 from coupled_net.errors import ConfigError
 from coupled_net.build import prepare_config
-from coupled_net.run import run
+from coupled_net.lifecycle import execute_run
 
 from helpers import compose_cfg, run_cli
 
@@ -63,7 +63,7 @@ def indices(split) -> set[int]:
 
 
 def check_end_to_end(cfg, run_dir: Path) -> None:
-    results = run(cfg, run_dir)
+    results = execute_run(cfg, run_dir)
     assert results["status"] == "done", results["error"]
     assert results["epochs_run"] == 1
     assert results["model"] == "small_cnn" and results["dataset"] == "image_folder"
@@ -184,7 +184,7 @@ def test_root_with_one_class_folder_is_refused(tmp_path):
         Image.fromarray(pattern("circle", k), mode="L").save(root / "only" / f"{k}.png")
     run_dir = tmp_path / "run"
     with pytest.raises(ConfigError) as err:
-        run(folder_cfg(root), run_dir)
+        execute_run(folder_cfg(root), run_dir)
     assert err.value.key == "dataset.root"
     assert str(root) in str(err.value)
     assert "found 1" in str(err.value)
@@ -195,7 +195,7 @@ def test_nonexistent_root_is_refused(tmp_path):
     root = tmp_path / "does_not_exist"
     run_dir = tmp_path / "run"
     with pytest.raises(ConfigError) as err:
-        run(folder_cfg(root), run_dir)
+        execute_run(folder_cfg(root), run_dir)
     assert err.value.key == "dataset.root"
     assert str(root) in str(err.value)
     assert not root.exists()
@@ -209,10 +209,10 @@ def test_nonexistent_root_is_refused(tmp_path):
 
 def test_a_finished_image_folder_run_is_not_run_again(flat_root, tmp_path):
     root, _ = flat_root
-    first = run(folder_cfg(root, "trainer.epochs=1", "trainer.batch_size=8", "trainer.num_workers=0"), tmp_path / "run")
+    first = execute_run(folder_cfg(root, "trainer.epochs=1", "trainer.batch_size=8", "trainer.num_workers=0"), tmp_path / "run")
     rows = (tmp_path / "run" / "epochs.csv").read_bytes()
     # num_classes is inferred again before the "already done" check, so the config is recognised as the same
-    again = run(folder_cfg(root, "trainer.epochs=1", "trainer.batch_size=8", "trainer.num_workers=0"), tmp_path / "run")
+    again = execute_run(folder_cfg(root, "trainer.epochs=1", "trainer.batch_size=8", "trainer.num_workers=0"), tmp_path / "run")
     assert again == first and (tmp_path / "run" / "epochs.csv").read_bytes() == rows
 
 
@@ -228,7 +228,7 @@ def test_too_few_images_for_the_splits_is_refused(tmp_path):
 def test_image_folder_without_a_root_names_the_key(tmp_path):
     cfg = compose_cfg("dataset=image_folder", "model=small_cnn")
     with pytest.raises(ConfigError, match=r"^dataset.root='\?\?\?': is required here"):
-        run(cfg, tmp_path / "run")
+        execute_run(cfg, tmp_path / "run")
 
 
 # ---- every file is checked to decode before training (issue 11) --------------------------------
@@ -404,7 +404,7 @@ def test_a_corrupt_test_image_is_refused_before_the_first_epoch(split_root, tmp_
     (root / "test" / "cross" / "broken.png").write_bytes(whole[:len(whole) // 2])  # an interrupted copy
     run_dir = tmp_path / "run"
     with pytest.raises(ConfigError) as err:
-        run(folder_cfg(root, "trainer.epochs=3"), run_dir)
+        execute_run(folder_cfg(root, "trainer.epochs=3"), run_dir)
     line = (f"dataset.root='{root}': 1 unreadable image (test/cross/broken.png: truncated): fix or remove them, "
             "or set dataset.skip_bad_images=true")
     assert str(err.value) == line

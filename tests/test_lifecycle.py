@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from coupled_net.run import run
+from coupled_net.lifecycle import execute_run
 
 from helpers import (REPO, TRAIN, compose_cfg, epoch_numbers, metric_table, read_results, run_cli, run_dirs,
                      run_sweep, snapshot, wait_for)
@@ -124,7 +124,7 @@ def test_a_checkpoint_of_another_config_is_not_resumed_and_a_refused_start_chang
     monkeypatch.setattr(Trainer, "_save_last", stop_after_first_epoch)
     for name, lr in (("mine", "0.05"), ("other", "0.02")):
         with pytest.raises(KeyboardInterrupt):
-            run(compose_cfg(*common, f"optimizer.lr={lr}"), tmp_path / name)
+            execute_run(compose_cfg(*common, f"optimizer.lr={lr}"), tmp_path / name)
     mine = tmp_path / "mine"
     (mine / "checkpoints" / "last.pt").write_bytes((tmp_path / "other" / "checkpoints" / "last.pt").read_bytes())
     (mine / ".hydra").mkdir()

@@ -12,9 +12,11 @@ import pandas as pd
 import pytest
 
 from coupled_net import loggers
+from coupled_net.build import start_trackers
 from coupled_net.errors import ConfigError
+from coupled_net.extras import missing_extra
 from coupled_net.identity import identity_of
-from coupled_net.run import run
+from coupled_net.lifecycle import execute_run
 from coupled_net.trainer import Trainer
 from helpers import compose_cfg, read_results, run_sweep
 
@@ -29,7 +31,7 @@ def tracked(tmp_path_factory):
     """One real two-epoch run with all three trackers at once: (run dir, epochs.csv, results.json, cfg)."""
     root = tmp_path_factory.mktemp("tracked")
     cfg = compose_cfg(*FAST, "logger=[tensorboard,mlflow,wandb]", f"dataset.root={root}")
-    run(cfg, root / "run")
+    execute_run(cfg, root / "run")
     return root / "run", pd.read_csv(root / "run" / "epochs.csv"), read_results(root / "run"), cfg
 
 
@@ -89,10 +91,10 @@ def test_a_resumed_run_continues_the_same_tracker_runs_and_shows_an_epoch_traine
         real_save(self, progress)
     monkeypatch.setattr(Trainer, "_save_last", die_before_second_checkpoint)
     with pytest.raises(KeyboardInterrupt):
-        run(compose_cfg(*overrides), tmp_path / "run")
+        execute_run(compose_cfg(*overrides), tmp_path / "run")
     first_id = json.loads((tmp_path / "run" / "mlflow_run.json").read_text())["run_id"]
     monkeypatch.setattr(Trainer, "_save_last", real_save)
-    assert run(compose_cfg(*overrides), tmp_path / "run")["resumes"] == 1  # epoch 2 is trained again
+    assert execute_run(compose_cfg(*overrides), tmp_path / "run")["resumes"] == 1  # epoch 2 is trained again
 
     client, mrun, _ = mlflow_run(tmp_path / "run")
     assert mrun.info.run_id == first_id and mrun.info.status == "FINISHED"
@@ -208,7 +210,7 @@ def test_a_logger_that_raises_mid_run_is_dropped_with_one_warning_and_the_run_fi
         raise RuntimeError("quota exceeded\n  try again later")
     monkeypatch.setattr(loggers.MLflowLogger, "log_epoch", refuse)
     with caplog.at_level(logging.WARNING, logger="coupled_net"):
-        res = run(compose_cfg(*FAST, "logger=[mlflow,tensorboard]", f"dataset.root={tmp_path}"), tmp_path / "run")
+        res = execute_run(compose_cfg(*FAST, "logger=[mlflow,tensorboard]", f"dataset.root={tmp_path}"), tmp_path / "run")
     assert res["status"] == "done"
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == ["logger mlflow: RuntimeError: quota exceeded try again later"]
@@ -229,7 +231,7 @@ def test_a_tracker_that_cannot_start_is_left_out_with_one_warning_and_the_others
     nodes = OmegaConf.create({"mlflow": {"_target_": "coupled_net.loggers.MLflowLogger"}, "off": None,
                               "none": {"_target_": "coupled_net.loggers.NullLogger"}})
     with caplog.at_level(logging.WARNING, logger="coupled_net"):
-        started = loggers.Loggers.start(nodes, {"run_dir": tmp_path}, {"optimizer.lr": 0.05})
+        started = start_trackers(nodes, {"run_dir": tmp_path}, {"optimizer.lr": 0.05})
     assert [type(lg).__name__ for lg in started] == ["NullLogger"]
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
         "logger mlflow: ConnectionError: http://tracking:5000 refused the connection"]
@@ -240,21 +242,21 @@ def test_a_tracker_whose_package_is_missing_is_one_config_error_naming_the_extra
     monkeypatch.setitem(sys.modules, name, None)  # as if not installed
     target = {"mlflow": "MLflowLogger", "wandb": "WandbLogger", "tensorboard": "TensorBoardLogger"}[name]
     expected = f"needs the {name} package: pip install -e '.[{name}]'"
-    assert loggers.missing_extra(f"coupled_net.loggers.{target}") == expected
+    assert missing_extra(f"coupled_net.loggers.{target}") == expected
     with pytest.raises(ConfigError) as error:
         getattr(loggers, target)(run_dir=tmp_path)
     assert str(error.value) == f"logger='{name}': needs the {name} package: pip install -e '.[{name}]'"
 
 
 def test_installed_trackers_and_targets_without_an_extra_need_nothing():
-    assert loggers.missing_extra("coupled_net.loggers.MLflowLogger") is None
-    assert loggers.missing_extra("coupled_net.loggers.WandbLogger") is None
-    assert loggers.missing_extra("coupled_net.loggers.NullLogger") is None
+    assert missing_extra("coupled_net.loggers.MLflowLogger") is None
+    assert missing_extra("coupled_net.loggers.WandbLogger") is None
+    assert missing_extra("coupled_net.loggers.NullLogger") is None
 
 
 def test_no_logger_builds_no_tracker_and_writes_no_tracker_files(tmp_path):
     cfg = compose_cfg(*QUICK, "trainer.epochs=1", f"dataset.root={tmp_path}")
     assert not cfg.get("logger")  # logger=none: an empty group
-    run(cfg, tmp_path / "run")
+    execute_run(cfg, tmp_path / "run")
     names = {p.name for p in (tmp_path / "run").iterdir()}
     assert not names & {"tensorboard", "mlruns", "wandb", "mlflow_run.json", "wandb_run.json"}

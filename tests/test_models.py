@@ -17,7 +17,8 @@ from coupled_net import models
 from coupled_net.build import build, make_trainer, resolve
 from coupled_net.coupling import Coupling
 from coupled_net.errors import ConfigError
-from coupled_net.trainer import Progress
+from coupled_net.identity import model_name
+from coupled_net.trainer import LoopState
 from helpers import CONF, compose_cfg
 
 # trainer.threads=1: two threads on a loaded 2-core machine run ten times slower
@@ -51,7 +52,7 @@ def train_two_batches(cfg):
     spec = resolve(cfg)
     parts = build(spec)
     head = [p for p in parts.model.parameters()][-1].detach().clone()
-    make_trainer(spec, parts).fit(Progress())
+    make_trainer(spec, parts).fit(LoopState())
     assert not torch.equal([p for p in parts.model.parameters()][-1], head)  # it trained
     return parts
 
@@ -108,7 +109,7 @@ def test_a_users_own_model_yaml_is_adapted_coupled_and_trained(channels, tmp_pat
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         cfg = compose("train", overrides=[f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "model=my_mobilenet",
                                           *DATA[channels], *SMALL_RUN, f"dataset.root={tmp_path}"])
-    assert models.display_name(dict(cfg.model)) == "my_mobilenet"
+    assert model_name(dict(cfg.model)) == "my_mobilenet"
     parts = train_two_batches(cfg)
     # mobilenet_v3_small takes neither in_channels nor num_classes: its first conv and classifier were rebuilt
     assert parts.model.classifier[3].out_features == CLASSES[channels]
@@ -270,9 +271,7 @@ def test_a_foreign_targets_unknown_key_or_import_or_build_failure_is_one_line():
                     "width": 8}) == ("model.width=8: not a key of model coupled_net.models.torchvision_model "
                                      "(its keys: arch, in_channels, num_classes, input_size, weights)")
     assert refusal({"_target_": "no_such_package.Net", "input_size": 32}) == (
-        "model._target_='no_such_package.Net': cannot be imported: ImportError: Error loading "
-        "'no_such_package.Net': ModuleNotFoundError(\"No module named 'no_such_package'\") "
-        "Are you sure that module 'no_such_package' is installed?")
+        "model._target_='no_such_package.Net': cannot be imported: no module named no_such_package")
     assert refusal({"_target_": "torchvision.models.resnet.ResNet", "input_size": 32, "block": None}) == (
         "model='ResNet': TypeError: ResNet.__init__() missing 1 required positional argument: 'layers'")
 
@@ -351,7 +350,7 @@ def test_the_model_summary_leaves_the_model_on_its_own_device(tmp_path):
     # the meta device stands in for a GPU: torchinfo moves a model to the device it is given, and a
     # summary on "cpu" once left every GPU run's model on the CPU
     from coupled_net.coupling import Coupling
-    from coupled_net.run import write_model_summary
+    from coupled_net.lifecycle import write_model_summary
 
     with torch.device("meta"):
         model = models.make({"_target_": "coupled_net.models.torchvision_model", "arch": "mobilenet_v3_small",

@@ -13,8 +13,8 @@ from torch import nn
 from torchvision.transforms import v2
 
 from coupled_net.build import build, make_trainer, resolve
-from coupled_net.run import run
-from coupled_net.trainer import Progress, Trainer, evaluate
+from coupled_net.lifecycle import execute_run
+from coupled_net.trainer import LoopState, Trainer, evaluate_batches
 from helpers import compose_cfg
 
 TINY = ["experiment=quickstart", "dataset.train_per_class=4", "dataset.test_per_class=2", "trainer.batch_size=16",
@@ -42,7 +42,7 @@ def scripted_epochs(monkeypatch):
                 return {"loss": KE_VAL[epoch - 1], "top1": 20.0 + epoch, "top5": 90.0}
             return {"loss": VAL[epoch - 1], "top1": 10.0 + epoch, "top5": 90.0}
         return {"loss": marker[0].item(), "top1": 50.0, "top5": 90.0}
-    monkeypatch.setattr(Trainer, "evaluate", scripted)
+    monkeypatch.setattr(Trainer, "evaluate_split", scripted)
 
 
 def read_epochs(run_dir):
@@ -54,7 +54,7 @@ def read_epochs(run_dir):
 def test_best_pt_and_final_metrics_hold_the_best_epoch_and_patience_restarts_on_improvement(
         tmp_path, monkeypatch, select_by, best, stopped_after):
     scripted_epochs(monkeypatch)
-    res = run(compose_cfg(*TINY, f"trainer.select_by={select_by}", f"dataset.root={tmp_path}"), tmp_path / "run")
+    res = execute_run(compose_cfg(*TINY, f"trainer.select_by={select_by}", f"dataset.root={tmp_path}"), tmp_path / "run")
     assert res["status"] == "done", res["error"]
     assert (res["best_epoch"], res["epochs_run"], res["stopped_early"]) == (best, stopped_after, True)
     assert [row[0] for row in read_epochs(tmp_path / "run")[1:]] == [str(e) for e in range(1, stopped_after + 1)]
@@ -69,7 +69,7 @@ def test_a_trainer_without_run_directory_keeps_the_best_epochs_weights_in_memory
     scripted_epochs(monkeypatch)
     spec = resolve(compose_cfg(*TINY, f"dataset.root={tmp_path}"))
     trainer = make_trainer(spec, build(spec))
-    progress = trainer.fit(Progress())
+    progress = trainer.fit(LoopState())
     assert (progress.best_epoch, progress.epoch, progress.stopped_early, progress.bad_epochs) == (4, 6, True, 2)
     assert trainer.best_state[MARKER][0].item() == 4
     assert trainer.final_metrics()["test"]["loss"] == 4
@@ -77,7 +77,7 @@ def test_a_trainer_without_run_directory_keeps_the_best_epochs_weights_in_memory
 
 def test_epochs_csv_has_the_spec_columns_in_order_with_each_value_in_its_column(tmp_path, monkeypatch):
     scripted_epochs(monkeypatch)
-    res = run(compose_cfg(*TINY, "trainer.epochs=2", f"dataset.root={tmp_path}"), tmp_path / "run")
+    res = execute_run(compose_cfg(*TINY, "trainer.epochs=2", f"dataset.root={tmp_path}"), tmp_path / "run")
     assert res["status"] == "done", res["error"]
     header, *rows = read_epochs(tmp_path / "run")
     assert header[:11] == ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "ke_val_loss",
@@ -106,7 +106,7 @@ def test_evaluate_averages_loss_and_accuracy_per_sample_over_unequal_batches():
     # batch 1 (one sample): label 5 has the smallest probability -> outside the top 5
     # batch 2 (three samples): label 0 top-1 hit; labels 4 and 1 within the top 5 only
     batches = [logits(5), logits(0, 4, 1)]
-    out = evaluate(nn.Identity(), batches, torch.device("cpu"))
+    out = evaluate_batches(nn.Identity(), batches, torch.device("cpu"))
     per_sample = (-math.log(0.04) - math.log(0.4) - math.log(0.06) - math.log(0.25)) / 4  # 2.0837
     per_batch = (-math.log(0.04) + (-math.log(0.4) - math.log(0.06) - math.log(0.25)) / 3) / 2  # 2.4621: wrong
     assert out["loss"] == pytest.approx(per_sample, rel=1e-6) and abs(out["loss"] - per_batch) > 0.3
@@ -117,7 +117,7 @@ def test_evaluate_averages_loss_and_accuracy_per_sample_over_unequal_batches():
 
 def test_evaluate_with_fewer_than_five_classes_counts_every_sample_in_the_top_five():
     images = torch.log(torch.tensor([[0.7, 0.2, 0.1], [0.7, 0.2, 0.1]]))
-    out = evaluate(nn.Identity(), [(images, torch.tensor([2, 0]))], torch.device("cpu"))
+    out = evaluate_batches(nn.Identity(), [(images, torch.tensor([2, 0]))], torch.device("cpu"))
     assert (out["top1"], out["top5"]) == (pytest.approx(50.0), pytest.approx(100.0))
     assert out["loss"] == pytest.approx((-math.log(0.1) - math.log(0.7)) / 2, rel=1e-6)
 

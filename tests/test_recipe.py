@@ -16,8 +16,8 @@ from torch import nn
 
 from coupled_net.build import build, make_scheduler, resolve
 from coupled_net.errors import ConfigError
-from coupled_net.run import run
-from coupled_net.trainer import Numerics, Progress, Trainer
+from coupled_net.lifecycle import execute_run
+from coupled_net.trainer import LoopState, Numerics, Trainer
 from helpers import CONF, compose_cfg, metric_table, read_results, run_cli
 
 TINY = ["experiment=quickstart", "dataset.train_per_class=4", "dataset.test_per_class=2", "trainer.batch_size=16",
@@ -76,12 +76,12 @@ def test_label_smoothing_changes_the_training_loss_to_the_smoothed_formula_and_v
     uniform = -sum(math.log(p) for p in P) / len(P)             # 2.0891: mean over classes of -log p, each sample
     smoothed = (1 - eps) * ce + eps * uniform                   # 1.8873
     trainer = bare_trainer(identity_logits_model(), [(images, labels)], lr=0.0, label_smoothing=eps)
-    train_loss, _ = trainer.train_one_epoch(1, Progress())
+    train_loss, _ = trainer.train_one_epoch(1, LoopState())
     assert train_loss == pytest.approx(smoothed, rel=1e-6) and abs(smoothed - ce) > 0.02
-    assert trainer.evaluate("val")["loss"] == pytest.approx(ce, rel=1e-6)  # val_loss: never smoothed
+    assert trainer.evaluate_split("val")["loss"] == pytest.approx(ce, rel=1e-6)  # val_loss: never smoothed
 
     plain = bare_trainer(identity_logits_model(), [(images, labels)], lr=0.0)  # the default: the seed's loss
-    assert plain.train_one_epoch(1, Progress())[0] == pytest.approx(ce, rel=1e-6)
+    assert plain.train_one_epoch(1, LoopState())[0] == pytest.approx(ce, rel=1e-6)
 
 
 # ---- gradient clipping ---------------------------------------------------------------------------
@@ -102,7 +102,7 @@ def one_step(precision="fp32", **kwargs) -> torch.Tensor:
     numerics.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=precision == "fp16")
     trainer = bare_trainer(model, [(torch.tensor([[3.0, 4.0]]), torch.tensor([0]))], lr=LR, numerics=numerics,
                            **kwargs)
-    trainer.train_one_epoch(1, Progress())
+    trainer.train_one_epoch(1, LoopState())
     return model.weight.detach()
 
 
@@ -131,7 +131,7 @@ def test_warmup_epochs_ramp_the_lr_linearly_then_the_step_schedule_starts_from_t
     cfg = compose_cfg(*TINY, "scheduler=step", "scheduler.step_size=2", "scheduler.gamma=0.1",
                       "scheduler.warmup_epochs=3", "optimizer.lr=0.1", "trainer.epochs=8", "trainer.patience=8",
                       f"dataset.root={tmp_path}")
-    res = run(cfg, tmp_path / "run")
+    res = execute_run(cfg, tmp_path / "run")
     assert res["status"] == "done", res["error"]
     # epochs 1-3: 1/4, 2/4, 3/4 of 0.1; epoch 4: 0.1; then StepLR's own epochs 0, 1 (0.1), 2, 3 (0.01), 4 (0.001)
     assert lrs(tmp_path / "run") == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.01, 0.01, 0.001])
@@ -167,13 +167,13 @@ def test_a_run_resumed_in_the_middle_of_the_warmup_has_the_same_lr_sequence(tmp_
             raise KeyboardInterrupt  # a kill after the second checkpoint: 2 of 3 warmup epochs done
     monkeypatch.setattr(Trainer, "_save_last", killed_after_epoch_2)
     with pytest.raises(KeyboardInterrupt):
-        run(compose_cfg(*common), tmp_path / "resumed")
+        execute_run(compose_cfg(*common), tmp_path / "resumed")
     assert lrs(tmp_path / "resumed") == pytest.approx([0.025, 0.05])
     monkeypatch.setattr(Trainer, "_save_last", real_save)
-    assert run(compose_cfg(*common), tmp_path / "resumed")["status"] == "done"
+    assert execute_run(compose_cfg(*common), tmp_path / "resumed")["status"] == "done"
     expected = [0.025, 0.05, 0.075, 0.1, 0.05]  # warmup 1/4, 2/4, 3/4; StepLR epochs 0, 1 (gamma 0.5)
     assert lrs(tmp_path / "resumed") == pytest.approx(expected)
-    run(compose_cfg(*common), tmp_path / "straight")
+    execute_run(compose_cfg(*common), tmp_path / "straight")
     assert metric_table(tmp_path / "resumed").equals(metric_table(tmp_path / "straight"))
 
 
@@ -194,7 +194,7 @@ def test_with_the_recipe_keys_at_their_defaults_a_run_is_bit_identical_to_one_wi
     scheduler = build(spec).scheduler
     assert type(scheduler) is torch.optim.lr_scheduler.StepLR and (scheduler.step_size, scheduler.gamma) == (1, 0.1)
 
-    a, b = run(with_keys, tmp_path / "with"), run(without, tmp_path / "without")
+    a, b = execute_run(with_keys, tmp_path / "with"), execute_run(without, tmp_path / "without")
     assert a["status"] == b["status"] == "done"
     assert metric_table(tmp_path / "with").equals(metric_table(tmp_path / "without"))
     assert a["metrics"] == b["metrics"]
@@ -204,7 +204,7 @@ def test_with_the_recipe_keys_at_their_defaults_a_run_is_bit_identical_to_one_wi
 # ---- checkpoints and debug=fast ------------------------------------------------------------------
 
 def test_checkpoint_every_null_writes_no_periodic_checkpoints(tmp_path):
-    res = run(compose_cfg(*TINY, "trainer.epochs=2", "trainer.checkpoint_every=null", f"dataset.root={tmp_path}"),
+    res = execute_run(compose_cfg(*TINY, "trainer.epochs=2", "trainer.checkpoint_every=null", f"dataset.root={tmp_path}"),
               tmp_path / "run")
     assert res["status"] == "done", res["error"]
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["best.pt", "last.pt"]

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from coupled_net.collect import collect
-from coupled_net.run import run
+from coupled_net.lifecycle import execute_run
 from coupled_net.signals import RunInterrupted
 from coupled_net.trainer import Trainer
 from helpers import TRAIN, compose_cfg, epoch_numbers, metric_table, read_results, run_cli, run_sweep, wait_for
@@ -107,17 +107,17 @@ def crash_after_epoch(monkeypatch, epoch):
 def test_an_unreadable_last_checkpoint_falls_back_instead_of_crashing(tmp_path, monkeypatch, caplog, damage):
     caplog.set_level(logging.INFO)
     overrides = (*FAST, "trainer.epochs=3", "trainer.checkpoint_every=1", f"dataset.root={tmp_path}")
-    whole = run(compose_cfg(*overrides), tmp_path / "whole")
+    whole = execute_run(compose_cfg(*overrides), tmp_path / "whole")
     real_save = crash_after_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
-        run(compose_cfg(*overrides), tmp_path / "run")
+        execute_run(compose_cfg(*overrides), tmp_path / "run")
     monkeypatch.setattr(Trainer, "_save_last", real_save)
     ckpts = tmp_path / "run" / "checkpoints"
     targets = [ckpts / "last.pt"] + (sorted(ckpts.glob("epoch_*.pt")) if damage == "all" else [])
     for path in targets:
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated mid-write
 
-    res = run(compose_cfg(*overrides), tmp_path / "run")
+    res = execute_run(compose_cfg(*overrides), tmp_path / "run")
     assert "checkpoint" in caplog.text and "is unreadable" in caplog.text
     assert res["status"] == "done"
     assert epoch_numbers(tmp_path / "run") == [1, 2, 3]
@@ -221,7 +221,7 @@ def kill_before_last_pt(monkeypatch, epoch):
 def small_whole(tmp_path_factory):
     """SMALL run uninterrupted: (run dir, results)."""
     base = tmp_path_factory.mktemp("small")
-    return base / "run", run(compose_cfg(*SMALL, f"dataset.root={base}"), base / "run")
+    return base / "run", execute_run(compose_cfg(*SMALL, f"dataset.root={base}"), base / "run")
 
 
 @pytest.mark.parametrize("kill", ["before last.pt of epoch 2", "after last.pt of epoch 2",
@@ -236,11 +236,11 @@ def test_system_csv_has_one_start_and_one_end_row_per_epoch_after_a_resume(tmp_p
         else:
             crash_after_epoch(m, 2)
         with pytest.raises((KeyboardInterrupt, RunInterrupted)):
-            run(cfg, tmp_path / "run")
+            execute_run(cfg, tmp_path / "run")
     if kill.startswith("SIGINT"):
         assert torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)["progress"]["partial"][
             "step"] == 3
-    res = run(cfg, tmp_path / "run")
+    res = execute_run(cfg, tmp_path / "run")
     assert (res["status"], res["resumes"]) == ("done", 1)
     assert system_rows(tmp_path / "run") == [("1", "start"), ("1", "end"), ("2", "start"), ("2", "end"),
                                              ("3", "start"), ("3", "end")]
@@ -265,10 +265,10 @@ def test_a_kill_between_last_pt_and_best_pt_leaves_best_pt_of_the_best_epoch(tmp
     with monkeypatch.context() as m:
         m.setattr(Trainer, "_save_best", die_at_epoch_3)
         with pytest.raises(KeyboardInterrupt):
-            run(cfg, tmp_path / "run")
+            execute_run(cfg, tmp_path / "run")
     assert best_pt(tmp_path / "run")[1] == 2
     caplog.set_level(logging.WARNING)
-    res = run(cfg, tmp_path / "run")
+    res = execute_run(cfg, tmp_path / "run")
     assert (res["status"], res["best_epoch"], res["resumes"]) == ("done", 3, 1)
     assert "best.pt holds epoch 2" in caplog.text and "rewritten" in caplog.text
     weights, epoch = best_pt(tmp_path / "run")
@@ -278,13 +278,13 @@ def test_a_kill_between_last_pt_and_best_pt_leaves_best_pt_of_the_best_epoch(tmp
 
 def scripted_val_loss(monkeypatch, losses):
     """Validation during training reports losses[epoch - 1] (losses may be changed between runs)."""
-    real_eval = Trainer.evaluate
+    real_eval = Trainer.evaluate_split
 
     def scripted(self, name, desc=""):
         if name == "val" and desc.startswith("epoch"):
             return {"loss": losses[int(desc.split()[1]) - 1], "top1": 50.0, "top5": 90.0}
         return real_eval(self, name, desc)
-    monkeypatch.setattr(Trainer, "evaluate", scripted)
+    monkeypatch.setattr(Trainer, "evaluate_split", scripted)
 
 
 def test_a_best_pt_newer_than_the_checkpoint_is_not_kept_when_the_replay_does_not_beat_it(tmp_path, monkeypatch,
@@ -293,7 +293,7 @@ def test_a_best_pt_newer_than_the_checkpoint_is_not_kept_when_the_replay_does_no
     cfg = compose_cfg(*SMALL, "trainer.epochs=2", f"dataset.root={tmp_path}")
     losses = [2.0, 1.0]
     scripted_val_loss(monkeypatch, losses)
-    run(cfg, tmp_path / "run")
+    execute_run(cfg, tmp_path / "run")
     ckpts = tmp_path / "run" / "checkpoints"
     assert best_pt(tmp_path / "run")[1] == 2
     # as a kill after best.pt of epoch 2 and before its last.pt would leave it
@@ -306,7 +306,7 @@ def test_a_best_pt_newer_than_the_checkpoint_is_not_kept_when_the_replay_does_no
 
     losses[1] = 3.0
     caplog.set_level(logging.WARNING)
-    res = run(cfg, tmp_path / "run")
+    res = execute_run(cfg, tmp_path / "run")
     assert (res["status"], res["best_epoch"], res["epochs_run"]) == ("done", 1, 2)
     assert "best.pt holds epoch 2" in caplog.text
     weights, epoch = best_pt(tmp_path / "run")
@@ -320,10 +320,10 @@ def test_when_the_best_weights_are_in_no_file_the_best_is_chosen_again_from_the_
     with monkeypatch.context() as m:
         crash_after_epoch(m, 2)
         with pytest.raises(KeyboardInterrupt):
-            run(cfg, tmp_path / "run")
+            execute_run(cfg, tmp_path / "run")
     (tmp_path / "run" / "checkpoints" / "best.pt").unlink()  # lost (deleted, or a write that never landed)
     caplog.set_level(logging.WARNING)
-    res = run(cfg, tmp_path / "run")
+    res = execute_run(cfg, tmp_path / "run")
     assert "the weights of best epoch 1 are in no file: the best is chosen again from epoch 3 on" in caplog.text
     assert (res["status"], res["best_epoch"]) == ("done", 3)
     weights, epoch = best_pt(tmp_path / "run")
@@ -345,11 +345,11 @@ def test_a_garbage_line_in_epochs_csv_is_dropped_with_a_warning_and_the_run_fini
     with monkeypatch.context() as m:
         crash_after_epoch(m, 2)
         with pytest.raises(KeyboardInterrupt):
-            run(cfg, tmp_path / "run")
+            execute_run(cfg, tmp_path / "run")
     with open(tmp_path / "run" / "epochs.csv", "a") as f:
         f.write(garbage)
     caplog.set_level(logging.WARNING)
-    res = run(cfg, tmp_path / "run")
+    res = execute_run(cfg, tmp_path / "run")
     assert (res["status"], res["resumes"]) == ("done", 1)
     (line,) = [r.getMessage() for r in caplog.records if "not a whole row" in r.getMessage()]
     assert f"{tmp_path / 'run' / 'epochs.csv'}: 1 line(s) not a whole row, dropped (line 4: " in line
@@ -417,7 +417,7 @@ def read_csv(path):
 
 
 def test_a_row_appended_after_a_line_cut_short_is_not_glued_to_it(tmp_path):
-    from coupled_net.results import CsvLog
+    from coupled_net.epochlog import CsvLog
 
     path = tmp_path / "log.csv"
     path.write_text("epoch,loss\r\n1,0.5\r\n2,0.")  # a kill cut the second row
@@ -427,7 +427,7 @@ def test_a_row_appended_after_a_line_cut_short_is_not_glued_to_it(tmp_path):
 
 
 def test_system_csv_continued_on_a_host_with_more_gpus_keeps_every_value_under_its_header(tmp_path):
-    from coupled_net.results import CsvLog
+    from coupled_net.epochlog import CsvLog
 
     path = tmp_path / "system.csv"
     one = ["epoch", "phase", "time", "cpu_percent", "gpu0_util_percent"]

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from coupled_net.identity import identity_of
-from coupled_net.results import EPOCH_COLUMNS
-from coupled_net.run import RunRefused, run
+from coupled_net.epochlog import EPOCH_COLUMNS
+from coupled_net.errors import RunRefused
+from coupled_net.lifecycle import execute_run
 from coupled_net.trainer import Trainer
 from helpers import compose_cfg, run_cli, run_sweep
 
@@ -101,17 +102,17 @@ def test_a_finished_run_is_not_run_again(tmp_path):
 
 def test_same_config_and_seed_give_identical_epoch_tables(tmp_path):
     overrides = (*FAST, "coupling.alpha=2", "trainer.epochs=2", f"dataset.root={tmp_path}")
-    run(compose_cfg(*overrides), tmp_path / "a")
-    run(compose_cfg(*overrides), tmp_path / "b")
+    execute_run(compose_cfg(*overrides), tmp_path / "a")
+    execute_run(compose_cfg(*overrides), tmp_path / "b")
     assert metric_rows(tmp_path / "a") == metric_rows(tmp_path / "b")
-    run(compose_cfg(*overrides, "seed=7"), tmp_path / "c")
+    execute_run(compose_cfg(*overrides, "seed=7"), tmp_path / "c")
     assert metric_rows(tmp_path / "a") != metric_rows(tmp_path / "c")
 
 
 def test_an_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     overrides = (*FAST, "coupling.alpha=2", "trainer.epochs=3", "trainer.checkpoint_every=1",
                  f"dataset.root={tmp_path}")
-    whole = run(compose_cfg(*overrides), tmp_path / "whole")
+    whole = execute_run(compose_cfg(*overrides), tmp_path / "whole")
 
     real_save = Trainer._save_last
 
@@ -121,11 +122,11 @@ def test_an_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # like a kill: not caught by the run
     monkeypatch.setattr(Trainer, "_save_last", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        run(compose_cfg(*overrides), tmp_path / "resumed")
+        execute_run(compose_cfg(*overrides), tmp_path / "resumed")
     assert json.loads((tmp_path / "resumed" / "results.json").read_text())["status"] == "running"
     monkeypatch.setattr(Trainer, "_save_last", real_save)
 
-    resumed = run(compose_cfg(*overrides), tmp_path / "resumed")
+    resumed = execute_run(compose_cfg(*overrides), tmp_path / "resumed")
     assert (resumed["status"], resumed["resumes"], resumed["epochs_run"]) == ("done", 1, 3)
     assert [r[0] for r in read_rows(tmp_path / "resumed" / "epochs.csv")[1:]] == ["1", "2", "3"]
     assert metric_rows(tmp_path / "resumed") == metric_rows(tmp_path / "whole")
@@ -145,10 +146,10 @@ def test_rows_written_after_the_last_checkpoint_are_dropped_on_resume(tmp_path, 
         real_save(self, progress)
     monkeypatch.setattr(Trainer, "_save_last", die_before_second_checkpoint)
     with pytest.raises(KeyboardInterrupt):
-        run(compose_cfg(*overrides), tmp_path / "run")
+        execute_run(compose_cfg(*overrides), tmp_path / "run")
     assert [r[0] for r in read_rows(tmp_path / "run" / "epochs.csv")[1:]] == ["1", "2"]
     monkeypatch.setattr(Trainer, "_save_last", real_save)
-    res = run(compose_cfg(*overrides), tmp_path / "run")
+    res = execute_run(compose_cfg(*overrides), tmp_path / "run")
     assert (res["status"], res["resumes"]) == ("done", 1)
     assert [r[0] for r in read_rows(tmp_path / "run" / "epochs.csv")[1:]] == ["1", "2"]
 
@@ -172,24 +173,24 @@ def test_a_directory_whose_run_failed_before_training_is_taken_over_by_another_c
         raise RuntimeError("the first step failed")
     real = Trainer.train_one_epoch
     monkeypatch.setattr(Trainer, "train_one_epoch", broken)
-    failed = run(compose_cfg(*FAST, "coupling.alpha=2", "trainer.epochs=1", f"dataset.root={tmp_path}"),
+    failed = execute_run(compose_cfg(*FAST, "coupling.alpha=2", "trainer.epochs=1", f"dataset.root={tmp_path}"),
                  tmp_path / "run")
     assert (failed["status"], failed["epochs_run"], failed["error"]) == ("failed", 0, "RuntimeError: the first step failed")
     assert (tmp_path / "run" / "model_summary.txt").exists()  # it got that far; nothing was trained
     monkeypatch.setattr(Trainer, "train_one_epoch", real)
 
-    fixed = run(compose_cfg(*FAST, "coupling.alpha=2", "model.width=16", "trainer.epochs=1", f"dataset.root={tmp_path}"),
+    fixed = execute_run(compose_cfg(*FAST, "coupling.alpha=2", "model.width=16", "trainer.epochs=1", f"dataset.root={tmp_path}"),
                 tmp_path / "run")
     assert (fixed["status"], fixed["resumes"], fixed["identity"]["model.width"]) == ("done", 0, 16)
     params = sum(p.numel() for p in SmallCNN(1, 26, 16).parameters())
     assert f"Total params: {params:,}" in (tmp_path / "run" / "model_summary.txt").read_text()  # its own summary
     assert [r[:2] for r in read_rows(tmp_path / "run" / "system.csv")[1:]] == [["1", "start"], ["1", "end"]]
     with pytest.raises(RunRefused, match="coupling.alpha: 2 → 3"):  # but a trained run is never taken over
-        run(compose_cfg(*FAST, "coupling.alpha=3", "trainer.epochs=1", f"dataset.root={tmp_path}"), tmp_path / "run")
+        execute_run(compose_cfg(*FAST, "coupling.alpha=3", "trainer.epochs=1", f"dataset.root={tmp_path}"), tmp_path / "run")
 
 
 def test_the_heartbeat_is_refreshed_while_a_run_lives(tmp_path, monkeypatch):
-    import coupled_net.run as run_module
+    import coupled_net.rundir as run_module
     from coupled_net.results import RunFiles
 
     monkeypatch.setattr(run_module, "HEARTBEAT_S", 0.05)
@@ -203,7 +204,7 @@ def test_the_heartbeat_is_refreshed_while_a_run_lives(tmp_path, monkeypatch):
         during_fit.append(len(writes) - before)
         return real_fit(self, progress)
     monkeypatch.setattr(Trainer, "fit", slow_fit)
-    run(compose_cfg(*FAST, "trainer.epochs=1", "dataset.train_per_class=4", "trainer.batch_size=88",
+    execute_run(compose_cfg(*FAST, "trainer.epochs=1", "dataset.train_per_class=4", "trainer.batch_size=88",
                     f"dataset.root={tmp_path}"), tmp_path / "run")
     assert during_fit[0] >= 3  # the heartbeat thread's writes, every 0.05 s
     assert json.loads((tmp_path / "run" / "results.json").read_text())["heartbeat_at"] == writes[-1]

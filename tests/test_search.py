@@ -19,9 +19,9 @@ from coupled_net.callbacks import SweepReport
 from coupled_net.cli import train_task
 from coupled_net.errors import ConfigError
 from coupled_net.identity import identity_of
-from coupled_net.sweep import best_trial, objective
+from coupled_net.objectives import objective
+from coupled_net.sweep import best_trial
 from helpers import CONF, REPO, make_run, read_results, run_cli, run_dirs
-from hydra_plugins.coupled_net_launcher import launcher
 
 optuna = pytest.importorskip("optuna")  # the [optuna] extra (CI installs it)
 
@@ -169,9 +169,9 @@ def test_a_listed_sweep_is_left_to_the_plan_of_coupled_nets_own_sweeper():
 
 
 def test_only_a_sweeper_other_than_the_listing_ones_counts_as_a_search():
-    assert not launcher.searching({"_target_": "hydra_plugins.coupled_net_launcher.sweeper.CoupledSweeper"})
-    assert not launcher.searching({"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"})
-    assert launcher.searching({"_target_": "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"})
+    assert not sweep.searching({"_target_": "hydra_plugins.coupled_net_launcher.sweeper.CoupledSweeper"})
+    assert not sweep.searching({"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"})
+    assert sweep.searching({"_target_": "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"})
 
 
 def test_the_best_trial_is_found_by_the_overrides_of_its_run_directory(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from coupled_net.run import run
+from coupled_net.lifecycle import execute_run
 from coupled_net.trainer import Trainer
 from helpers import compose_cfg
 
@@ -23,20 +23,20 @@ def scripted_validation(monkeypatch, val_losses, ke_losses):
             calls.append((epoch, desc.endswith("after KE")))
             return {"loss": loss, "top1": 50.0, "top5": 90.0}
         return {"loss": 1.0, "top1": 50.0, "top5": 90.0}
-    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    monkeypatch.setattr(Trainer, "evaluate_split", evaluate)
     return calls
 
 
 def test_early_stopping_on_val_loss_before_ke(tmp_path, monkeypatch):
     scripted_validation(monkeypatch, val_losses=[1, 2, 3, 4, 5], ke_losses=[5, 4, 3, 2, 1])
-    res = run(compose_cfg(*TINY, f"dataset.root={tmp_path}"), tmp_path / "run")
+    res = execute_run(compose_cfg(*TINY, f"dataset.root={tmp_path}"), tmp_path / "run")
     # epoch 1 is best; epochs 2 and 3 do not improve: patience 2 stops after epoch 3
     assert (res["epochs_run"], res["best_epoch"], res["stopped_early"]) == (3, 1, True)
 
 
 def test_select_by_ke_val_loss_judges_after_equalization(tmp_path, monkeypatch):
     scripted_validation(monkeypatch, val_losses=[1, 2, 3, 4, 5], ke_losses=[5, 4, 3, 2, 1])
-    res = run(compose_cfg(*TINY, "trainer.select_by=ke_val_loss", f"dataset.root={tmp_path}"), tmp_path / "run")
+    res = execute_run(compose_cfg(*TINY, "trainer.select_by=ke_val_loss", f"dataset.root={tmp_path}"), tmp_path / "run")
     assert (res["epochs_run"], res["best_epoch"], res["stopped_early"]) == (5, 5, False)
 
 
@@ -44,7 +44,7 @@ def test_scheduler_none_keeps_the_learning_rate(tmp_path, monkeypatch):
     import csv
 
     scripted_validation(monkeypatch, val_losses=[5, 4, 3, 2, 1], ke_losses=[5, 4, 3, 2, 1])
-    run(compose_cfg(*TINY, "scheduler=none", f"dataset.root={tmp_path}"), tmp_path / "run")
+    execute_run(compose_cfg(*TINY, "scheduler=none", f"dataset.root={tmp_path}"), tmp_path / "run")
     with open(tmp_path / "run" / "epochs.csv") as f:
         assert [float(r["lr"]) for r in csv.DictReader(f)] == pytest.approx([0.05] * 5)
 
@@ -53,7 +53,7 @@ def test_step_scheduler_decays_every_step_size_epochs(tmp_path, monkeypatch):
     import csv
 
     scripted_validation(monkeypatch, val_losses=[5, 4, 3, 2, 1], ke_losses=[5, 4, 3, 2, 1])
-    run(compose_cfg(*TINY, "scheduler=step", "scheduler.step_size=2", "scheduler.gamma=0.1",
+    execute_run(compose_cfg(*TINY, "scheduler=step", "scheduler.step_size=2", "scheduler.gamma=0.1",
                     f"dataset.root={tmp_path}"), tmp_path / "run")
     with open(tmp_path / "run" / "epochs.csv") as f:
         assert [float(r["lr"]) for r in csv.DictReader(f)] == pytest.approx([0.05, 0.05, 0.005, 0.005, 0.0005])
@@ -68,7 +68,7 @@ def test_precision_memory_format_and_compile_train_and_resume(tmp_path, override
 
     cfg = compose_cfg("experiment=quickstart", "dataset.train_per_class=8", "dataset.test_per_class=2",
                       "trainer.batch_size=32", "trainer.epochs=2", *overrides, f"dataset.root={tmp_path}")
-    res = run(cfg, tmp_path / "run")
+    res = execute_run(cfg, tmp_path / "run")
     assert res["status"] == "done" and res["epochs_run"] == 2
     assert 0 < res["metrics"]["val"]["loss"] < 10
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)

@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 from coupled_net import build, validation
 from coupled_net.build import resolve
 from coupled_net.errors import ConfigError
-from coupled_net.validation import check_config, declared, validate
+from coupled_net.knobs import declared
+from coupled_net.validation import check_config, validate
 
 from helpers import CONF, compose_cfg, run_cli, snapshot
 
@@ -63,7 +64,7 @@ def test_every_key_of_every_group_option_has_a_declared_rule(group, option):
         rules = declared(kind, option_of(kind, entry))
         assert leaf_keys(entry), f"conf/{group}/{option}.yaml composed to nothing"
         missing = [f"{prefix}.{key}" for key in leaf_keys(entry) if key not in rules]
-        assert missing == [], f"conf/{group}/{option}.yaml: no rule in coupled_net.validation.KNOBS for {missing}"
+        assert missing == [], f"conf/{group}/{option}.yaml: no rule in coupled_net.knobs.KNOBS for {missing}"
 
 
 @pytest.mark.parametrize("group, option", list(options_of_every_group()))

@@ -13,7 +13,11 @@ Finished runs are left out, and conflicting ones refused, before this launcher s
 (the coupled_net sweeper, coupled_net.sweep); each job checks its directory again when it starts.
 Under a search (hparams_search=optuna_lr: hydra-optuna-sweeper calls `launch` once per batch of
 trials) each JobReturn carries the job's float (coupled_net.cli.train_task: optimized_metric), and
-`detach` is refused: a search needs every value before it samples on."""
+`detach` is refused: a search needs every value before it samples on.
+
+Hydra imports every module of hydra_plugins/ when any Hydra app starts (plugin discovery): this one
+imports coupled_net's light leaves at the top, and the sweep planner (torch, the models) only where
+a sweep is launched."""
 
 from __future__ import annotations
 
@@ -38,7 +42,8 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmitit
 from omegaconf import OmegaConf
 
 import coupled_net.identity  # noqa: F401 - registers our resolvers (run name, direction) in SLURM job processes too
-from coupled_net.results import read_json, write_json
+from coupled_net.errors import ConfigError, fail
+from coupled_net.storage import read_json, write_json
 
 log = logging.getLogger(__name__)
 OWN_KEYS = ("detach",)
@@ -70,8 +75,7 @@ class SweepAwareLauncher(BaseSubmititLauncher):
         """Hydra calls this before the sweep writes anything (multirun.yaml, the sweep directory):
         the place to refuse what sbatch would, so that a refusal leaves no trace."""
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
-        from coupled_net.cli import fail
-        from coupled_net.errors import ConfigError
+        from coupled_net.sweep import searching  # the planner: only where a sweep is launched (see above)
 
         if self.detach and searching(config.hydra.sweeper):
             # a search samples each trial from the values of those before: it cannot leave them running
@@ -91,14 +95,14 @@ class SweepAwareLauncher(BaseSubmititLauncher):
 
     def run_dir(self, overrides: Sequence[str], job_num: int) -> Path:
         """The directory Hydra will give job `job_num` of this sweep."""
-        from coupled_net.sweep import job_config
+        from coupled_net.sweep import job_config  # the planner: only where a sweep is launched (see above)
 
         return job_config(self.hydra_context.config_loader, self.config, overrides, job_num)[0]
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         logging.getLogger("submitit").addFilter(_SacctOnce())
 
-        from coupled_net.sweep import planned_num
+        from coupled_net.sweep import planned_num  # the planner: only where a sweep is launched (see above)
 
         todo = [(planned_num(o, num), list(o), self.run_dir(o, num))
                 for num, o in enumerate(job_overrides, start=initial_job_idx)]
@@ -155,8 +159,6 @@ class SweepAwareLauncher(BaseSubmititLauncher):
             with contextlib.redirect_stderr(stderr):
                 return executor.map_array(self, *zip(*params))
         except FailedJobError as e:
-            from coupled_net.cli import fail
-
             for path in set(folder.iterdir()) - before if folder.is_dir() else ():  # its pickles, its script
                 path.unlink(missing_ok=True)
             if not existed:
@@ -214,21 +216,6 @@ class SweepAwareLauncher(BaseSubmititLauncher):
         write_json(path, manifest)
 
 
-# Sweepers that launch what the command line lists and read no job's return value: coupled_net's own
-# (it reads the run directories) and Hydra's basic one. Any other (hydra-optuna-sweeper's) searches:
-# it needs each job's value (coupled_net.cli.train_task returns optimized_metric) before going on.
-LISTING_SWEEPERS = ("hydra_plugins.coupled_net_launcher.sweeper.CoupledSweeper",
-                    "hydra._internal.core_plugins.basic_sweeper.BasicSweeper")
-
-
-def searching(sweeper_cfg) -> bool:
-    """Is the sweeper configured by `sweeper_cfg` (hydra.sweeper) one that optimizes over the values
-    the jobs return (hparams_search=optuna_lr), rather than one that runs a list of jobs?"""
-    return str((sweeper_cfg or {}).get("_target_")) not in LISTING_SWEEPERS
-
-
-
-
 def _finished(overrides, value) -> JobReturn:
     ret = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED)
     ret.return_value = value
@@ -237,8 +224,6 @@ def _finished(overrides, value) -> JobReturn:
 
 def check_slurm_client() -> None:
     """submitit needs sbatch to submit and srun in the job script (it checks for srun itself, with a traceback)."""
-    from coupled_net.errors import ConfigError
-
     missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
     if missing:
         raise ConfigError("hydra/launcher", "slurm", f"{' and '.join(missing)} not on PATH (no SLURM client on this "
@@ -255,8 +240,6 @@ def settle_memory(params: dict, given: set[str]) -> None:
     """sbatch takes one memory option: one set on the command line (a launcher key, or an sbatch option
     in additional_parameters) replaces those config files set (our default mem_per_cpu); two set the
     same way are refused. Edits `params`."""
-    from coupled_net.errors import ConfigError
-
     extra = params.get("additional_parameters") or {}
     found = {f"hydra.launcher.{k}": params[k] for k in MEM_KEYS if params.get(k) is not None}
     found.update({f"hydra.launcher.additional_parameters.{k}": v for k, v in extra.items()
@@ -303,8 +286,6 @@ def check_partition_and_gpus(params: dict, parts: Optional[dict[str, dict]]) -> 
     """What sbatch would refuse (an unknown partition; GPUs asked of partitions without any: "Invalid
     generic resource (gres) specification") or leave pending forever (more CPUs than a node has):
     say which key to change, and to what."""
-    from coupled_net.errors import ConfigError
-
     if parts is None:
         return
     partition = params.get("partition")

@@ -11,6 +11,8 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.types import Override
 from hydra.core.utils import filter_overrides
 
+from coupled_net.errors import fail
+
 log = logging.getLogger(__name__)
 
 
@@ -18,7 +20,7 @@ class CoupledSweeper(BasicSweeper):
     def split_arguments(self, overrides: List[Override], max_batch_size) -> List[List[List[str]]]:
         """BasicSweeper.sweep calls this (a static method there) right before it saves multirun.yaml
         and launches the batches: the one point that sees every job before anything happens."""
-        from coupled_net.cli import fail
+        # the planner (torch, the models): imported where a sweep is launched, not by Hydra's plugin discovery
         from coupled_net.sweep import bad_configs, conflicts, finished, plan, remember
 
         batches = BasicSweeper.split_arguments(overrides, max_batch_size)

@@ -3,15 +3,8 @@ config (.hydra/config.yaml) by the same builder as training (coupled_net.build).
 
     out = evaluate_run("outputs/runs/2026-11-25/10-00-00", split="test", checkpoint="best")
 
-What a checkpoint holds, as the trainer writes it (SPEC §2, coupled_net.trainer):
-
-- `best.pt`: a plain state_dict of the best epoch's weights, saved *after* KE, so already
-  equalized; its fingerprint is in the state_dict's `_metadata`.
-- `last.pt` (and the periodic `epoch_NNN.pt`): a training checkpoint, `{"model": state_dict,
-  "progress": ..., "fingerprint": ..., "identity": ...}`, saved at the end of an epoch, after KE
-  (equalized), or mid-epoch when the run was interrupted (then equalized only with
-  coupling.schedule=step).
-- any other file: a state_dict, or a dict of that shape with the state_dict under "model".
+What a checkpoint holds: coupled_net.checkpoint (best.pt is equalized; last.pt is a training
+checkpoint, equalized unless it was saved mid-epoch; any other file is a state_dict).
 
 Whether KE changes the loaded weights is computed, not assumed: when equalizing changes nothing
 (the usual case, and always for alpha=0), one set of metrics is reported (`after_ke`); otherwise
@@ -23,37 +16,26 @@ written to the run's evaluation.json, which records the checkpoint, device, limi
 
 from __future__ import annotations
 
-import pickle
 import sys
-import zipfile
-from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf, open_dict
+from tqdm import tqdm
 
-from .build import build_loaders, build_model, resolve
+from .build import build_coupled_model, build_loaders, resolve
+from .checkpoint import Checkpoint, load, misfit, refuse
 from .distributed import World
 from .errors import ConfigError, one_line
 from .identity import differences, identity_of, model_name
-from .results import RunFiles, now_iso, read_json, write_json
-from .trainer import Numerics, evaluate
-from .validation import resolve_device
+from .machine import resolve_device
+from .results import RunFiles, now_iso
+from .storage import read_json, write_json
+from .trainer import Numerics, evaluate_batches
 
 SPLITS = {"val": ["val"], "test": ["test"], "both": ["val", "test"]}
 CHECKPOINTS = ("best", "last")  # anything else is a path to a .pt file
-
-
-@dataclass
-class Checkpoint:
-    """A loaded checkpoint file: its model weights and what it says about itself."""
-    path: Path
-    kind: str                    # best | last | path
-    state: dict                  # the model's state_dict
-    fingerprint: str | None      # of the run that wrote it; None: not recorded
-    identity: dict | None        # its identity keys (training checkpoints carry them)
-    progress: dict | None        # training checkpoints: epoch, best_epoch, partial (mid-epoch), ...
 
 
 def pick_device(name: str) -> torch.device:
@@ -68,59 +50,6 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def _numpy_globals() -> list:
-    """What a training checkpoint's RNG state (numpy's) needs from torch.load(weights_only=True)."""
-    import numpy as np
-
-    try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct
-    return [np.ndarray, np.dtype, _reconstruct, type(np.dtype(np.uint32))]
-
-
-def _refuse(path: Path, why: str) -> ConfigError:
-    return ConfigError("--checkpoint", str(path), why)
-
-
-def _unpickling_problem(path: Path, e: Exception) -> str:
-    """Why torch.load(weights_only=True) refused `path`: Python objects it will not run, or not a
-    torch file at all."""
-    if zipfile.is_zipfile(path):
-        try:
-            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except Exception:  # noqa: BLE001 - the reason below is as good
-            unsafe = []
-        if unsafe:
-            return (f"holds Python objects besides tensors ({', '.join(unsafe[:3])}), which "
-                    "torch.load(weights_only=True) does not run: save the model's state_dict() instead")
-    detail = str(e).split("WeightsUnpickler error:", 1)[-1].split("Check the documentation", 1)[0]
-    return f"cannot be read by torch.load: not a torch checkpoint ({' '.join(detail.split())[:150]})"
-
-
-def load_checkpoint(path: Path, kind: str = "path") -> Checkpoint:
-    """Read `path` with torch.load(weights_only=True) (no code from the file is run); ConfigError
-    naming the file when it cannot be read or holds no state_dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise _refuse(path, "not a file" if path.exists() else "no such file")
-    try:
-        with torch.serialization.safe_globals(_numpy_globals()):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise _refuse(path, _unpickling_problem(path, e)) from None
-    except Exception as e:  # noqa: BLE001 - not a torch file, truncated, ...
-        first = one_line(e, 300).split(". ")[0]
-        raise _refuse(path, f"cannot be read by torch.load ({first}): truncated or not a checkpoint?") from None
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # last.pt, epoch_NNN.pt
-        return Checkpoint(path, kind, obj["model"], obj.get("fingerprint"), obj.get("identity"), obj.get("progress"))
-    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):  # best.pt
-        stamp = (getattr(obj, "_metadata", None) or {}).get("coupled_net") or {}
-        return Checkpoint(path, kind, obj, stamp.get("fingerprint"), None, None)
-    raise _refuse(path, f"holds neither a state_dict nor a training checkpoint (a dict with the state_dict "
-                        f"under 'model'): it holds a {type(obj).__name__}")
-
-
 def _another_run(ckpt: Checkpoint, identity) -> str:
     """Why `ckpt` is not of the run of `identity`, naming the differing config keys where known: from
     the checkpoint itself, or from the results.json of the run directory it lies in."""
@@ -133,33 +62,6 @@ def _another_run(ckpt: Checkpoint, identity) -> str:
     if diff:
         return f"a checkpoint of another run (its config → this run's: {'; '.join(diff)})"
     return f"a checkpoint of another run (fingerprint {ckpt.fingerprint}; this run's is {identity.fingerprint})"
-
-
-def _listed(items: list[str], noun: str, plural: str, limit: int = 3) -> str:
-    shown = ", ".join(items[:limit]) + (", …" if len(items) > limit else "")
-    return f"{len(items)} {noun if len(items) == 1 else plural} ({shown})"
-
-
-def _shape(t: torch.Tensor) -> str:
-    return "x".join(map(str, t.shape)) or "scalar"
-
-
-def misfit(model: torch.nn.Module, state: dict) -> str | None:
-    """Why `state` cannot be loaded into `model` (missing or unexpected keys, other shapes), in one
-    line; None when it fits."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k} (file {_shape(state[k])} / model {_shape(v)})" for k, v in expected.items()
-              if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != v.shape]
-    problems = []
-    if missing:
-        problems.append(_listed(missing, "missing key", "missing keys"))
-    if unexpected:
-        problems.append(_listed(unexpected, "unexpected key", "unexpected keys"))
-    if shapes:
-        problems.append(_listed(shapes, "shape mismatch", "shape mismatches", limit=2))
-    return "; ".join(problems) or None
 
 
 def _coupled_params(coupling) -> list[torch.Tensor]:
@@ -179,10 +81,8 @@ def ke_changes_weights(coupling) -> bool:
 
 def measure(model, loader, device: torch.device, numerics: Numerics, limit: int | None = None,
             progress: bool = False, desc: str = "") -> dict:
-    """evaluate() over the first `limit` batches of `loader` (all: None), with the number of
+    """evaluate_batches() over the first `limit` batches of `loader` (all: None), with the number of
     samples and batches seen."""
-    from tqdm import tqdm
-
     n = len(loader) if limit is None else min(len(loader), limit)
     seen = {"samples": 0, "batches": 0}
 
@@ -193,7 +93,7 @@ def measure(model, loader, device: torch.device, numerics: Numerics, limit: int 
             seen["batches"] += 1
             yield images, labels
 
-    return {**evaluate(model, counted(), device, numerics), **seen}
+    return {**evaluate_batches(model, counted(), device, numerics), **seen}
 
 
 def _checkpoint_path(files: RunFiles, checkpoint: str) -> tuple[Path, str]:
@@ -236,10 +136,10 @@ def evaluate_run(run_dir: str | Path, split: str = "both", checkpoint: str = "be
                           f"results.json ({'; '.join(diff) or 'another fingerprint'}): it cannot be re-evaluated "
                           f"from it")
     path, kind = _checkpoint_path(files, checkpoint)
-    ckpt = load_checkpoint(path, kind)
+    ckpt = load(path, kind)
     if ckpt.fingerprint and ckpt.fingerprint != identity.fingerprint:
         if kind == "path":
-            raise _refuse(path, _another_run(ckpt, identity))
+            raise refuse(path, _another_run(ckpt, identity))
         raise ConfigError("run_dir", str(files.dir), f".hydra/config.yaml is not the config of the run in "
                           f"checkpoints/{path.name}: it cannot be re-evaluated from it")
 
@@ -247,10 +147,10 @@ def evaluate_run(run_dir: str | Path, split: str = "both", checkpoint: str = "be
     with open_dict(cfg):
         cfg.trainer.device = str(dev)
     spec = resolve(cfg, World())  # one process: the whole split, never a DDP shard
-    model, coupling = build_model(spec)
+    model, coupling = build_coupled_model(spec)
     problem = misfit(model, ckpt.state)
     if problem:
-        raise _refuse(path, f"does not fit this run's model ({model_name(cfg.model)}): {problem}")
+        raise refuse(path, f"does not fit this run's model ({model_name(cfg.model)}): {problem}")
     model.load_state_dict(ckpt.state)
     memory = torch.channels_last if cfg.trainer.get("channels_last") else torch.preserve_format
     model.to(dev, memory_format=memory)

@@ -1,0 +1,126 @@
+"""This machine's facts (SPEC §12): the CPUs this process may use, its devices and their free
+memory, the SLURM job it runs in, and the provenance a run records (code, libraries, hardware).
+Nothing here changes the machine; every other module asks here."""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import socket
+import subprocess
+from pathlib import Path
+
+import submitit
+import torch
+
+from .errors import ConfigError
+
+DEVICES = "allowed: auto, cpu, cuda, cuda:N"
+
+
+def affinity_cpus() -> int:
+    """The CPUs this process is bound to (taskset, a SLURM binding), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (a SLURM allocation, taskset), not the machine's count."""
+    cpus = affinity_cpus()
+    allocated = os.environ.get("SLURM_CPUS_PER_TASK")  # a cluster without CPU binding still allocates
+    return min(cpus, int(allocated)) if allocated and allocated.isdigit() else cpus
+
+
+def resolve_device(name: str) -> torch.device:
+    """trainer.device (auto, cpu, cuda, cuda:N) as a device this process can use; ConfigError else."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError("trainer.device", name, DEVICES) from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError("trainer.device", name, DEVICES)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("trainer.device", name, "no CUDA GPU is visible to this process; use cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError("trainer.device", name, f"this process sees {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
+def available_bytes(device: torch.device) -> int:
+    """Free memory on `device`: the GPU's, or this process's share of the host's (torchrun ranks share it)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def submitit_tasks() -> int:
+    """The tasks of the submitit job this process is one of (1 outside a job)."""
+    try:
+        return submitit.JobEnvironment().num_tasks
+    except Exception:  # noqa: BLE001 - not inside a submitit job
+        return 1
+
+
+def slurm_job_id() -> str | None:
+    """This process's SLURM job (`13_0` for an array task), or None: also inside submitit's local
+    executor (hydra/launcher=local), whose job ids are process ids, not SLURM's."""
+    try:
+        env = submitit.JobEnvironment()
+        if env.cluster == "slurm":
+            return str(env.job_id)
+    except Exception:  # noqa: BLE001 - not inside a submitit job
+        pass
+    if "SLURM_ARRAY_JOB_ID" in os.environ:
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+@functools.lru_cache(maxsize=None)  # the code this process runs was loaded when it started
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance(device: torch.device | None) -> dict:
+    """Where and with what a run executes; `device` None: not chosen yet."""
+    import torchvision
+
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    if device is None:
+        shown = None
+    elif device.type == "cuda":
+        shown = torch.cuda.get_device_name(device)
+    else:
+        shown = f"cpu ({_cpu_name()})"
+    return {
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": None if status is None else bool(status),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "device": shown,
+        "host": socket.gethostname(),
+        "slurm_job_id": slurm_job_id(),
+    }
