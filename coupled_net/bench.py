@@ -20,12 +20,13 @@ import torch
 import torch.nn.functional as F
 
 from . import data, synthetic
+from .checkpoint import save_torch
 from .coupling import Coupling
+from .epochlog import EPOCH_COLUMNS, CsvLog
+from .loaders import EpochLoader, TensorLoader
+from .machine import provenance, resolve_device, usable_cpus
 from .models import build_model
 from .monitor import SystemMonitor
-from .checkpoint import save_torch
-from .epochlog import EPOCH_COLUMNS, CsvLog
-from .machine import provenance, usable_cpus
 from .trainer import synchronize
 
 MEAN, STD = [0.1125], [0.2285]
@@ -78,11 +79,11 @@ def _split(n_per_class: int) -> data.SplitDataset:
 def pil_loader(split, size, batch, workers, train=True):
     train_tf, eval_tf = data.pil_transforms(size, MEAN, STD)
     ds = data.SplitDataset(split.source, split.indices, train_tf if train else eval_tf, 1)
-    return data.EpochLoader(ds, batch, train, workers, False, 0)
+    return EpochLoader(ds, batch, train, workers, False, 0)
 
 
 def tensor_loader(split, size, batch, device, train=True):
-    return data.TensorLoader(split, device, size, MEAN, STD, batch, train, 0)
+    return TensorLoader(split, device, size, MEAN, STD, batch, train, 0)
 
 
 def consume(loader, batches=None):
@@ -204,7 +205,7 @@ def bookkeeping(device, epoch_seconds: float, epochs: int = REPEATS) -> list[tup
 
 
 def measure_all() -> str:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device("auto")
     torch.manual_seed(0)
     workers = min(2, data_workers())
     rows = pipeline_rates(device, workers)

@@ -34,6 +34,7 @@ from .coupling import Coupling
 from .distributed import World, init_world
 from .errors import ConfigError, DatasetUnavailable, one_line
 from .identity import Identity, flatten
+from .loaders import build_loader
 from .loggers import Loggers
 from .machine import usable_cpus
 from .trainer import Numerics, Trainer
@@ -158,9 +159,9 @@ def build_loaders(spec: RunSpec) -> dict:
         n = min(overfit * t.batch_size, len(splits.train))
         train = dict(split=data.overfit_split(splits, n - n % world.size), train=False, augment=NoAugment())
     return {
-        "train": data.build_loader(dcfg=cfg.dataset, batch_size=t.batch_size // world.size, **train, **common),
-        "val": data.build_loader(splits.val, cfg.dataset, train=False, batch_size=t.eval_batch_size, **common),
-        "test": data.build_loader(splits.test, cfg.dataset, train=False, batch_size=t.eval_batch_size, **common),
+        "train": build_loader(dcfg=cfg.dataset, batch_size=t.batch_size // world.size, **train, **common),
+        "val": build_loader(splits.val, cfg.dataset, train=False, batch_size=t.eval_batch_size, **common),
+        "test": build_loader(splits.test, cfg.dataset, train=False, batch_size=t.eval_batch_size, **common),
     }
 
 

@@ -15,9 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError, fail
 from .objectives import direction
-from .results import FINISHED
+from .results import FINISHED, RunFiles
 from .rundir import describe_owner
-from .storage import read_json
 from .sweep import STUDY_FILE, best_trial, launched, not_started, searching
 from .validation import check_config, validate
 
@@ -112,7 +111,7 @@ def unfinished(df, planned=None):
     bad = df[~df["status"].isin(FINISHED)].copy()
     owners = {}
     for run_dir in bad["run_dir"]:
-        res = read_json(Path(run_dir) / "results.json") or {}
+        res = RunFiles(run_dir).read_results() or {}
         owners[run_dir] = f"in use by {describe_owner(res.get('owner'))}" if res.get("status") == "running" else None
     bad["detail"] = [owners.get(r.run_dir) or r.error for r in bad.itertuples()]
     return bad

@@ -8,9 +8,12 @@ from __future__ import annotations
 import logging
 import math
 import socket
+import subprocess
+from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
+import psutil
 from omegaconf import OmegaConf
 
 from .epochlog import epoch_summary, read_epochs
@@ -96,8 +99,6 @@ def _run_config(run_dir: Path, res: dict | None) -> dict:
 # ---- is a `running` run still alive? (SPEC §5) ---------------------------------------------------
 
 def _pid_alive(owner: dict) -> bool:
-    import psutil
-
     try:
         proc = psutil.Process(int(owner["pid"]))
         started = owner.get("process_started")
@@ -107,8 +108,6 @@ def _pid_alive(owner: dict) -> bool:
 
 
 def _age_s(iso: str | None) -> float | None:
-    from datetime import datetime
-
     try:
         return (datetime.now().astimezone() - datetime.strptime(iso, "%Y-%m-%dT%H:%M:%S%z")).total_seconds()
     except (TypeError, ValueError):
@@ -199,8 +198,6 @@ def manifest_jobs(paths) -> dict[str, str]:
 
 def squeue_states() -> dict[str, tuple[str, str]] | None:
     """job id -> (state, reason) of every job SLURM still knows about; None without SLURM."""
-    import subprocess
-
     try:
         out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T|%r"], capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.SubprocessError):
@@ -285,10 +282,10 @@ def config_columns(df: pd.DataFrame) -> list[str]:
 
 def varying(df: pd.DataFrame, columns) -> list[str]:
     """The columns whose value is not the same in every row (None counts as a value)."""
-    return [c for c in columns if len({repr(v) for v in df[c].map(_plain)}) > 1]
+    return [c for c in columns if len({repr(v) for v in df[c].map(comparable)}) > 1]
 
 
-def _plain(value):
+def comparable(value):
     """A value as comparable across runs: NaN and None alike, 2.0 as 2."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None

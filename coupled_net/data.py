@@ -1,34 +1,29 @@
-"""Datasets and loaders: torchvision datasets (downloaded once per root, under a file lock), a
-user's image folder, and the offline synthetic letters; seeded splits; the augment policy's PIL
-transforms (pil pipeline) or batches (tensor pipeline); trainer.overfit_batches' fixed subset."""
+"""Datasets: torchvision datasets (downloaded once per root, under a file lock), a user's image
+folder (every file checked to decode first: coupled_net.imagecheck), and the offline synthetic
+letters; seeded splits with the augment policy's PIL transforms (the pil pipeline);
+trainer.overfit_batches' fixed subset. Batches of a split: coupled_net.loaders."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import math
 import os
 import socket
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from filelock import FileLock, Timeout
-from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, Sampler
+from filelock import FileLock
+from PIL import Image
+from torch.utils.data import Dataset
 from torchvision import datasets as tvd
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
 from . import synthetic
-from .augment import Letters, augment_batch, eval_transforms
+from .augment import Letters, eval_transforms
 from .errors import ConfigError, DatasetUnavailable, one_line
-from .machine import affinity_cpus
-from .storage import atomic_write, read_json
+from .imagecheck import check_images, describe_bad
 
 log = logging.getLogger(__name__)
 DOWNLOAD_TIMEOUT_S = 30
@@ -177,16 +172,6 @@ def load_source(dcfg, train: bool) -> ArraySource:
 
 # ---- image folders ---------------------------------------------------------------------------
 
-# Every file an image_folder run will read is opened and fully decoded once before training, so a
-# corrupt file (even one in test/, which is read only after the last epoch) ends the run at the start.
-# The verdicts are cached by (path, size, mtime) in CHECK_CACHE beside the images, or, where the root
-# is read-only, in the user's cache directory: a re-run pays only a stat per file.
-CHECK_CACHE = ".coupled_net_image_check.json"
-CHECK_VERSION = 1
-SHOWN_BAD = 5  # the refusal names this many files, then counts the rest
-CHECK_CHUNK = 64  # files per task of the checking threads
-
-
 def is_image_file(path: str) -> bool:
     """What a class folder contributes: ImageFolder's image extensions, without hidden files (macOS's
     `._x.jpg` resource forks are not images); README.txt, .DS_Store, Thumbs.db and the like are ignored."""
@@ -206,161 +191,6 @@ def _scan_folder(folder: Path, mode: str) -> tuple[FolderSource, list[str]]:
     return FolderSource(paths, torch.tensor(ds.targets, dtype=torch.int64), mode), ds.classes
 
 
-def decode_problem(path: str) -> str | None:
-    """Why the file at `path` cannot be trained on ('truncated', 'empty file', ...), or None when it
-    opens and decodes completely with PIL, the library the training reads it with."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-    except UnidentifiedImageError:
-        try:
-            empty = os.path.getsize(path) == 0
-        except OSError:
-            empty = False
-        return "empty file" if empty else "not an image PIL can read"
-    except OSError as e:
-        if e.strerror:  # the file itself: permission denied, an I/O error, vanished
-            return e.strerror.lower()
-        return "truncated" if "truncated" in str(e) else one_line(e, 120)
-    except Exception as e:  # noqa: BLE001 - any decoder failure (a broken PNG's SyntaxError, a decompression bomb)
-        return one_line(e, 120)
-    return None
-
-
-def _user_cache_file(root: Path) -> Path:
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "coupled_net" / "image_check" / f"{hashlib.sha256(str(root).encode()).hexdigest()[:16]}.json"
-
-
-def check_cache_files(root: Path) -> list[Path]:
-    """Where the verdicts are kept, in order of preference: beside the images, else the user's cache."""
-    return [root / CHECK_CACHE, _user_cache_file(root)]
-
-
-def _read_verdicts(root: Path) -> dict[tuple[str, int, int], str | None]:
-    """(relative path, size, mtime_ns) -> problem or None, from every cache file that can be read;
-    an unreadable or foreign cache is ignored (the files are then decoded again)."""
-    known = {}
-    for path in check_cache_files(root):
-        cache = read_json(path)
-        if not isinstance(cache, dict) or cache.get("version") != CHECK_VERSION or \
-                not isinstance(cache.get("files"), dict):
-            continue
-        for rel, entry in cache["files"].items():
-            if isinstance(entry, list) and len(entry) == 3 and all(isinstance(v, int) for v in entry[:2]) \
-                    and (entry[2] is None or isinstance(entry[2], str)):
-                known.setdefault((rel, entry[0], entry[1]), entry[2])
-    return known
-
-
-def _write_verdicts(root: Path, files: dict[str, list]) -> None:
-    """Save the verdicts atomically (concurrent runs of a sweep each write a whole, valid file). A
-    cache that cannot be saved anywhere costs the next run a new check, never this run."""
-    text = json.dumps({"version": CHECK_VERSION, "root": str(root), "files": files}, separators=(",", ":"))
-    failures = []
-    for path in check_cache_files(root):
-        try:
-            atomic_write(path, lambda f: f.write(text.encode()))
-            return
-        except OSError as e:
-            failures.append(f"{path}: {e.strerror or e}")
-    log.warning("could not save the image check (%s); the next run checks the images again", "; ".join(failures))
-
-
-def _check_threads() -> int:
-    """PIL releases the GIL while it decodes, so threads decode in parallel; a few more threads than
-    cores also hide the file reads' latency on a network filesystem."""
-    return min(16, 2 * affinity_cpus())
-
-
-def _relative(paths: list[str], root: Path) -> list[str]:
-    """`paths` below `root`, '/'-separated (the cache's keys; a string cut: relpath costs more than a stat)."""
-    prefix = os.path.join(str(root), "")
-    rels = [p[len(prefix):] if p.startswith(prefix) else os.path.relpath(p, root) for p in paths]
-    return rels if os.sep == "/" else [rel.replace(os.sep, "/") for rel in rels]
-
-
-def _check_lock(root: Path) -> FileLock | None:
-    """Held while the verdicts of `root` are decided: of the runs of a sweep that start together, one
-    decodes and the others wait, then read its cache. Beside the cache; None where no lock file can be made."""
-    for cache in check_cache_files(root):
-        lock = FileLock(str(cache.with_suffix(".lock")))
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                lock.acquire(timeout=0)
-            except Timeout:
-                log.info("waiting for another run that is checking the images of %s", root)
-                lock.acquire()
-            return lock
-        except OSError:
-            continue
-    return None
-
-
-def _match(stats: list, known: dict) -> tuple[dict[str, list], list]:
-    """The verdicts `known` for the files of `stats` whose size and mtime are unchanged, and the files to decode."""
-    verdicts, pending = {}, []
-    for path, rel, st in stats:
-        key = (rel, st.st_size, st.st_mtime_ns)
-        if key in known:
-            verdicts[rel] = [st.st_size, st.st_mtime_ns, known[key]]
-        else:
-            pending.append((path, rel, st))
-    return verdicts, pending
-
-
-def _decode_all(pending: list) -> list[str | None]:
-    """decode_problem of each pending file, in threads, in chunks: a small file decodes in less time than
-    a task costs to schedule. `decode_problem` is looked up at call time, so a test can count the decodes."""
-    threads = _check_threads()
-    size = max(1, min(CHECK_CHUNK, math.ceil(len(pending) / threads)))
-    chunks = [pending[i:i + size] for i in range(0, len(pending), size)]
-    with ThreadPoolExecutor(threads, thread_name_prefix="image-check") as pool:
-        done = pool.map(lambda chunk: [decode_problem(item[0]) for item in chunk], chunks)
-        return [problem for chunk in done for problem in chunk]
-
-
-def check_images(root: Path, paths: list[str]) -> dict[str, str]:
-    """{path: problem} for the files among `paths` that cannot be trained on. A file whose size and
-    mtime match a cached verdict is not decoded again; the others are, under a lock (_check_lock)."""
-    start = time.perf_counter()
-    bad: dict[str, str] = {}
-    stats = []
-    for path, rel in zip(paths, _relative(paths, root)):
-        try:
-            stats.append((path, rel, os.stat(path)))
-        except OSError as e:  # not cached: the next run looks again
-            bad[path] = (e.strerror or str(e)).lower()
-    verdicts, pending = _match(stats, _read_verdicts(root))
-    decoded = 0
-    if pending:  # all known: nothing is locked or written (a read-only root is fine)
-        lock = _check_lock(root)
-        try:
-            verdicts, pending = _match(stats, _read_verdicts(root))  # another run may have checked them meanwhile
-            if pending:
-                for (path, rel, st), problem in zip(pending, _decode_all(pending)):
-                    verdicts[rel] = [st.st_size, st.st_mtime_ns, problem]
-                decoded = len(pending)
-                _write_verdicts(root, verdicts)  # only the files found now: nothing stale is kept
-        finally:
-            if lock is not None:
-                lock.release()
-    for path, rel, _ in stats:
-        if verdicts[rel][2] is not None:
-            bad[path] = verdicts[rel][2]
-    log.info("checked the %d images of %s in %.1f s: %d decoded, %d known from an earlier check, %d unreadable",
-             len(paths), root, time.perf_counter() - start, decoded, len(stats) - decoded, len(bad))
-    return bad
-
-
-def _describe_bad(root: Path, bad: dict[str, str]) -> str:
-    """'3 unreadable images (test/cat/a.jpg: truncated; ...)': the first SHOWN_BAD by path, then a count."""
-    listed = sorted(zip(_relative(list(bad), root), bad.values()))
-    shown = "; ".join(f"{rel}: {why}" for rel, why in listed[:SHOWN_BAD])
-    more = f"; and {len(listed) - SHOWN_BAD} more" if len(listed) > SHOWN_BAD else ""
-    return f"{len(listed)} unreadable image{'s' if len(listed) != 1 else ''} ({shown}{more})"
-
 
 def _without(source: FolderSource, bad: dict[str, str]) -> FolderSource:
     keep = [i for i, p in enumerate(source.paths) if p not in bad]
@@ -373,9 +203,9 @@ def _refuse_or_drop_bad(root: Path, sources: list[FolderSource], skip: bool) -> 
     if not bad:
         return sources
     if not skip:
-        raise ConfigError("dataset.root", str(root), f"{_describe_bad(root, bad)}: fix or remove them, or set "
+        raise ConfigError("dataset.root", str(root), f"{describe_bad(root, bad)}: fix or remove them, or set "
                           "dataset.skip_bad_images=true")
-    log.warning("dataset.root=%s: leaving out %s (dataset.skip_bad_images=true)", root, _describe_bad(root, bad))
+    log.warning("dataset.root=%s: leaving out %s (dataset.skip_bad_images=true)", root, describe_bad(root, bad))
     return [_without(src, bad) for src in sources]
 
 
@@ -417,7 +247,7 @@ def count_classes(dcfg) -> int:
     return len(image_folder_sources(dcfg, 0, check=False)[4])
 
 
-# ---- transforms, splits and loaders ----------------------------------------------------------
+# ---- transforms and splits ---------------------------------------------------------------------
 
 def pil_transforms(size: int, mean, std, augment=None) -> tuple[v2.Compose, v2.Compose]:
     """The train transforms of the augment policy `augment` (default: the seed notebook's, Letters())
@@ -477,114 +307,7 @@ def _check_labels(labels: torch.Tensor, dcfg) -> None:
                           f"labels minus the offset span {lo}..{hi}, outside 0..{dcfg.num_classes - 1}")
 
 
-class EpochSampler(Sampler):
-    """Yields (position, sample_seed) pairs. The order (shuffled or not) and every sample's seed
-    are functions of (seed, epoch) alone. With `world_size` > 1 each rank takes every
-    world_size-th position of the same order (the remainder dropped when training, so all ranks
-    take the same number of steps). `start` skips the positions a resumed epoch already did."""
-
-    def __init__(self, n: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1):
-        self.n, self.shuffle, self.seed, self.rank, self.world_size = n, shuffle, seed, rank, world_size
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-
-    def _order(self) -> tuple[torch.Tensor, torch.Tensor]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
-        seeds = torch.randint(0, 2**62, (self.n,), generator=g)
-        if self.shuffle:  # training: equal shares, so every rank steps the same number of times
-            usable = self.n - self.n % self.world_size
-            order, seeds = order[:usable], seeds[:usable]
-        return order[self.rank::self.world_size], seeds[self.rank::self.world_size]
-
-    def positions(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's (positions, sample seeds) for the current epoch, from `start` on."""
-        order, seeds = self._order()
-        return order[self.start:], seeds[self.start:]
-
-    def __iter__(self):
-        return iter(zip(*(t.tolist() for t in self.positions())))
-
-    def __len__(self) -> int:
-        usable = self.n - self.n % self.world_size if self.shuffle else self.n
-        return max(0, len(range(self.rank, usable, self.world_size)) - self.start)
-
-
-class EpochLoader:
-    """A DataLoader over an EpochSampler: `set_epoch(epoch, start_batch)` before each pass."""
-
-    def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int,
-                 pin_memory: bool, seed: int, rank: int = 0, world_size: int = 1):
-        self.batch_size = batch_size
-        self.sampler = EpochSampler(len(dataset), shuffle, seed, rank, world_size)
-        # its own generator: each iterator draws a worker base seed, which must not come from the global
-        # RNG (dropout's), or a run resumed mid-epoch would draw it at a different point
-        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
-                                 pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed))
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.sampler.set_epoch(epoch, start_batch * self.batch_size)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        return iter(self.loader)
-
-
-class TensorLoader:
-    """Batches of a split held as one uint8 tensor on the training device, augmented a whole batch
-    at a time (coupled_net.augment) instead of image by image; no DataLoader, no workers. The order
-    and every batch's random parameters are functions of (seed, epoch, batch, rank) alone."""
-
-    def __init__(self, split: SplitDataset, device: torch.device, size: int, mean, std, batch_size: int,
-                 train: bool, seed: int, rank: int = 0, world_size: int = 1, augment=None):
-        src = split.source
-        if not isinstance(src, ArraySource):
-            raise ConfigError("dataset.pipeline", "tensor", IN_MEMORY_ONLY)
-        images = src.images[split.indices]
-        images = images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2)
-        self.images = images.contiguous().to(device)
-        self.labels = (src.labels[split.indices] - split.label_offset).to(device)
-        self.mean = torch.tensor(list(mean), dtype=torch.float32, device=device)
-        self.std = torch.tensor(list(std), dtype=torch.float32, device=device)
-        self.size, self.batch_size, self.train, self.seed, self.rank = size, batch_size, train, seed, rank
-        self.augment = Letters() if augment is None else augment  # training batches only; eval: resized
-        self.sampler = EpochSampler(len(split), train, seed, rank, world_size)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.sampler.set_epoch(epoch, start_batch * self.batch_size)
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.sampler) / self.batch_size)
-
-    def __iter__(self):
-        order = self.sampler.positions()[0].to(self.images.device)
-        start_batch = self.sampler.start // self.batch_size
-        for b, first in enumerate(range(0, len(order), self.batch_size), start=start_batch):
-            idx = order[first:first + self.batch_size]
-            if not self.train:
-                yield augment_batch(self.images[idx], self.size, self.mean, self.std, None), self.labels[idx]
-                continue
-            key = ((self.seed * 1_000_003 + self.sampler.epoch) * 1_000_003 + b) * 4096 + self.rank
-            gen = torch.Generator().manual_seed(key % 2**63)
-            yield self.augment.batch(self.images[idx], self.size, self.mean, self.std, gen), self.labels[idx]
-
-
 PIPELINES = ("tensor", "pil")
-
-
-def build_loader(split: SplitDataset, dcfg, *, train: bool, device: torch.device, size: int, batch_size: int,
-                 workers: int, seed: int, rank: int = 0, world_size: int = 1, augment=None):
-    """`dataset.pipeline`: tensor (the split in memory, batches augmented by `augment`, default the
-    seed's Letters()) or pil (per-image transforms in DataLoader workers: the split's own, which
-    build_splits made from the same policy). `train`: shuffled, remainder dropped under DDP, augmented."""
-    if dcfg.pipeline == "tensor":
-        return TensorLoader(split, device, size, dcfg.mean, dcfg.std, batch_size, train, seed, rank, world_size,
-                            augment)
-    return EpochLoader(split, batch_size, train, workers, device.type == "cuda", seed, rank, world_size)
 
 
 def prepare(dcfg) -> str:

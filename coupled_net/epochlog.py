@@ -5,7 +5,8 @@ and the review both take from it.
 A row is whole when its line ends with a newline, has one cell per header column, an integer
 `epoch`, a number in every numeric cell (nan and inf are numbers: a diverged epoch's loss is nan)
 and a number other than nan in each `required` column. Anything else (a line cut short by a kill
-or a full disk, NUL bytes, a stray cell) is left out by every reader and named."""
+or a full disk, NUL bytes, a stray cell) is left out by every reader and named; a blank line is
+no row at all."""
 
 from __future__ import annotations
 
@@ -49,6 +50,8 @@ class CsvLog:
             return None, [], [(i, line, "no header") for i, line in enumerate(lines, start=1)]
         rows, bad = [], []
         for i, line in enumerate(lines[1:], start=2):
+            if not line.strip():  # a blank line holds no row: nothing to drop or name
+                continue
             row, why = self._whole(header, line)
             if row is None:
                 bad.append((i, line, why))
@@ -147,7 +150,8 @@ def read_epochs(run_dir: Path) -> tuple[list[dict], str | None]:
         return [], f"epochs.csv: {' '.join(str(e).split())[:200]}"
     if header is None and not bad:  # no file, or an empty one
         return [], None
-    missing = [c for c in REQUIRED if c not in (header or [])]
+    columns = header if header is not None else next(csv.reader([bad[0][1]]), [])  # a header cut short
+    missing = [c for c in REQUIRED if c not in columns]
     if missing:
         return [], f"epochs.csv: no column {missing[0]!r} in its header"
     numbers = [{k: int(v) if k == "epoch" else _number(v) for k, v in row.items()} for row in rows]

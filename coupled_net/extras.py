@@ -13,14 +13,19 @@ EXTRAS = {TIMM: ("timm", "timm"), TENSORBOARD: ("tensorboard", "tensorboard"), M
           WANDB: ("wandb", "wandb")}
 
 
+def install_hint(target: str) -> str:
+    """What the option `target` (one of EXTRAS) needs installed, as a refusal says it."""
+    module, extra = EXTRAS[target]
+    return f"needs the {module} package: pip install -e '.[{extra}]'"
+
+
 def missing_extra(target: str) -> str | None:
     """What to install for the option `target` when its package is absent, else None. Looks only
     (importlib.util.find_spec): cheap enough to call for every job before a sweep starts."""
     if target not in EXTRAS:
         return None
-    module, extra = EXTRAS[target]
     try:
-        found = importlib.util.find_spec(module) is not None
+        found = importlib.util.find_spec(EXTRAS[target][0]) is not None
     except (ImportError, ValueError):  # sys.modules[module] = None, or a broken install
         found = False
-    return None if found else f"needs the {module} package: pip install -e '.[{extra}]'"
+    return None if found else install_hint(target)

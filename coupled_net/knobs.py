@@ -117,7 +117,7 @@ def maybe_number(**bounds) -> Rule:
 
 
 def dotted_path(v):
-    """A `_target_`: the spelling only (`package.module.name`); whether it imports is _check_target's."""
+    """A `_target_`: the spelling only (`package.module.name`); whether it imports is coupled_net.targets.locate's."""
     ok = isinstance(v, str) and all(part.isidentifier() for part in v.split("."))
     return None if ok else "must be a dotted import path such as torchvision.models.resnet18"
 
@@ -134,7 +134,7 @@ def module_paths(v):
 
 
 def device_name(v):
-    """The spelling only; whether this machine has that device is check_machine's question."""
+    """The spelling only; whether this machine has that device is validation.check_machine's question."""
     allowed = DEVICES
     if not isinstance(v, str):
         return allowed
@@ -176,6 +176,7 @@ def optional(rule: Rule, *only: str) -> Knob:
     return Knob(rule, only, optional=True)
 
 
+# `(CHECKS)`: the key must also agree with others, checked by coupled_net.validation.CHECKS
 KNOBS: dict[str, Knob] = {
     "seed": knob(integer(0, SEED_MAX)),
     "optimized_metric": knob(choice(*OBJECTIVES)),       # what the task returns to a sweeper (Optuna)

@@ -11,8 +11,10 @@ import socket
 import subprocess
 from pathlib import Path
 
+import psutil
 import submitit
 import torch
+import torchvision
 
 from .errors import ConfigError
 
@@ -56,8 +58,6 @@ def available_bytes(device: torch.device) -> int:
     """Free memory on `device`: the GPU's, or this process's share of the host's (torchrun ranks share it)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    import psutil
-
     return psutil.virtual_memory().available // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
@@ -69,6 +69,19 @@ def submitit_tasks() -> int:
         return 1
 
 
+def slurm_array_job_id() -> str | None:
+    """The SLURM job array this process is a task of (None: not an array task)."""
+    return os.environ.get("SLURM_ARRAY_JOB_ID")
+
+
+def rank_gpu(device: torch.device) -> torch.device:
+    """A CUDA device without an index as the GPU this process's rank takes (LOCAL_RANK, torchrun's);
+    any other device as it is."""
+    if device.type != "cuda" or device.index is not None:
+        return device
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+
+
 def slurm_job_id() -> str | None:
     """This process's SLURM job (`13_0` for an array task), or None: also inside submitit's local
     executor (hydra/launcher=local), whose job ids are process ids, not SLURM's."""
@@ -78,8 +91,8 @@ def slurm_job_id() -> str | None:
             return str(env.job_id)
     except Exception:  # noqa: BLE001 - not inside a submitit job
         pass
-    if "SLURM_ARRAY_JOB_ID" in os.environ:
-        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
+    if slurm_array_job_id() is not None:
+        return f"{slurm_array_job_id()}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
     return os.environ.get("SLURM_JOB_ID")
 
 
@@ -105,8 +118,6 @@ def _cpu_name() -> str:
 
 def provenance(device: torch.device | None) -> dict:
     """Where and with what a run executes; `device` None: not chosen yet."""
-    import torchvision
-
     status = _git("status", "--porcelain", "--untracked-files=no")
     if device is None:
         shown = None

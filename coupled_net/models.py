@@ -1,25 +1,27 @@
 """Model factory: the built-in models (the seed's AlexNet, ResNet-18, VGG-11, a small CNN: no
 pretrained weights, first conv rebuilt for the dataset's channels), any torchvision classification
 model (`torchvision_model`), any timm model (`timm_model`), and any other `_target_` a user's model
-YAML names (`make`), each adapted to the dataset's channels and classes and checked up front against
-its input size on the meta device."""
+YAML names (`make`), each adapted to the dataset's channels and classes (coupled_net.adapt) and
+checked up front against its input size on the meta device (coupled_net.probe)."""
 
 from __future__ import annotations
 
-import copy
 import difflib
 import os
-from collections.abc import Callable
 from urllib.parse import urlparse
 
 import torch
+import torchvision
 from hydra.utils import instantiate
 from torch import nn
 from torchvision import models as tvm
+from torchvision.models import WeightsEnum, get_model, get_model_weights
 
+from .adapt import adapt_classifier, adapt_first_conv, first_conv, head_layer
 from .errors import ConfigError, one_line
-from .extras import TIMM, missing_extra
+from .extras import TIMM, install_hint
 from .identity import model_name
+from .probe import build_checked
 from .targets import check_keys, keywords, locate
 
 
@@ -79,38 +81,15 @@ MODELS = {"alexnet": _alexnet, "resnet18": _resnet18, "vgg11": _vgg11, "small_cn
 
 def build_model(name: str, in_channels: int, num_classes: int, input_size: int, **options) -> nn.Module:
     """Build `name` for `in_channels`-channel images of `input_size` pixels and `num_classes`
-    classes; refuses an input size the model cannot take (checked once per process, _build_checked)."""
+    classes; refuses an input size the model cannot take (checked once per process, coupled_net.probe)."""
     if name not in MODELS:
         raise ConfigError("model", name, f"allowed: {', '.join(sorted(MODELS))}")
     if in_channels not in (1, 3):
         raise ConfigError("dataset.channels", in_channels, "allowed: 1 or 3")
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ConfigError("dataset.num_classes", num_classes, "must be an integer >= 2")
-    return _build_checked(lambda load: MODELS[name](in_channels, num_classes, **options), in_channels, num_classes,
+    return build_checked(lambda load: MODELS[name](in_channels, num_classes, **options), in_channels, num_classes,
                           input_size, name, (BUILTIN, name, options))
-
-
-def _forward_ok(model: nn.Module, in_channels: int, size: int) -> bool:
-    try:
-        with torch.no_grad():
-            model(torch.empty(1, in_channels, size, size, device="meta"))
-        return True
-    except (RuntimeError, ValueError, AssertionError, IndexError):  # timm / ViTs assert their sizes
-        return False
-
-
-def smallest_input_size(probe: nn.Module, in_channels: int) -> int:
-    """Smallest square input a model (built on the meta device) runs on."""
-    lo, hi = 1, 1024
-    if not _forward_ok(probe, in_channels, hi):
-        return hi
-    while lo < hi:  # the models here accept every size above their smallest
-        mid = (lo + hi) // 2
-        if _forward_ok(probe, in_channels, mid):
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
 
 
 # ---- any model config: torchvision and timm by name, or a user's own `_target_` --------------------
@@ -129,158 +108,6 @@ SIZE_KWARG = {"vit_": "image_size", "maxvit_": "input_size"}
 WEIGHT_SUFFIXES = (".pt", ".pth", ".pth.tar", ".bin", ".ckpt", ".safetensors")
 
 
-def _on_meta() -> bool:
-    """Whether tensors made now land on the meta device (validation's shape-only build)."""
-    return torch.empty(0).device.type == "meta"
-
-
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, leaf = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
-
-
-def _first_conv(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
-    """The first Conv2d in registration order: the input layer of every torchvision/timm classifier."""
-    return next(((p, m) for p, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
-
-
-def _head(model: nn.Module) -> tuple[str, nn.Module] | None:
-    """The last Linear or Conv2d in registration order: the classifier (a 1x1 Conv2d in SqueezeNet)."""
-    found = None
-    for path, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            found = (path, module)
-    return found
-
-
-def _input_kernel(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
-    """Pretrained first-conv kernels [out, C, k, k] for `in_channels` inputs (timm's adapt_input_conv
-    rule): a grey image is C equal channels, so the sum of the C kernels answers it as the pretrained
-    conv did; for more channels the kernels are tiled and scaled by C/in_channels, which keeps the
-    answer to an image whose channels are equal."""
-    if in_channels == 1:
-        return weight.sum(dim=1, keepdim=True)
-    c = weight.shape[1]
-    tiled = weight.repeat(1, -(-in_channels // c), 1, 1)[:, :in_channels]
-    return tiled * (c / in_channels)
-
-
-def adapt_first_conv(model: nn.Module, in_channels: int, name: str, pretrained: bool) -> None:
-    """Rebuild the first Conv2d for `in_channels` inputs when it takes another count: same class,
-    out_channels, kernel, stride, padding, dilation, bias and padding mode; kernels summed/tiled from
-    the pretrained ones (`pretrained`), else the conv's own fresh initialisation (as the built-ins)."""
-    found = _first_conv(model)
-    if found is None or found[1].in_channels == in_channels:
-        return
-    path, conv = found
-    if conv.groups != 1:
-        raise ConfigError("model", name, f"cannot adapt its first conv {path} to {in_channels} input channel(s): "
-                                         f"it is grouped (groups={conv.groups})")
-    new = copy.deepcopy(conv)  # keeps a subclass's own forward (timm's Conv2dSame, StdConv2d)
-    new.in_channels = in_channels
-    new.weight = nn.Parameter(torch.empty(conv.out_channels, in_channels, *conv.kernel_size,
-                                          device=conv.weight.device, dtype=conv.weight.dtype))
-    if pretrained:
-        with torch.no_grad():
-            new.weight.copy_(_input_kernel(conv.weight, in_channels))
-    else:
-        new.reset_parameters()
-    _set_module(model, path, new)
-
-
-def adapt_classifier(model: nn.Module, num_classes: int, name: str) -> None:
-    """Replace the classifier (the last Linear, or a last 1x1 Conv2d) by a fresh one of `num_classes`
-    outputs when it has another count."""
-    found = _head(model)
-    if found is None:
-        raise ConfigError("model", name, f"cannot adapt its classifier to {num_classes} classes: "
-                                         "it has no Linear or Conv2d layer")
-    path, head = found
-    if isinstance(head, nn.Linear):
-        if head.out_features != num_classes:
-            _set_module(model, path, nn.Linear(head.in_features, num_classes, bias=head.bias is not None,
-                                               device=head.weight.device, dtype=head.weight.dtype))
-    elif head.kernel_size == (1, 1) and head.groups == 1:
-        if head.out_channels != num_classes:
-            _set_module(model, path, nn.Conv2d(head.in_channels, num_classes, 1, bias=head.bias is not None,
-                                               device=head.weight.device, dtype=head.weight.dtype))
-    else:
-        raise ConfigError("model", name, f"cannot adapt its classifier to {num_classes} classes: its last layer "
-                                         f"{path} is a {'x'.join(map(str, head.kernel_size))} Conv2d, not a Linear "
-                                         "or 1x1 Conv2d")
-
-
-def check_model(probe: nn.Module, channels: int, size: int, num_classes: int, name: str) -> None:
-    """On a meta-device model: refuse an input size it cannot take (`model.input_size`) and a model
-    whose training forward does not return one (batch, num_classes) tensor of logits."""
-    was_training = probe.training
-    try:
-        probe.eval()  # batch 1: BatchNorm in train mode refuses a 1x1 map of one image
-        try:
-            with torch.no_grad():
-                probe(torch.empty(1, channels, size, size, device="meta"))
-        except Exception as e:
-            smallest = smallest_input_size(probe, channels)
-            if size < smallest and _forward_ok(probe, channels, smallest):
-                raise ConfigError("model.input_size", size,
-                                  f"{name} needs images of at least {smallest} pixels") from None
-            raise ConfigError("model.input_size", size, f"{name} does not run on images of {size} pixels: "
-                                                        f"{one_line(e)}") from None
-        probe.train()  # the trainer's forward: some models return auxiliary outputs only in training
-        try:
-            with torch.no_grad():
-                out = probe(torch.empty(2, channels, size, size, device="meta"))
-        except Exception as e:
-            raise ConfigError("model", name, f"does not train on images of {size} pixels: {one_line(e)}") from None
-        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
-            got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ConfigError("model", name, f"its forward returns {got} in training, not logits of shape "
-                                             f"(batch, {num_classes})")
-    finally:
-        probe.train(was_training)
-
-
-_checked: set = set()  # models already checked in this process (validation's meta build, then the real one)
-
-
-def _build_checked(construct: Callable[[bool], nn.Module], channels: int, num_classes: int, size: int,
-                   name: str, key: tuple) -> nn.Module:
-    """`construct(load)` builds the adapted model (`load`: read its pretrained weights). It is first
-    built on the meta device (no memory, no initialisation, no weights read) and checked there, once
-    per process for one `key` (the model's config); the real model is built only after that — unless
-    the build itself is on the meta device (validation)."""
-    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-        raise ConfigError("model.input_size", size, "must be an integer >= 1")
-    meta = _on_meta()
-    key = repr((key, channels, num_classes, size))
-    probe = None
-    if meta or key not in _checked:
-        try:
-            with torch.device("meta"):
-                probe = construct(False)
-        except ConfigError:
-            raise
-        except Exception:  # code that cannot run on the meta device (a .item() in an __init__): built for real below
-            probe = None
-        if probe is not None:
-            if key not in _checked:
-                check_model(probe, channels, size, num_classes, name)
-                _checked.add(key)
-            if meta:
-                return probe
-    try:
-        with torch.device("cpu"):
-            model = construct(not meta)
-    except ConfigError:
-        raise
-    except Exception as e:
-        raise ConfigError("model", name, one_line(e)) from e
-    if key not in _checked:
-        check_model(copy.deepcopy(model).to("meta"), channels, size, num_classes, name)
-        _checked.add(key)
-    return model.to("meta") if meta else model
-
-
 def _suggest(name: str, names: list[str], examples=()) -> str:
     close = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
     return ", ".join(close or examples)
@@ -291,8 +118,6 @@ def _torchvision_weights(arch: str, weights):
     file's absolute path; ConfigError otherwise (nothing is ever downloaded)."""
     if weights is None:
         return None
-    from torchvision.models import get_model_weights
-
     text = str(weights)
     path = os.path.abspath(os.path.expanduser(text))
     if os.path.isfile(path):
@@ -327,12 +152,12 @@ def _load_state_dict_file(model: nn.Module, path: str, in_channels: int, name: s
     if not isinstance(state, dict):
         raise ConfigError("model.weights", path, f"holds a {type(state).__name__}, not a state_dict")
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    conv_path, conv = _first_conv(model)
+    conv_path, conv = first_conv(model)
     kernel = state.get(f"{conv_path}.weight")
     if kernel is not None and kernel.shape[1] == in_channels != conv.in_channels:
         adapt_first_conv(model, in_channels, name, pretrained=False)
     own = model.state_dict()
-    head_path = _head(model)[0]
+    head_path = head_layer(model)[0]
     head_keys = {f"{head_path}.weight", f"{head_path}.bias"}
     state = {k: v for k, v in state.items() if not (k in head_keys and k in own and v.shape != own[k].shape)}
     missing = [k for k in own if k not in state and k not in head_keys and not k.endswith("num_batches_tracked")]
@@ -350,9 +175,6 @@ def torchvision_model(arch: str, in_channels: int, num_classes: int, input_size:
     rebuilt for `in_channels` and its classifier for `num_classes`. Random weights unless `weights`
     is a torchvision weights name (IMAGENET1K_V1, DEFAULT) whose file is already in the torch hub
     cache, or a state_dict file; nothing is downloaded."""
-    import torchvision
-    from torchvision.models import WeightsEnum, get_model
-
     names = torchvision.models.list_models(module=torchvision.models)
     if arch not in names:
         raise ConfigError("model.arch", arch, f"not a torchvision classification model; e.g. "
@@ -379,17 +201,17 @@ def torchvision_model(arch: str, in_channels: int, num_classes: int, input_size:
             model.transform_input = False  # it converts three ImageNet-normalised channels by index
         return model
 
-    return _build_checked(construct, in_channels, num_classes, input_size, arch, (TORCHVISION, arch, weights))
+    return build_checked(construct, in_channels, num_classes, input_size, arch, (TORCHVISION, arch, weights))
 
 
 def timm_model(arch: str, in_channels: int, num_classes: int, input_size: int, weights=None) -> nn.Module:
     """Any timm model by name (timm.create_model, which adapts its own input conv and classifier).
     Random weights unless `weights` is a checkpoint file here (timm's pretrained_cfg_overlay file=);
     nothing is downloaded."""
-    problem = missing_extra(TIMM)
-    if problem:
-        raise ConfigError("model", "timm", problem)
-    import timm  # an optional extra: imported only for a timm model
+    try:
+        import timm  # an optional extra: imported only for a timm model
+    except ImportError:  # absent, or an install that does not import
+        raise ConfigError("model", "timm", install_hint(TIMM)) from None
     if not timm.is_model(arch):
         close = _suggest(arch, timm.list_models())
         raise ConfigError("model.arch", arch, f"not a timm model; close matches: {close}" if close else
@@ -406,7 +228,7 @@ def timm_model(arch: str, in_channels: int, num_classes: int, input_size: int, w
         return timm.create_model(arch, pretrained=pretrained, in_chans=in_channels, num_classes=num_classes,
                                  **({"pretrained_cfg_overlay": {"file": file}} if pretrained else {}))
 
-    return _build_checked(construct, in_channels, num_classes, input_size, arch, (TIMM, arch, weights))
+    return build_checked(construct, in_channels, num_classes, input_size, arch, (TIMM, arch, weights))
 
 
 def make(m: dict, channels: int, num_classes: int) -> nn.Module:
@@ -452,4 +274,4 @@ def make(m: dict, channels: int, num_classes: int) -> nn.Module:
         adapt_first_conv(model, channels, name, pretrained=pretrained)
         return model
 
-    return _build_checked(construct, channels, num_classes, size, name, (target, options))
+    return build_checked(construct, channels, num_classes, size, name, (target, options))

@@ -31,7 +31,7 @@ from .errors import ConfigError, one_line
 from .identity import differences, identity_of, model_name
 from .machine import resolve_device
 from .results import RunFiles, now_iso
-from .storage import read_json, write_json
+from .storage import write_json
 from .trainer import Numerics, evaluate_batches
 
 SPLITS = {"val": ["val"], "test": ["test"], "both": ["val", "test"]}
@@ -55,7 +55,7 @@ def _another_run(ckpt: Checkpoint, identity) -> str:
     the checkpoint itself, or from the results.json of the run directory it lies in."""
     stored = ckpt.identity
     if stored is None:
-        beside = read_json(ckpt.path.parent.parent / "results.json") or {}
+        beside = RunFiles(ckpt.path.parent.parent).read_results() or {}
         if beside.get("fingerprint") == ckpt.fingerprint:
             stored = beside.get("identity")
     diff = differences(stored, identity.keys) if stored else []

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .collect import _plain, collect, config_columns, epoch_rows, varying
+from .collect import collect, comparable, config_columns, epoch_rows, varying
 from .errors import ConfigError
 
 # always the first group columns (the facets and the x axis), whether they vary or not
@@ -67,7 +67,7 @@ def group_keys(runs: pd.DataFrame) -> list[str]:
 
 
 def _key(row, keys) -> tuple:
-    return tuple(_plain(row[k]) for k in keys)
+    return tuple(comparable(row[k]) for k in keys)
 
 
 def mean_ci(values) -> dict:
@@ -114,7 +114,7 @@ def summarize(runs: pd.DataFrame, metrics=METRICS) -> pd.DataFrame:
     rows = []
     for key, group in _groups(runs, keys):
         devices = _devices(group)
-        row = {**dict(zip(keys, key)), "n": len(group), "seeds": sorted(_plain(s) for s in group["seed"]),
+        row = {**dict(zip(keys, key)), "n": len(group), "seeds": sorted(comparable(s) for s in group["seed"]),
                "device": devices[0] if len(devices) == 1 else None}
         for m in metrics:
             values = group[m] if (m not in TIMINGS or len(devices) <= 1) else []
@@ -157,11 +157,11 @@ def compare(runs: pd.DataFrame, baseline: dict | None = None, metrics=("test_top
     at = {k: keys.index(k) for k in baseline}
     rows = []
     for key, group in groups.items():
-        if all(key[i] == _plain(baseline[k]) for k, i in at.items()):
+        if all(key[i] == comparable(baseline[k]) for k, i in at.items()):
             continue
         base_key = list(key)
         for k, i in at.items():
-            base_key[i] = _plain(baseline[k])
+            base_key[i] = comparable(baseline[k])
         base = groups.get(tuple(base_key), group.iloc[:0])
         mine, theirs = _by_seed(group), _by_seed(base)
         seeds = sorted(set(mine) & set(theirs), key=str)
@@ -191,7 +191,7 @@ def compare(runs: pd.DataFrame, baseline: dict | None = None, metrics=("test_top
 def _by_seed(group: pd.DataFrame) -> dict:
     out = {}
     for row in group.itertuples():
-        out.setdefault(_plain(row.seed), group.loc[row.Index])
+        out.setdefault(comparable(row.seed), group.loc[row.Index])
     return out
 
 

@@ -226,9 +226,10 @@ class RunDirectory:
     def write(self, **fields) -> dict:
         """Update results.json (rank 0; atomic); `heartbeat_at` is refreshed with every write."""
         with self._io:
+            status = fields.get("status", self.results.get("status"))
+            if status not in STATUSES:  # a typo in this package, not the user's input
+                raise ValueError(f"results.json status {status!r}: not one of {STATUSES}")
             self.results.update(fields, heartbeat_at=now_iso())
-            if self.results.get("status") not in STATUSES:
-                raise ValueError(f"results.json status {self.results.get('status')!r}: not one of {STATUSES}")
             if self.world.is_main:
                 self.files.write_results(self.results)
             return dict(self.results)

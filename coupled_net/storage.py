@@ -1,7 +1,7 @@
 """Writes that matter are atomic (SPEC §5): a whole file is written to a temp file beside its place,
 fsynced and renamed over it, so a kill or a full disk leaves the old file or the new one, never half
-of one. A full disk is said in one line naming the file and the space left (DiskFull). The one
-reader and writer of the project's small JSON records (results.json, manifest.json, caches)."""
+of one. A full disk is said in one line naming the file and the space left (DiskFull). The reader
+and writer of the project's small JSON records (results.json, manifest.json, caches, tracker state)."""
 
 from __future__ import annotations
 

@@ -9,7 +9,6 @@ directory's lock), so a race between two launches is still caught. Also: whether
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -20,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .errors import ConfigError
 from .identity import identity_of, run_key
-from .results import FINISHED
+from .machine import slurm_array_job_id
+from .results import FINISHED, RunFiles
 from .rundir import Verdict, examine
 from .storage import read_json, write_json
 from .validation import check_config
@@ -63,7 +63,7 @@ not_started: dict[str, str] = {}  # run dir -> why this launch did not start it
 
 
 def _unavailable_file(sweep_dir: Path) -> Path | None:
-    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    array = slurm_array_job_id()
     return Path(sweep_dir) / f".unavailable.{array}.json" if array else None
 
 
@@ -97,7 +97,7 @@ def _finished_runs(sweep_dir: Path) -> dict[str, Path]:
     """(fingerprint, labels) -> run dir, for the finished runs directly below `sweep_dir`."""
     found = {}
     for run_dir in sorted(sweep_dir.iterdir()) if sweep_dir.is_dir() else ():
-        res = read_json(run_dir / "results.json") if run_dir.is_dir() else None
+        res = RunFiles(run_dir).read_results() if run_dir.is_dir() else None
         if res and res.get("fingerprint") and res.get("status") in FINISHED:
             found.setdefault(run_key(res["fingerprint"], res.get("labels")), run_dir)
     return found

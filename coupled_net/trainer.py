@@ -31,7 +31,6 @@ from tqdm import tqdm
 
 from . import checkpoint
 from .coupling import Coupling
-from .data import EpochLoader
 from .distributed import World, all_reduce_sum, barrier, broadcast_from_main, max_on_host
 from .epochlog import EPOCH_COLUMNS, CsvLog
 from .monitor import SystemMonitor
@@ -119,7 +118,7 @@ class Trainer:
     """The epoch loop. Without `files` nothing is written: epoch rows are kept in `self.rows` and
     the best weights in memory, so a Trainer can be built and run in a unit test."""
 
-    def __init__(self, *, model: nn.Module, coupling: Coupling, optimizer, scheduler, loaders: dict[str, EpochLoader],
+    def __init__(self, *, model: nn.Module, coupling: Coupling, optimizer, scheduler, loaders: dict,
                  device: torch.device, epochs: int, patience: int = 15, select_by: str = "val_loss",
                  checkpoint_every: int | None = 30, limit_batches: int | None = None,
                  label_smoothing: float = 0.0, grad_clip_norm: float | None = None, numerics: Numerics | None = None,

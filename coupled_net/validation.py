@@ -31,7 +31,7 @@ from .extras import missing_extra
 from .identity import flatten, model_name
 from .knobs import (ADAM, ADAMW, GROUPS, KNOBS, KNOWN, OPTION_KEY, OPTIONAL_GROUPS, declared, is_int, spell,
                     unknown_key)
-from .machine import available_bytes, resolve_device
+from .machine import available_bytes, rank_gpu, resolve_device
 from .models import BUILTIN, RESERVED, make
 from .targets import keywords, locate
 
@@ -277,9 +277,7 @@ def check_machine(c: dict) -> torch.device:
     """What this machine decides: the device is there and one training batch fits in its memory.
     Returns the device (trainer.device resolved: coupled_net.build.resolve trains on it)."""
     device = resolve_device(c["trainer"]["device"])
-    where = device
-    if device.type == "cuda" and device.index is None:  # the GPU this process's rank will take
-        where = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    where = rank_gpu(device)
     need, free = batch_bytes(c, model_shape(c)), available_bytes(where)
     if need > free:
         raise ConfigError("model.input_size", c["model"]["input_size"],

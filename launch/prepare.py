@@ -9,7 +9,9 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from coupled_net.cli import prepare_task
+from hydra_plugins.coupled_net_launcher.launcher import register_plugins
 
 if __name__ == "__main__":
+    register_plugins()  # as train.py: hydra/launcher=slurm|local compose here too
     with initialize_config_dir(version_base="1.3", config_dir=str(Path(__file__).resolve().parents[1] / "conf")):
         prepare_task(compose("train", overrides=sys.argv[1:]))

@@ -10,7 +10,7 @@ import torch
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
-from coupled_net import data
+from coupled_net import data, loaders
 from coupled_net.augment import (AffineRanges, CropFlip, Letters, NoAugment, RandomPadCrop, affine_theta,
                                  augment_batch, pad_crop_flip, sample_crop_params, sample_params, warp)
 from coupled_net.errors import ConfigError
@@ -100,7 +100,7 @@ def test_output_shape_dtype_and_normalization(size):
 def tensor_loader(seed):
     images = torch.randint(0, 256, (300, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(9))
     split = data.SplitDataset(data.ArraySource(images, torch.arange(300) % 26 + 1), torch.arange(300), None, 1)
-    return data.TensorLoader(split, torch.device("cpu"), 56, [0.5], [0.5], 64, True, seed)
+    return loaders.TensorLoader(split, torch.device("cpu"), 56, [0.5], [0.5], 64, True, seed)
 
 
 def test_the_pipeline_is_deterministic_for_a_seed_and_differs_across_seeds():
@@ -146,7 +146,7 @@ def test_the_gpu_benchmark_row_runs_on_a_cpu_at_toy_size():
                                                       (7, 2, False, 0), (5, 4, True, 3)])
 def test_the_sampler_length_is_what_it_yields(n, world, shuffle, start):
     for rank in range(world):
-        sampler = data.EpochSampler(n, shuffle, seed=0, rank=rank, world_size=world)
+        sampler = loaders.EpochSampler(n, shuffle, seed=0, rank=rank, world_size=world)
         sampler.set_epoch(1, start)
         assert len(sampler) == len(list(sampler))
 
@@ -276,10 +276,10 @@ def policy_loader(policy, seed=0, train=True, pipeline="tensor"):
     mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
     if pipeline == "tensor":
         split = data.SplitDataset(src, torch.arange(40), None, 0)
-        return data.TensorLoader(split, torch.device("cpu"), 32, mean, std, 16, train, seed, augment=policy)
+        return loaders.TensorLoader(split, torch.device("cpu"), 32, mean, std, 16, train, seed, augment=policy)
     train_tf, eval_tf = data.pil_transforms(32, mean, std, policy)
     split = data.SplitDataset(src, torch.arange(40), train_tf if train else eval_tf, 0)
-    return data.EpochLoader(split, 16, train, 0, False, seed)
+    return loaders.EpochLoader(split, 16, train, 0, False, seed)
 
 
 def epoch_batches(loader, epoch):

@@ -14,7 +14,7 @@ from coupled_net.augment import augment_batch
 from coupled_net.build import build_loaders, resolve
 from coupled_net.errors import DatasetUnavailable
 from coupled_net.lifecycle import execute_run
-from helpers import compose_cfg, run_cli
+from helpers import REPO, compose_cfg, run_cli
 from helpers.standins import N_TEST, N_TRAIN, FakeSVHN
 
 # name: (channels, classes, mean, std, augment, image size) as the YAML must say (torchvision's usual statistics)
@@ -96,6 +96,15 @@ def test_each_new_dataset_trains_and_tests_a_short_run(name, tmp_path, standin_d
     res = execute_run(cfg_for(name, tmp_path, "trainer.epochs=1", "trainer.limit_batches=2"), tmp_path / "run")
     assert res["status"] == "done" and res["epochs_run"] == 1 and res["dataset"] == name
     assert 0 <= res["metrics"]["test"]["top1"] <= res["metrics"]["test"]["top5"] <= 100
+
+
+def test_prepare_takes_the_same_launcher_overrides_as_train(tmp_path):
+    # a sweep's command line, launcher and all, prepares its data on the login node (the launcher's
+    # configs are coupled_net's own plugin's, which prepare.py registers as train.py does)
+    proc = run_cli("dataset=synthetic_letters", "dataset.train_per_class=2", "dataset.test_per_class=1",
+                   "hydra/launcher=slurm", cwd=tmp_path, script=REPO / "launch" / "prepare.py")
+    assert (proc.returncode, proc.stdout) == (0, "synthetic_letters: 52 train + 26 test images, generated in memory, "
+                                                 "nothing to store\n"), proc.stderr
 
 
 def test_prepare_reports_the_sizes_of_a_new_dataset(tmp_path, standin_datasets):

@@ -55,6 +55,12 @@ def test_results_json_takes_its_epoch_numbers_from_the_same_aggregate(run_dir):
                                      "best_val_acc": 70.0, "best_ke_val_acc": 69.0}
 
 
+def test_a_blank_line_is_no_row_and_no_problem(tmp_path):
+    (tmp_path / "epochs.csv").write_bytes((HEADER + EPOCH_1 + "\r\n" + EPOCH_2).encode())
+    rows, problem = read_epochs(tmp_path)
+    assert ([r["epoch"] for r in rows], problem) == ([1, 2], None)
+
+
 def test_a_resume_keeps_the_whole_rows_up_to_its_epoch_byte_for_byte(run_dir):
     epoch_log(run_dir).keep_epochs_upto(2)
     assert (run_dir / "epochs.csv").read_bytes() == (HEADER + EPOCH_1 + EPOCH_2).encode()
@@ -62,6 +68,8 @@ def test_a_resume_keeps_the_whole_rows_up_to_its_epoch_byte_for_byte(run_dir):
 
 def test_a_header_cut_short_or_without_the_required_columns_says_so(tmp_path):
     (tmp_path / "epochs.csv").write_text("epoch,lr,train")
+    assert read_epochs(tmp_path) == ([], "epochs.csv: no column 'val_acc' in its header")
+    (tmp_path / "epochs.csv").write_text("step,loss\n1,0.5\n")
     assert read_epochs(tmp_path) == ([], "epochs.csv: no column 'epoch' in its header")
     (tmp_path / "epochs.csv").write_text("epoch,lr,val_acc\n1,0.1,50.0\n")
     assert read_epochs(tmp_path) == ([], "epochs.csv: no column 'ke_val_acc' in its header")

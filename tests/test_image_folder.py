@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from coupled_net import data
+from coupled_net import data, imagecheck
 from coupled_net.errors import ConfigError
 from coupled_net.build import prepare_config
 from coupled_net.lifecycle import execute_run
@@ -274,12 +274,12 @@ def bad_root(split_root) -> tuple[Path, list[Path], list[Path], dict[str, Path]]
 @pytest.fixture
 def decodes(monkeypatch) -> list[str]:
     """The paths PIL is asked to decode, in any order (the check runs in threads)."""
-    calls, real = [], data.decode_problem
+    calls, real = [], imagecheck.decode_problem
 
     def counting(path):
         calls.append(Path(path).name)
         return real(path)
-    monkeypatch.setattr(data, "decode_problem", counting)
+    monkeypatch.setattr(imagecheck, "decode_problem", counting)
     return calls
 
 
@@ -367,13 +367,13 @@ def test_a_second_check_decodes_nothing_and_a_changed_file_is_decoded_again(bad_
 
 def test_a_read_only_root_keeps_the_verdicts_in_the_user_cache(split_root, decodes, monkeypatch, user_cache_dir):
     root = split_root[0]
-    real = data.atomic_write
+    real = imagecheck.atomic_write
 
     def read_only_root(path, write):
         if Path(path).parent == root:
             raise PermissionError(13, "Permission denied", str(path))
         return real(path, write)
-    monkeypatch.setattr(data, "atomic_write", read_only_root)
+    monkeypatch.setattr(imagecheck, "atomic_write", read_only_root)
     splits_of(root)
     assert len(decodes) == 42
     assert not (root / ".coupled_net_image_check.json").exists()
@@ -389,7 +389,7 @@ def test_a_cache_that_cannot_be_saved_or_read_does_not_fail_the_run(split_root, 
 
     def full_disk(path, write):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(data, "atomic_write", full_disk)
+    monkeypatch.setattr(imagecheck, "atomic_write", full_disk)
     with caplog.at_level("WARNING", logger="coupled_net"):
         splits = splits_of(root)
     assert len(splits.test) == 12 and len(decodes) == 42
@@ -442,15 +442,15 @@ def test_prepare_checks_every_image_so_training_decodes_none_again(split_root, d
 def test_runs_that_check_the_same_folder_at_once_decode_each_file_once(split_root, decodes, monkeypatch):
     root = split_root[0]
     # both runs have looked for cached verdicts (and found none) before either decodes anything
-    both_looked, real, calls = threading.Barrier(2), data._read_verdicts, []
+    both_looked, real, calls = threading.Barrier(2), imagecheck._read_verdicts, []
 
     def read_verdicts(path):
         calls.append(path)
         if len(calls) <= 2:
             both_looked.wait(timeout=60)
         return real(path)
-    monkeypatch.setattr(data, "_read_verdicts", read_verdicts)
+    monkeypatch.setattr(imagecheck, "_read_verdicts", read_verdicts)
     with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda _: data.check_images(root, [str(f) for f in split_root[1]]), range(2)))
+        results = list(pool.map(lambda _: imagecheck.check_images(root, [str(f) for f in split_root[1]]), range(2)))
     assert results == [{}, {}]
     assert sorted(decodes) == sorted(f.name for f in split_root[1])

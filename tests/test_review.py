@@ -12,7 +12,8 @@ import pytest
 from scipy import stats
 
 from coupled_net import review
-from coupled_net.report import alpha_plot_frame, curve_frame, delta_plot_frame, write_summary
+from coupled_net.plots import alpha_plot_frame, curve_frame, delta_plot_frame
+from coupled_net.report import write_summary
 from helpers import make_run
 
 # test top-1 per (alpha, seed): alpha 4 has an extra seed (4) that alpha 0 lacks; alpha 8 has one run
