@@ -9,7 +9,6 @@ import logging
 import sys
 from pathlib import Path
 
-import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
@@ -103,6 +102,8 @@ def say_best_trial(config: DictConfig, sweep_dir: Path) -> None:
 def unfinished(df, planned=None):
     """The runs of this launch (`planned`; all of `df` without a plan) that did not finish, with what
     stopped them: their error, or who holds a run still in progress."""
+    import pandas as pd  # only where a sweep ends: Hydra instantiates these callbacks before every run
+
     if planned is not None:
         mine = {str(job.done_in or job.run_dir) for job in planned}
         missing = sorted(mine - set(df["run_dir"]))  # never started: no directory to collect
