@@ -17,7 +17,7 @@ import math
 import os
 from pathlib import Path
 
-from .storage import atomic_write
+from .storage import write_text
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +73,10 @@ class CsvLog:
         row = dict(zip(header, cells))
         try:
             int(row["epoch"])
-            for name in self.numeric:
-                if name in row and math.isnan(float(row[name])) and name in self.required:
-                    return None, "not numbers"
+            values = {name: float(row[name]) for name in self.numeric if name in row}
         except ValueError:
+            return None, "not numbers"
+        if any(math.isnan(values[name]) for name in self.required if name in values):
             return None, "not numbers"
         return row, ""
 
@@ -117,7 +117,7 @@ class CsvLog:
         writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-        atomic_write(self.path, lambda f: f.write(buf.getvalue().encode()))
+        write_text(self.path, buf.getvalue())
 
     def keep_epochs_upto(self, epoch: int) -> None:
         """Drop rows past `epoch` (written after the checkpoint a resumed run starts from), and rows

@@ -91,8 +91,9 @@ def slurm_job_id() -> str | None:
             return str(env.job_id)
     except Exception:  # noqa: BLE001 - not inside a submitit job
         pass
-    if slurm_array_job_id() is not None:
-        return f"{slurm_array_job_id()}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
+    array = slurm_array_job_id()
+    if array is not None:
+        return f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
     return os.environ.get("SLURM_JOB_ID")
 
 

@@ -23,7 +23,8 @@ CUT = "6,0.05,1.0,5"                                             # a kill mid-wr
 
 @pytest.fixture
 def run_dir(tmp_path):
-    (tmp_path / "epochs.csv").write_bytes((HEADER + EPOCH_1 + EPOCH_2 + GARBAGE + WIDE + EPOCH_4 + NAN_ACC + CUT).encode())
+    lines = [HEADER, EPOCH_1, EPOCH_2, GARBAGE, WIDE, EPOCH_4, NAN_ACC, CUT]
+    (tmp_path / "epochs.csv").write_bytes("".join(lines).encode())
     return tmp_path
 
 

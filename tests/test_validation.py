@@ -201,6 +201,20 @@ def test_a_first_batch_that_does_not_fit_in_free_memory_is_refused_with_the_esti
     assert float(found.group(1)) * 2**40 > 128 * 20000 * 20000 * 4  # at least the input batch itself, in fp32
 
 
+def test_a_config_validated_before_its_run_directory_is_made_is_not_validated_again_by_the_build(monkeypatch):
+    calls = []
+    real = validation.check_machine
+    monkeypatch.setattr(validation, "check_machine", lambda c: calls.append(c["seed"]) or real(c))
+    cfg = compose_cfg(*QUICK, "trainer.device=cpu", "seed=7")
+    assert str(validate(cfg, keep=True)) == "cpu" and calls == [7]   # the single run's callback
+    assert str(resolve(cfg).device) == "cpu" and calls == [7]        # its build takes the kept result
+    validate(cfg)
+    assert calls == [7, 7]  # kept once: the next validation of the same config checks again
+    validate(cfg, keep=True)
+    validate(compose_cfg(*QUICK, "trainer.device=cpu", "seed=8"))  # another config is never served the kept one
+    assert calls == [7, 7, 7, 8]
+
+
 def test_a_batch_larger_than_a_split_known_only_from_the_data_is_refused_before_the_model_trains(
         standin_datasets, tmp_path, monkeypatch):
     # the mnist stand-in holds 64 training images: 54 train after val_fraction 0.15
