@@ -37,8 +37,8 @@ from .identity import Identity, flatten
 from .loaders import build_loader
 from .loggers import Loggers
 from .machine import usable_cpus
-from .trainer import Numerics, Trainer
-from .validation import batch_fits, validate
+from .trainer import Numerics, Trainer, steps_on_metric
+from .validation import batch_fits, overfit_fits, validate
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS; read at CUDA init
@@ -146,9 +146,10 @@ def build_loaders(spec: RunSpec) -> dict:
     augment = Letters() if cfg.get("augment") is None else instantiate(cfg.augment, _convert_="all")
     splits = data.build_splits(cfg.dataset, cfg.model.input_size, cfg.seed, augment)
     # where the split's size could not be known from the config (image_folder), now it is
-    batch_fits(cfg.trainer.batch_size, len(splits.train),
-               f"the images of dataset.root={data.dataset_root(cfg.dataset)}, less dataset.val_fraction="
-               f"{cfg.dataset.val_fraction}")
+    how = f"the images of dataset.root={data.dataset_root(cfg.dataset)}, less dataset.val_fraction=" \
+          f"{cfg.dataset.val_fraction}"
+    batch_fits(cfg.trainer.batch_size, len(splits.train), how)
+    overfit_fits(cfg.trainer, len(splits.train), how)
     common = dict(device=spec.device, size=cfg.model.input_size, workers=spec.workers, seed=cfg.seed,
                   rank=world.rank, world_size=world.size)
     t = cfg.trainer
@@ -204,6 +205,8 @@ def make_scheduler(scfg, optimizer: torch.optim.Optimizer):
     after the warmup: step_size, T_max, total_iters mean the same with and without it, and for a
     user's own scheduler nothing needs translating (conf/scheduler/cosine.yaml's T_max is the epochs
     after the warmup, so it still ends on eta_min with the run).
+    A scheduler that steps on a metric (ReduceLROnPlateau; coupled_net.trainer.steps_on_metric) is
+    given the selection metric of the epochs after the warmup only (WarmupThenMetric).
     Warmup 0 builds exactly the scheduler of the config (the seed's protocol unchanged)."""
     node = OmegaConf.to_container(scfg, resolve=True) if isinstance(scfg, DictConfig) else dict(scfg)
     warmup = int(node.pop("warmup_epochs", 0) or 0)
@@ -211,7 +214,37 @@ def make_scheduler(scfg, optimizer: torch.optim.Optimizer):
     if warmup == 0:
         return main
     ramp = LinearLR(optimizer, start_factor=1 / (warmup + 1), end_factor=1.0, total_iters=warmup)
+    if steps_on_metric(main):  # SequentialLR refuses ReduceLROnPlateau (its step() passes no metric)
+        return WarmupThenMetric(optimizer, ramp, main, warmup)
     return SequentialLR(optimizer, [ramp, main], milestones=[warmup])
+
+
+class WarmupThenMetric:
+    """`warmup` epochs of `ramp` (LinearLR, ending on the optimizer's lr), then `main`, a scheduler
+    stepped on a metric, which sees the metrics of the epochs after the warmup only: it runs as it would
+    from the start of a run without warmup. Checkpointed whole (state_dict / load_state_dict)."""
+
+    def __init__(self, optimizer, ramp, main, warmup: int):
+        self.optimizer, self.ramp, self.main, self.warmup = optimizer, ramp, main, warmup
+        self.last_epoch = 0  # steps taken (epochs ended)
+
+    def step(self, metric) -> None:
+        self.last_epoch += 1
+        if self.last_epoch <= self.warmup:
+            self.ramp.step()
+        else:
+            self.main.step(metric)
+
+    def get_last_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"last_epoch": self.last_epoch, "ramp": self.ramp.state_dict(), "main": self.main.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_epoch = state["last_epoch"]
+        self.ramp.load_state_dict(state["ramp"])
+        self.main.load_state_dict(state["main"])
 
 
 def make_trainer(spec: RunSpec, parts: Parts, **run_dir_parts) -> Trainer:

@@ -12,10 +12,11 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import ConfigError, fail
+from .errors import ConfigError, fail, one_line
 from .objectives import direction
 from .results import FINISHED, RunFiles
-from .rundir import describe_owner
+from .rundir import RunLock, describe_owner
+from .storage import disk_full
 from .sweep import STUDY_FILE, best_trial, launched, not_started, searching
 from .validation import check_config, validate
 
@@ -62,29 +63,69 @@ class SweepReport(Callback):
             fail(str(e))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        from .report import write_summary  # seaborn and matplotlib: imported when a sweep ends, not at start
-
+        """The summary, then the verdict. Hydra turns an exception raised here into a warning (and exit
+        status 0), so nothing may escape but SystemExit: a summary that cannot be written is one line,
+        and the verdict — the failed runs, the exit status — is read from the runs without it."""
         sweep_dir = Path(config.hydra.sweep.dir)
+        summary, problem = None, None
         try:
-            summary = write_summary([sweep_dir])
+            summary = _write_summary(sweep_dir)
         except FileNotFoundError:
             log.warning("sweep %s: no run directories to collect", sweep_dir)
             return
-        print(summary.headline, flush=True)
-        log.info("sweep summary written to %s/summary*.{csv,md,tex,png}", sweep_dir)
+        except Exception as e:  # noqa: BLE001 - a full disk, a summary.md that is a directory, ...
+            log.debug("the sweep summary failed", exc_info=True)
+            problem = f"the sweep summary could not be written into {sweep_dir}: {disk_full(e) or one_line(e)}"
+        if summary is not None:
+            print(summary.headline, flush=True)
+            log.info("sweep summary written to %s/summary*.{csv,md,tex,png}", sweep_dir)
         say_best_trial(config, sweep_dir)
-        df = summary.runs
         if config.hydra.launcher.get("detach", False):
             log.info("detached sweep: its runs go on in SLURM; `python launch/collect.py %s` shows their state",
                      sweep_dir)
-            return
-        bad = unfinished(df, launched())
-        if len(bad):
-            names = "; ".join(f"{Path(r.run_dir).name} ({r.status}: {r.detail})" for r in bad.itertuples())
-            total = len(launched() or df)
-            print(f"coupled_net: error: {len(bad)} of {total} runs failed in {sweep_dir}: {names}",
-                  file=sys.stderr, flush=True)
+            lines = []
+        else:
+            lines = verdict(summary.runs if summary is not None else run_statuses(sweep_dir), launched(), sweep_dir)
+        if problem:
+            lines.append(problem)
+        for line in lines:
+            print(f"coupled_net: error: {line}", file=sys.stderr, flush=True)
+        if lines:
             raise SystemExit(1)
+
+
+def _write_summary(sweep_dir: Path):
+    from .report import write_summary  # seaborn and matplotlib: imported when a sweep ends, not at start
+
+    return write_summary([sweep_dir])
+
+
+def run_statuses(sweep_dir: Path):
+    """run_dir, status, error of every run directory directly below `sweep_dir`, from results.json
+    alone: the verdict's input when the summary (which collects much more) could not be made."""
+    import pandas as pd  # only where a sweep ends: Hydra instantiates these callbacks before every run
+
+    rows = []
+    for run_dir in sorted(p for p in sweep_dir.iterdir() if p.is_dir()) if sweep_dir.is_dir() else ():
+        res = RunFiles(run_dir).read_results() or {}
+        rows.append({"run_dir": str(run_dir), "status": res.get("status", "no results"), "error": res.get("error")})
+    return pd.DataFrame(rows, columns=["run_dir", "status", "error"])
+
+
+def verdict(df, planned, sweep_dir: Path) -> list[str]:
+    """The lines that say this launch's runs did not all finish (none: they did): those that failed
+    or never started, and those still running in another process (a second launch into the sweep),
+    naming who runs them."""
+    bad = unfinished(df, planned)
+    total = len(planned) if planned else len(df)
+    running = bad["status"] == "running"
+    lines = []
+    for rows, what in ((bad[~running], "failed"), (bad[running], "are still running in another process")):
+        if len(rows):
+            names = "; ".join(f"{Path(r.run_dir).name} ({r.status}" + (f": {r.detail})" if isinstance(r.detail, str)
+                                                                        else ")") for r in rows.itertuples())
+            lines.append(f"{len(rows)} of {total} runs {what} in {sweep_dir}: {names}")
+    return lines
 
 
 def say_best_trial(config: DictConfig, sweep_dir: Path) -> None:
@@ -110,9 +151,12 @@ def unfinished(df, planned=None):
         df = pd.concat([df[df["run_dir"].isin(mine)], pd.DataFrame(
             {"run_dir": missing, "status": "not started", "error": [not_started.get(r) for r in missing]})])
     bad = df[~df["status"].isin(FINISHED)].copy()
+    now = {run_dir: RunFiles(run_dir).read_results() or {} for run_dir in bad["run_dir"]}
+    bad = bad[[now[r].get("status") not in FINISHED for r in bad["run_dir"]]]  # finished since (another launch)
     owners = {}
     for run_dir in bad["run_dir"]:
-        res = RunFiles(run_dir).read_results() or {}
-        owners[run_dir] = f"in use by {describe_owner(res.get('owner'))}" if res.get("status") == "running" else None
+        if now[run_dir].get("status") == "running":  # its owner: results.json's, else the lock's holder
+            files = RunFiles(run_dir)
+            owners[run_dir] = f"in use by {describe_owner(now[run_dir].get('owner') or RunLock(files.lock).holder())}"
     bad["detail"] = [owners.get(r.run_dir) or r.error for r in bad.itertuples()]
     return bad

@@ -239,7 +239,7 @@ def duplicates(runs: list[Path], results: list[dict | None]) -> dict[Path, Path]
         res = results[i] or {}
         if not res.get("fingerprint"):
             continue
-        key = run_key(res["fingerprint"], res.get("labels"))
+        key = run_key(res)
         if key in seen:
             repeats[runs[i]] = seen[key]
         else:

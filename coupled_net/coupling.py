@@ -47,13 +47,20 @@ def coupled_layers(model: nn.Module, alpha: int, layer=None, mode: str = "copy",
                    schedule: str = "epoch") -> list[tuple[str, nn.Conv2d]]:
     """The layers a coupling config names in `model`, after checking it against them: ConfigError
     for a mode, schedule or alpha not allowed, a layer that is not a Conv2d, alpha above half its
-    filters. Validation calls it on a shape-only (meta) model; Coupling on the real one."""
+    filters. A model without any Conv2d has none to couple: allowed at alpha=0 only (no layers).
+    Validation calls it on a shape-only (meta) model; Coupling on the real one."""
     if mode not in MODES:
         raise ConfigError("coupling.mode", mode, f"allowed: {', '.join(MODES)}")
     if schedule not in SCHEDULES:
         raise ConfigError("coupling.schedule", schedule, f"allowed: {', '.join(SCHEDULES)}")
     if isinstance(alpha, bool) or not isinstance(alpha, int) or alpha < 0:
         raise ConfigError("coupling.alpha", alpha, "must be an integer >= 0 (0 = no coupling)")
+    if layer is None and not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        # a model without a conv (an MLP baseline): alpha=0 couples nothing and needs no layer
+        if alpha == 0:
+            return []
+        raise ConfigError("coupling.alpha", alpha, "needs a Conv2d layer to couple and the model has none; "
+                                                   "coupling.alpha=0 trains it uncoupled")
     layers = resolve_layers(model, layer)
     for path, conv in layers:
         per_group = conv.out_channels // conv.groups

@@ -17,7 +17,7 @@ import math
 import os
 from pathlib import Path
 
-from .storage import write_text
+from .storage import read_bytes, write_text
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class CsvLog:
         """(the file's header, its whole rows as text, the other lines as (line number, text, why))."""
         if not self.path.exists():
             return None, [], []
-        lines = self.path.read_bytes().decode("utf-8", errors="replace").splitlines(keepends=True)
+        lines = read_bytes(self.path).decode("utf-8", errors="replace").splitlines(keepends=True)  # not a FIFO
         if not lines:
             return None, [], []
         header = next(csv.reader([lines[0]]), [])

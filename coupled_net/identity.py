@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import QuotedString
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-from .errors import ConfigError, one_line
 from .objectives import direction
 
 # Keys (or whole sub-trees) that change where or how a run executes, never what it computes.
@@ -80,51 +79,90 @@ class Identity:
 
     @property
     def run_key(self) -> str:
-        return run_key(self.fingerprint, self.labels)
+        return run_key(self.record())
+
+    def matches(self, record: dict) -> bool:
+        """Is `record` (results.json, a checkpoint: its `fingerprint` and `identity`) a run of this
+        identity? Its fingerprint, else its identity keys compared value by value: a run recorded
+        with a default typed out as an integer (before 0 and 0.0 were one value) is still this run."""
+        if record.get("fingerprint") == self.fingerprint:
+            return True
+        stored = record.get("identity")
+        return bool(record.get("fingerprint")) and isinstance(stored, dict) and not differences(stored, self.keys)
 
     def record(self) -> dict:
         """How results.json and checkpoints store it."""
         return {"fingerprint": self.fingerprint, "identity": self.keys, "labels": self.labels}
 
 
-def run_key(fingerprint: str, labels: dict | None) -> str:
-    """What makes two directories one run twice (SPEC §6): the same fingerprint and the same labels."""
-    return json.dumps([fingerprint, labels or {}], sort_keys=True, default=str)
+def run_key(record: dict) -> str:
+    """What makes two directories one run twice (SPEC §6): the same identity and the same labels, of
+    `record` (results.json, or Identity.record()). The identity keys are compared as differences()
+    compares them (0 is 0.0, a key at its neutral value is as good as absent), so a run recorded with
+    a default typed out as an integer (before the two were one value) is found as the run it repeats;
+    a record without its keys falls back on its fingerprint."""
+    stored = record.get("identity")
+    if isinstance(stored, dict):
+        same = {k: _comparable(v) for k, v in stored.items()
+                if not (k in _NEUTRAL_FLAT and same_value(v, _NEUTRAL_FLAT[k]))}
+        return json.dumps([same, record.get("labels") or {}], sort_keys=True, default=str)
+    return json.dumps([record.get("fingerprint"), record.get("labels") or {}], sort_keys=True, default=str)
 
 
-def identity_of(cfg: DictConfig) -> Identity:
-    """The identity of the task config `cfg` (the `hydra` node, if present, is ignored)."""
-    try:
-        plain = OmegaConf.to_container(cfg, resolve=True)
-    except Exception as e:  # noqa: BLE001 - an interpolation that cannot be resolved
-        raise ConfigError("config", "(composed)", f"cannot be resolved: {one_line(e, 300)}") from None
+def _comparable(value):
+    """A value with equal numbers spelt alike (2.0 as 2), for run_key."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_comparable(v) for v in value]
+    return value
+
+
+def identity_from(plain: dict, floats=frozenset()) -> Identity:
+    """The identity of the resolved task config `plain` (no `hydra` node; coupled_net.identify adds what
+    the config alone cannot say, such as an image folder's contents). `floats`: the dotted keys that
+    take a number (coupled_net.knobs.float_keys): a value typed there as an integer is that float,
+    so `trainer.label_smoothing=0` is the default 0.0's run, not a new one."""
+    plain = dict(plain)
     plain.pop("hydra", None)
     labels = {k: plain.pop(k) for k in list(plain) if k not in TASK_ROOTS}
+    keys = {k: as_float(v) if k in floats else v for k, v in flatten(plain).items() if not is_non_identity(k)}
     for key, value in NEUTRAL.items():
-        if _canonical(_get(plain, key)) == _canonical(value):
-            _drop(plain, key)
-    keys = {k: v for k, v in flatten(plain).items() if not is_non_identity(k)}
+        at = {k: v for k, v in keys.items() if k == key or k.startswith(key + ".")}
+        neutral = flatten({key: value})
+        if at.keys() == neutral.keys() and all(same_value(at[k], neutral[k]) for k in at):
+            for k in at:
+                del keys[k]
     return Identity(keys=dict(sorted(keys.items())), labels=labels)
 
 
+def as_float(value):
+    """An integer (or a list of them) as the float it equals; anything else as it is."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, list):
+        return [as_float(v) for v in value]
+    return value
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def same_value(a, b) -> bool:
+    """Equal as the run sees them: numbers by value (0 is 0.0), lists and mappings element by element;
+    a text is never a number, `true` never 1."""
+    if _is_number(a) and _is_number(b):
+        return a == b
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b
+
+
 _ABSENT = object()
-
-
-def _get(plain: dict, dotted: str):
-    node = plain
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return _ABSENT
-        node = node[part]
-    return node
-
-
-def _drop(plain: dict, dotted: str) -> None:
-    *parents, leaf = dotted.split(".")
-    node = plain
-    for part in parents:
-        node = node[part]
-    del node[leaf]
+_NEUTRAL_FLAT = flatten(NEUTRAL)
 
 
 def _canonical(value) -> str:
@@ -136,12 +174,15 @@ def _show(value) -> str:
 
 
 def differences(stored: dict, wanted: dict) -> list[str]:
-    """`key: stored → wanted` for every identity key whose value differs, as the fingerprint sees it
-    (a key only one side has included)."""
+    """`key: stored → wanted` for every identity key whose value differs as the run sees it
+    (same_value: 0 is 0.0); a key only one side has counts as its neutral value there (NEUTRAL), so a
+    record that typed a default out (`trainer.label_smoothing: 0`) shows no difference from one without it."""
     out = []
     for key in sorted(set(stored) | set(wanted)):
-        a, b = stored.get(key, _ABSENT), wanted.get(key, _ABSENT)
-        if a is _ABSENT or b is _ABSENT or _canonical(a) != _canonical(b):
+        neutral = _NEUTRAL_FLAT.get(key, _ABSENT)
+        a, b = stored.get(key, neutral), wanted.get(key, neutral)
+        if a is _ABSENT or b is _ABSENT or not same_value(a, b):
+            a, b = stored.get(key, _ABSENT), wanted.get(key, _ABSENT)
             shown = _show(a), _show(b)
             if shown[0] == shown[1]:  # '0.05' (a string) and 0.05: show what tells them apart
                 shown = _canonical(a), _canonical(b)
@@ -155,27 +196,31 @@ def _is_label(key: str, is_add: bool) -> bool:
     return is_add and "." not in key and "/" not in key and key not in TASK_ROOTS + SELECTOR_GROUPS
 
 
-def _value_text(o) -> str:
-    """An override's value as one text whatever quoting was typed: 'mean', "mean" and mean alike."""
+def _value_text(o, floats) -> str:
+    """An override's value as one text whatever quoting was typed: 'mean', "mean" and mean alike; an
+    integer for a key that takes a float (`floats`) as that float: `label_smoothing=0` is `=0.0`."""
     value = o.value()
     if isinstance(value, QuotedString):
         return value.text
     if isinstance(value, str):
         return value
+    if o.key_or_group in floats and isinstance(value, int) and not isinstance(value, bool):
+        return str(float(value))
     return o.get_value_element_as_str()
 
 
-def run_name(task_overrides) -> str:
+def run_name(task_overrides, floats=frozenset()) -> str:
     """A sweep job's sub-directory, from its overrides alone: `key=value` of every identity key,
     sorted by key, joined with commas; no job number, so the same overrides give the same directory
-    whatever else the sweep holds. Longer than 200 bytes: a readable prefix and an 8-hex digest."""
+    whatever else the sweep holds. Longer than 200 bytes: a readable prefix and an 8-hex digest.
+    `floats`: the keys whose integers are floats (as in identity_from)."""
     overrides = OverridesParser.create().parse_overrides([str(o) for o in task_overrides])
     items = []
     for o in overrides:
         key = o.key_or_group
         if is_non_identity(key) or _is_label(key, o.is_add() or o.is_force_add()) or key in NAMELESS:
             continue
-        item = f"~{key}" if o.is_delete() else f"{key}={_value_text(o)}"
+        item = f"~{key}" if o.is_delete() else f"{key}={_value_text(o, floats)}"
         items.append(item.replace("/", "%2F"))  # a path-valued key must not nest directories
     name = ",".join(sorted(items)) or "default"
     raw = name.encode()
@@ -187,12 +232,10 @@ def run_name(task_overrides) -> str:
 
 
 def register_resolver() -> None:
-    """`${coupled_net.run_name:${hydra.overrides.task}}`, used by conf/train.yaml's hydra.sweep.subdir;
-    `${coupled_net.minus:a,b}` (a - b), used by conf/scheduler/cosine.yaml's T_max;
+    """`${coupled_net.minus:a,b}` (a - b), used by conf/scheduler/cosine.yaml's T_max;
     `${coupled_net.direction:${optimized_metric}}` (conf/hparams_search/*.yaml): a study maximizes an
-    accuracy and minimizes a loss without a second key to keep in step."""
-    if not OmegaConf.has_resolver("coupled_net.run_name"):
-        OmegaConf.register_new_resolver("coupled_net.run_name", lambda overrides: run_name(list(overrides)))
+    accuracy and minimizes a loss without a second key to keep in step. (`coupled_net.run_name`, the
+    sweep directories' names: coupled_net.identify.)"""
     if not OmegaConf.has_resolver("coupled_net.minus"):
         OmegaConf.register_new_resolver("coupled_net.minus", lambda a, b: a - b)
     if not OmegaConf.has_resolver("coupled_net.direction"):

@@ -63,6 +63,12 @@ def integer(minimum: int, maximum: int | None = None, also=()) -> Rule:
     return check
 
 
+def takes_float(rule: Rule) -> Rule:
+    """Mark `rule` as one whose values are numbers (an integer typed there is the float it equals: float_keys)."""
+    rule.takes_float = True
+    return rule
+
+
 def number(gt=None, ge=None, lt=None, le=None) -> Rule:
     """A finite number within the bounds given (gt: >, ge: >=, lt: <, le: <=)."""
     low, high = (gt if gt is not None else ge), (lt if lt is not None else le)
@@ -81,7 +87,7 @@ def number(gt=None, ge=None, lt=None, le=None) -> Rule:
         ok = ((gt is None or v > gt) and (ge is None or v >= ge) and (lt is None or v < lt)
               and (le is None or v <= le))
         return None if ok else text
-    return check
+    return takes_float(check)
 
 
 def choice(*allowed) -> Rule:
@@ -101,7 +107,7 @@ def numbers(each: Rule, what: str, length: int | None = None) -> Rule:
     def check(v):
         ok = isinstance(v, list) and v and all(each(x) is None for x in v) and (length is None or len(v) == length)
         return None if ok else what
-    return check
+    return takes_float(check) if getattr(each, "takes_float", False) else check
 
 
 def maybe_text(v):
@@ -113,7 +119,7 @@ def maybe_number(**bounds) -> Rule:
 
     def check(v):
         return None if v is None or inner(v) is None else inner(v) + " or null"
-    return check
+    return takes_float(check)
 
 
 def dotted_path(v):
@@ -125,7 +131,10 @@ def dotted_path(v):
 def ordered_pair(each: Rule, what: str) -> Rule:
     """[low, high], each allowed by `each`, low <= high (a range such as a scale factor's)."""
     pair = numbers(each, what, 2)
-    return lambda v: pair(v) or (None if v[0] <= v[1] else what)
+
+    def check(v):
+        return pair(v) or (None if v[0] <= v[1] else what)
+    return takes_float(check) if getattr(pair, "takes_float", False) else check
 
 
 def module_paths(v):
@@ -197,7 +206,7 @@ KNOBS: dict[str, Knob] = {
     "augment.scale": knob(ordered_pair(number(gt=0), "must be a list of two numbers > 0, the smaller first"),
                           LETTERS),
     "augment.shear": knob(number(ge=0, lt=90), LETTERS),
-    "augment.padding": knob(integer(0), CROP_FLIP),
+    "augment.padding": knob(integer(0), CROP_FLIP),       # and at most half the stored image's side (CHECKS)
     # dataset
     "dataset.name": knob(choice(*DATASETS)),
     "dataset.root": knob(text_value),
@@ -246,7 +255,7 @@ KNOBS: dict[str, Knob] = {
     "trainer.select_by": knob(choice(*SELECT_BY)),
     "trainer.label_smoothing": optional(number(ge=0, lt=1)),
     "trainer.grad_clip_norm": optional(maybe_number(gt=0)),
-    "trainer.overfit_batches": optional(integer(0)),
+    "trainer.overfit_batches": optional(integer(0)),    # and whole batches of the training split (CHECKS)
     "trainer.batch_size": knob(integer(1)),             # and at most the training split (CHECKS)
     "trainer.eval_batch_size": knob(integer(1)),
     "trainer.device": knob(device_name),                # and present on this machine (check_machine)
@@ -276,6 +285,12 @@ KNOWN["optimizer"] |= {SGD, ADAM, ADAMW}
 KNOWN["scheduler"] |= {STEP, COSINE, CONSTANT}
 KNOWN["augment"] |= {NO_AUGMENT}
 
+
+
+def float_keys() -> frozenset[str]:
+    """The keys whose values are numbers, not integers (a `number` rule, or a list of them): an
+    integer typed there is the float it equals, in a run's identity and its directory's name."""
+    return frozenset(k for k, v in KNOBS.items() if getattr(v.rule, "takes_float", False))
 
 
 def declared(group: str, option) -> dict[str, Knob]:

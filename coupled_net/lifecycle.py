@@ -2,7 +2,7 @@
 resumes it, or leaves it as it is, and records how it ended.
 
     execute_run(cfg, run_dir)
-      identity = identity_of(cfg)                 the fingerprint (coupled_net.identity)
+      identity = identity_of(cfg)                 the fingerprint (coupled_net.identify)
       claim:  coupled_net.rundir: examine (read-only) -> lock .lock -> examine again -> own it
               a run of another fingerprint, or a directory in use: RunRefused, no byte changed
               a finished run of this fingerprint: nothing to do, no byte changed
@@ -32,7 +32,8 @@ from .build import build, build_trackers, make_trainer, resolve
 from .coupling import Coupling
 from .distributed import init_world
 from .errors import ConfigError, DatasetUnavailable, RunFault, one_line
-from .identity import identity_of, model_name
+from .identify import identity_of
+from .identity import model_name
 from .loggers import final_metrics
 from .logs import FILE_ONLY
 from .machine import provenance
@@ -49,11 +50,21 @@ log = logging.getLogger(__name__)
 def write_model_summary(model: torch.nn.Module, channels: int, size: int, coupling: Coupling, path: Path) -> None:
     # on the model's own device: torchinfo moves the model to the device it is given (a "cpu" here once
     # left every GPU run's model on the CPU, its batches on the GPU)
+    # The model's first forward on real tensors (the checks ran it on the meta device only): an error
+    # there is the model's own, which torchinfo wraps in "Failed to run torchinfo. See above stack
+    # traces" with nothing above; the run fails with the model's error in one line, its traceback in train.log
     device = next(model.parameters()).device
     was_training = model.training
-    stats = summary(model.eval(), input_data=torch.zeros(1, channels, size, size, device=device), device=device,
-                    verbose=0, col_names=("output_size", "num_params", "kernel_size"), depth=4)
-    model.train(was_training)
+    batch = torch.zeros(1, channels, size, size, device=device)
+    try:
+        stats = summary(model.eval(), input_data=batch, device=device, verbose=0,
+                        col_names=("output_size", "num_params", "kernel_size"), depth=4)
+    except Exception as e:  # noqa: BLE001 - whatever the model raised
+        own = e.__cause__ if e.__cause__ is not None else e  # torchinfo raises its RuntimeError from the model's
+        log.error("model forward failed:\n%s", "".join(traceback.format_exception(own)), extra=FILE_ONLY)
+        raise RunFault(f"model forward failed on a {'x'.join(map(str, batch.shape))} batch: {one_line(own)}") from own
+    finally:
+        model.train(was_training)
     text = f"{stats}\n\ncoupled layer(s): {', '.join(coupling.layer_paths)}; alpha={coupling.alpha}\n"
     write_text(path, text)
 
@@ -87,7 +98,7 @@ def _train(cfg: DictConfig, rd: RunDirectory, verdict: Verdict, guard: StopGuard
     files, world = rd.files, rd.world
     ckpt = verdict.checkpoint
     progress = LoopState(**checkpoint.saved_progress(ckpt))
-    previous = verdict.results if verdict.results and verdict.results.get("fingerprint") == rd.identity.fingerprint \
+    previous = verdict.results if verdict.results and rd.identity.matches(verdict.results) \
         else {}
     resumes = int(previous.get("resumes") or 0) + (ckpt is not None)
     results = new_results(cfg, rd.identity, owner=owner_record(), resumes=resumes, world_size=world.size,

@@ -14,15 +14,22 @@ A tracker is a convenience, the run directory is the record: the builder (couple
 build_trackers) starts them, `Loggers` fans each call out to all of them, and a tracker that raises
 is warned about once (`logger mlflow: <one line>`) and left out for the rest of the run, which goes
 on. A tracker whose package is not installed is a ConfigError before anything runs
-(coupled_net.extras, one table for every optional extra)."""
+(coupled_net.extras, one table for every optional extra).
+
+A tracker on a server never holds a run for long: MLflow with an http(s) URI first asks the server for
+any answer at all, within SERVER_ANSWER_S (refused, unresolvable or silent: left out with one warning),
+and its later calls run under bounded timeouts and retries; W&B online gets bounded init and finish
+timeouts. Trackers that write files (TensorBoard, an MLflow file store, W&B offline) are untouched."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import numbers
 import os
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -37,11 +44,69 @@ log = logging.getLogger(__name__)
 FINAL_SPLITS = ("val", "test")
 FINAL_METRICS = ("top1", "top5", "loss")
 
+# How long starting a tracker may wait for its server to answer at all, name lookup included. A healthy
+# tracking server answers in milliseconds, a loaded one across a slow link within a second or two;
+# MLflow's own defaults (7 retries, backoff 2, 120 s per request) held a run 4 minutes on a refused
+# port and about 16 on a silent one, before its first batch.
+SERVER_ANSWER_S = 5.0
+# MLflow's knobs for every later call of the run (read per request; a user's own settings win). One
+# retry absorbs a pooled connection the server dropped between epochs, or a 503 blip; 5 s is far more
+# than a log_batch of 100 params takes on a working server; a rate limiter's Retry-After could ask for
+# any wait, so it is not obeyed. A server that dies mid-run costs one call of at most ~10 s, then the
+# tracker is left out (and not called again, not even to close it).
+MLFLOW_HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+                      "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_RESPECT_RETRY_AFTER_HEADER": "false"}
+# W&B online: wandb.init waits 90 s for its server by default and run.finish() forever for its uploads.
+# Starting needs a service process and the run's upsert (seconds on a healthy server); a run's history
+# is epochs.csv-sized; what finish could not upload stays on disk for `wandb sync`.
+WANDB_ONLINE_INIT_S, WANDB_ONLINE_FINISH_S = 30.0, 60.0
+
 
 def _require(target: str, name: str) -> None:
     problem = missing_extra(target)
     if problem:
         raise ConfigError("logger", name, problem)
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The innermost exception under a failed request (requests -> urllib3 -> the socket's OSError)."""
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        reason = getattr(e, "reason", None)
+        inner = (reason if isinstance(reason, BaseException)
+                 else e.args[0] if e.args and isinstance(e.args[0], BaseException) else e.__cause__ or e.__context__)
+        if inner is None:
+            break
+        e = inner
+    return e
+
+
+def server_silence(url: str, seconds: float = SERVER_ANSWER_S) -> str | None:
+    """None when anything answers HTTP at `url` within `seconds` (any status: a 404 or 401 is a server
+    there; a TLS complaint too, MLflow's own settings judge certificates); otherwise why not, in a few
+    words ("connection refused", "no answer within 5 s"). The request runs in a daemon thread so that a
+    hung name lookup, which requests' timeout does not cover, cannot hold the caller past `seconds`."""
+    import requests
+
+    verdict: list[str | None] = []
+
+    def ask() -> None:
+        try:
+            requests.get(url, timeout=seconds, allow_redirects=False)
+            verdict.append(None)
+        except requests.exceptions.SSLError:
+            verdict.append(None)
+        except requests.exceptions.Timeout:
+            verdict.append(f"no answer within {seconds:g} s")
+        except requests.exceptions.RequestException as e:
+            root = _root_cause(e)
+            verdict.append((getattr(root, "strerror", None) or one_line(root, 120)).lower())
+
+    asking = threading.Thread(target=ask, name="coupled_net tracker probe", daemon=True)
+    asking.start()
+    asking.join(seconds)
+    return verdict[0] if verdict else f"no answer within {seconds:g} s"
 
 
 def final_metrics(results: dict) -> dict:
@@ -178,6 +243,29 @@ class TensorBoardLogger:
         self.writer.close()
 
 
+def _server_calls(method):
+    """A method of a tracker on a server (`self.remote`, `self.tracking_uri`): a failure of the network
+    under it (refused, reset, timed out; the library's own long message around it) becomes one line
+    naming the server, and the tracker makes no more calls to it (`Loggers` closes a tracker it
+    leaves out: that would wait for the dead server once more). A tracker that writes files keeps its
+    errors as they are."""
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        if self.unreachable:
+            return None
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as e:
+            root = _root_cause(e)
+            if not self.remote or root is e or not isinstance(root, OSError):
+                raise
+            self.unreachable = True
+            why = (root.strerror or str(root) or type(root).__name__).lower()
+            raise ConnectionError(f"{self.tracking_uri} stopped answering ({why}); "
+                                  "the run goes on without it") from e
+    return call
+
+
 def _quiet_mlflow() -> None:
     """MLflow's own INFO lines (a new experiment, a run's URL) and its deprecation notice for the file
     store say nothing a coupled_net user needs."""
@@ -212,19 +300,36 @@ class MLflowLogger:
             # MLflow 3 refuses a file store unless asked: it is the one that needs no server or database,
             # and the one many sweep jobs can write to at once (a directory per run)
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self.remote, self.unreachable = tracking_uri.lower().startswith(("http://", "https://")), False
+        if self.remote:
+            # MLflow's server answers /health; any answer at all is a server there
+            silence = server_silence(tracking_uri.rstrip("/") + "/health")
+            if silence:
+                raise ConnectionError(f"nothing answers at {tracking_uri} ({silence}); the run goes on without it")
+            for key, value in MLFLOW_HTTP_LIMITS.items():
+                os.environ.setdefault(key, value)
+            # urllib3 says so on every retry of MLflow's; the one line worth reading is the tracker's
+            logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
         _quiet_mlflow()
         from mlflow.tracking import MlflowClient
 
         self.client, self.state_path = MlflowClient(tracking_uri), run_dir / self.STATE
         # closed without a final word: the run ended as a kill would end it
         self.tracking_uri, self.status = tracking_uri, "KILLED"
+        self._open(run_dir, experiment_name, run_name, fingerprint)
+
+    @_server_calls
+    def _open(self, run_dir: Path, experiment_name: str, run_name: str | None, fingerprint: str | None) -> None:
+        tracking_uri = self.tracking_uri
         state = read_json(self.state_path) or {}
         self.run_id, self.logged_steps = None, set()
         if state.get("tracking_uri") == tracking_uri and state.get("run_id"):
             try:
                 self.client.get_run(state["run_id"])
                 self.run_id = state["run_id"]
-            except Exception:  # noqa: BLE001 - deleted from the store: start another
+            except Exception as e:  # noqa: BLE001 - deleted from the store: start another
+                if self.remote and isinstance(_root_cause(e), OSError):
+                    raise  # the server is gone, not the run
                 log.warning("logger mlflow: run %s is not in %s any more; starting a new MLflow run",
                             state["run_id"], tracking_uri)
         if self.run_id is not None:  # a resume: the same MLflow run, running again
@@ -251,6 +356,7 @@ class MLflowLogger:
                 raise
             return found.experiment_id
 
+    @_server_calls
     def log_hparams(self, params: dict) -> None:
         from mlflow.entities import Param
 
@@ -260,6 +366,7 @@ class MLflowLogger:
         for start in range(0, len(new), 100):  # log_batch takes at most 100 params
             self.client.log_batch(self.run_id, params=new[start:start + 100])
 
+    @_server_calls
     def log_epoch(self, row: dict) -> None:
         from mlflow.entities import Metric
 
@@ -271,6 +378,7 @@ class MLflowLogger:
         self.client.log_batch(self.run_id, metrics=metrics)
         self.logged_steps.add(step)
 
+    @_server_calls
     def log_final(self, metrics: dict) -> None:
         from mlflow.entities import Metric, RunTag
 
@@ -281,6 +389,7 @@ class MLflowLogger:
         self.status = {"done": "FINISHED", "diverged": "FINISHED", "interrupted": "KILLED"}.get(
             metrics.get("status"), "FAILED")
 
+    @_server_calls
     def close(self) -> None:
         self.client.set_terminated(self.run_id, status=self.status)
 
@@ -310,10 +419,12 @@ class WandbLogger:
         self.state = {"id": run_id, "project": project, "last_step": self.last_step}
         write_json(self.state_path, self.state, indent=1)
         (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
+        online = {"init_timeout": WANDB_ONLINE_INIT_S, "finish_timeout": WANDB_ONLINE_FINISH_S,
+                  "finish_timeout_raises": True} if mode == "online" else {}
         self.run = wandb.init(dir=str(run_dir), mode=mode, project=project, entity=entity,
                               name=run_name or run_dir.name, id=run_id, resume="allow", reinit="create_new",
                               tags=[fingerprint] if fingerprint else None, notes=str(run_dir),
-                              settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
+                              settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, **online))
         self.where = f"{mode}, {Path(self.run.dir).parent}"
 
     def log_hparams(self, params: dict) -> None:

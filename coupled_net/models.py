@@ -17,7 +17,7 @@ from torch import nn
 from torchvision import models as tvm
 from torchvision.models import WeightsEnum, get_model, get_model_weights
 
-from .adapt import adapt_classifier, adapt_first_conv, first_conv, head_layer
+from .adapt import adapt_classifier, adapt_first_conv, first_conv, fit_classifier, head_layer
 from .errors import ConfigError, one_line
 from .extras import TIMM, install_hint
 from .identity import model_name
@@ -105,6 +105,11 @@ AUX_LOGITS = ("googlenet", "inception_v3")
 # torchvision models built for one input size: built for model.input_size (random weights only: the
 # pretrained ones fix their size)
 SIZE_KWARG = {"vit_": "image_size", "maxvit_": "input_size"}
+# ...and the sizes they can be built for: a multiple of a ViT's patch (vit_b_16: 16), of 224 for MaxViT
+# (7x7 attention windows on the map at 1/32 of the image); their pretrained weights fix one size
+SIZE_MULTIPLE = {"vit_": (lambda arch: int(arch.rsplit("_", 1)[1]), "its patch size"),
+                 "maxvit_": (lambda arch: 224, "7x7 attention windows at 1/32 of the image")}
+BUILT_SIZE = 224  # what torchvision builds them for without image_size/input_size (a weights file's model)
 WEIGHT_SUFFIXES = (".pt", ".pth", ".pth.tar", ".bin", ".ckpt", ".safetensors")
 
 
@@ -136,6 +141,29 @@ def _torchvision_weights(arch: str, weights):
         raise ConfigError("model.weights", weights, f"{cached} is not in the torch hub cache; nothing is downloaded "
                                                     f"here: copy {chosen.url} there, or give a state_dict file")
     return chosen
+
+
+def _check_size(arch: str, input_size, weights, source) -> None:
+    """Refuse a `model.input_size` a model built for one size cannot take, naming the size it needs: a
+    multiple of its patch (random weights: built for model.input_size), or the one its weights fix."""
+    rule = next((rule for prefix, rule in SIZE_MULTIPLE.items() if arch.startswith(prefix)), None)
+    if rule is None or not isinstance(input_size, int) or isinstance(input_size, bool) or input_size < 1:
+        return
+    if source is not None:
+        fixed = source.meta["min_size"][0] if isinstance(source, WeightsEnum) else BUILT_SIZE
+        if input_size != fixed:
+            raise ConfigError("model.input_size", input_size, f"{arch} with model.weights={weights} needs images of "
+                                                              f"exactly {fixed} pixels, the size its weights fix")
+        return
+    try:
+        multiple, why = rule[0](arch), rule[1]
+    except ValueError:  # a name without its patch size: torchvision's own refusal stands
+        return
+    if input_size % multiple:
+        below = input_size // multiple * multiple
+        near = " or ".join(str(n) for n in (below, below + multiple) if n > 0)
+        raise ConfigError("model.input_size", input_size, f"{arch} needs a multiple of {multiple} pixels ({why}), "
+                                                          f"e.g. {near}")
 
 
 def _load_state_dict_file(model: nn.Module, path: str, in_channels: int, name: str) -> None:
@@ -180,6 +208,7 @@ def torchvision_model(arch: str, in_channels: int, num_classes: int, input_size:
         raise ConfigError("model.arch", arch, f"not a torchvision classification model; e.g. "
                                               f"{_suggest(arch, names, EXAMPLES)}")
     source = _torchvision_weights(arch, weights)
+    _check_size(arch, input_size, weights, source)
     options = {"aux_logits": False} if arch in AUX_LOGITS else {}
     if source is None:
         options.update({kw: (input_size if kw == "image_size" else (input_size, input_size))
@@ -239,7 +268,8 @@ def make(m: dict, channels: int, num_classes: int) -> nn.Module:
     does not take (input_size always; in_channels, num_classes, name unless its signature names them:
     then in_channels/num_classes are the dataset's), and is then adapted like torchvision_model: first
     conv rebuilt for the channels (from its kernels when the config sets `weights` or `pretrained`),
-    classifier for the classes."""
+    classifier for the classes where its output does not already have one logit per class
+    (coupled_net.adapt.fit_classifier: a model that takes num_classes keeps its own head)."""
     num_classes = 2 if num_classes is None else num_classes  # image_folder before its classes are counted
     target = m.get("_target_")
     options = {k: v for k, v in m.items() if k != "_target_"}
@@ -262,6 +292,7 @@ def make(m: dict, channels: int, num_classes: int) -> nn.Module:
     options.update({k: v for k, v in given.items() if k in named})
     pretrained = any(options.get(k) not in (None, False) for k in ("weights", "pretrained"))
     size = m.get("input_size")
+    fitted: dict = {}  # whether its classifier fits as built: found on the first build (the meta one), kept
 
     def construct(load: bool) -> nn.Module:
         try:
@@ -270,7 +301,8 @@ def make(m: dict, channels: int, num_classes: int) -> nn.Module:
             raise (e.__cause__ or e) from None
         if not isinstance(model, nn.Module):
             raise ConfigError("model._target_", target, f"returned a {type(model).__name__}, not a torch.nn.Module")
-        adapt_classifier(model, num_classes, name)
+        fitted["head"] = fit_classifier(model, num_classes, name, channels, size, given="num_classes" in options,
+                                        fits=fitted.get("head"))
         adapt_first_conv(model, channels, name, pretrained=pretrained)
         return model
 

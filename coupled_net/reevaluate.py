@@ -28,7 +28,8 @@ from .build import build_coupled_model, build_loaders, resolve
 from .checkpoint import Checkpoint, load, misfit, refuse
 from .distributed import World
 from .errors import ConfigError, one_line
-from .identity import differences, identity_of, model_name
+from .identify import identity_of
+from .identity import differences, model_name
 from .machine import resolve_device
 from .results import RunFiles, now_iso
 from .storage import write_json
@@ -130,14 +131,14 @@ def evaluate_run(run_dir: str | Path, split: str = "both", checkpoint: str = "be
         raise ConfigError("run_dir", str(files.dir), f".hydra/config.yaml cannot be read: {one_line(e, 200)}") from None
     identity = identity_of(cfg)
     results = files.read_results() or {}
-    if results.get("fingerprint") and results["fingerprint"] != identity.fingerprint:
+    if results.get("fingerprint") and not identity.matches(results):
         diff = differences(results.get("identity") or {}, identity.keys)
         raise ConfigError("run_dir", str(files.dir), f".hydra/config.yaml is not the config of the run in "
                           f"results.json ({'; '.join(diff) or 'another fingerprint'}): it cannot be re-evaluated "
                           f"from it")
     path, kind = _checkpoint_path(files, checkpoint)
     ckpt = load(path, kind)
-    if ckpt.fingerprint and ckpt.fingerprint != identity.fingerprint:
+    if ckpt.fingerprint and not identity.matches({"fingerprint": ckpt.fingerprint, "identity": ckpt.identity}):
         if kind == "path":
             raise refuse(path, _another_run(ckpt, identity))
         raise ConfigError("run_dir", str(files.dir), f".hydra/config.yaml is not the config of the run in "

@@ -5,12 +5,15 @@ the review uses (which says why a record cannot be used)."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
 from .epochlog import epoch_log, epoch_summary, read_epochs
 from .identity import model_name
-from .storage import read_json, write_json
+from .storage import NotAFile, read_bytes, read_json, write_json
+
+log = logging.getLogger(__name__)
 
 STATUSES = ("running", "done", "diverged", "failed", "interrupted")
 FINISHED = ("done", "diverged")  # a run in one of these is never trained again: starting it does nothing
@@ -45,12 +48,16 @@ def epoch_fields(run_dir: Path) -> dict:
 
 def load_results(run_dir: Path) -> tuple[dict | None, str | None]:
     """results.json, read and parsed once: (its record, None), or (None, why it cannot be used), or
-    (None, None) where there is none."""
+    (None, None) where there is none. One that is not a regular file (a FIFO) is not opened: a warning
+    line names it."""
     path = Path(run_dir) / "results.json"
     try:
-        res = json.loads(path.read_text())
+        res = json.loads(read_bytes(path))
     except FileNotFoundError:
         return None, None
+    except NotAFile as e:  # a FIFO (never waited on): named once, its run shown as unreadable
+        log.warning("%s; its run is shown as unreadable", e)
+        return None, f"results.json is {e.kind}, not a regular file: not read"
     except (OSError, ValueError) as e:
         return None, f"results.json: not valid JSON ({' '.join(str(e).split())[:120]})"
     if not isinstance(res, dict):

@@ -11,11 +11,14 @@ Numeric pandas frames, for a notebook as for the summary files:
 A *group* is the runs that differ only by `seed`: grouped by every config key (identity keys and
 +labels) that varies across the finished runs, except `seed` — the same rule for tables, deltas and
 plots. Only finished runs (`status: done`, not a repeat of another) are counted; the others stay in
-`runs()` with their status. Timings are aggregated only within one device type.
+`runs()` with their status. A group counts each seed once: `n` is its number of distinct seeds, and a
+second run of a seed already in the group is a repeat (`duplicate_of`, warned about). Timings are
+aggregated only within one device type.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from pathlib import Path
@@ -25,6 +28,8 @@ import pandas as pd
 
 from .collect import collect, comparable, config_columns, epoch_rows, varying
 from .errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # always the first group columns (the facets and the x axis), whether they vary or not
 FIRST = ["model.name", "dataset.name", "coupling.alpha"]
@@ -45,18 +50,47 @@ def runs(paths) -> pd.DataFrame:
     `optimizer.lr`, a `+label` by its name …)."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
-    return collect(paths)
+    df = collect(paths)
+    for index, first in repeated_seeds(df).items():
+        log.warning("%s repeats seed %s of %s in the same group: counted once", df.at[index, "run_dir"],
+                    comparable(df.at[index, "seed"]), first)
+        df.at[index, "duplicate_of"] = first
+    return df
+
+
+def _finished(runs: pd.DataFrame) -> pd.DataFrame:
+    return runs[(runs["status"] == "done") & runs["duplicate_of"].isna()]
 
 
 def counted(runs: pd.DataFrame) -> pd.DataFrame:
-    """The runs that enter aggregates: done, and not a repeat of another run."""
-    return runs[(runs["status"] == "done") & runs["duplicate_of"].isna()]
+    """The runs that enter aggregates: done, not a repeat of another run, one run per seed of a group."""
+    return _finished(runs).drop(index=list(repeated_seeds(runs)))
+
+
+def repeated_seeds(runs: pd.DataFrame) -> dict:
+    """index -> run dir, for each finished run whose group already has a run of its seed (the one
+    kept: the first by run dir). Two runs of one seed in a group are one run twice however they came
+    about (a record that typed a default another way, a copied sweep): counting both would shrink the
+    error bars with no new evidence."""
+    done = _finished(runs)
+    keys = _group_keys(done, runs)
+    kept, repeats = {}, {}
+    for index, row in done.sort_values("run_dir").iterrows():
+        at = (_key(row, keys), comparable(row["seed"]))
+        if at in kept:
+            repeats[index] = kept[at]
+        else:
+            kept[at] = row["run_dir"]
+    return repeats
 
 
 def group_keys(runs: pd.DataFrame) -> list[str]:
     """The columns that define groups: model, dataset and alpha, then every other config key that
     varies across the counted runs, except `seed`."""
-    done = counted(runs)
+    return _group_keys(_finished(runs), runs)
+
+
+def _group_keys(done: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
     keys = [k for k in config_columns(runs) if k != "seed"]
     order = {k: i for i, k in enumerate(ORDER)}
     others = sorted(varying(done, [k for k in keys if k not in FIRST]), key=lambda k: (order.get(k, len(ORDER)), k))
@@ -151,6 +185,10 @@ def compare(runs: pd.DataFrame, baseline: dict | None = None, metrics=("test_top
         if k not in config_columns(runs) or k == "seed":
             allowed = ", ".join(varying(counted(runs), config_columns(runs))) or "none vary"
             raise ConfigError("baseline", f"{k}={v}", f"not a config key of these runs (keys that vary: {allowed})")
+        have = sorted({comparable(x) for x in counted(runs)[k]}, key=lambda x: _sortable((x,)))
+        if baseline != {"coupling.alpha": 0} and comparable(v) not in have:  # the default's may be in another sweep
+            raise ConfigError("baseline", f"{k}={v}", f"no finished run has {k}={v} (the finished runs' values: "
+                                                      f"{', '.join(map(str, have))})")
     keys = group_keys(runs)
     keys += [k for k in baseline if k not in keys]
     groups = dict(_groups(runs, keys))

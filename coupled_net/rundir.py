@@ -62,15 +62,15 @@ def examine(run_dir: Path, identity: Identity, checkpoint: bool = True) -> Verdi
     files = RunFiles(run_dir)
     results = files.read_results()
     trained = _holds_training(files, results)
-    stored = (results or {}).get("fingerprint")
-    if trained and results is not None and stored != identity.fingerprint:
+    ours = results is not None and identity.matches(results)
+    if trained and results is not None and not ours:
         return Verdict("conflict", results, _mismatch("results.json", results, identity))
-    if stored == identity.fingerprint and results.get("status") in FINISHED:
+    if ours and results.get("status") in FINISHED:
         return Verdict("done", results)
     if checkpoint:
         ckpt, path = resume_point(files.last, files.checkpoints)
         if ckpt is not None:
-            if ckpt.get("fingerprint") != identity.fingerprint:
+            if not identity.matches(ckpt):
                 return Verdict("conflict", results, _mismatch(f"checkpoints/{path.name}", ckpt, identity))
             return Verdict("resume", results, checkpoint=ckpt, checkpoint_path=path)
     return Verdict("resume" if trained else "new", results)

@@ -1,7 +1,8 @@
 """Writes that matter are atomic (SPEC §5): a whole file is written to a temp file beside its place,
 fsynced and renamed over it, so a kill or a full disk leaves the old file or the new one, never half
 of one. A full disk is said in one line naming the file and the space left (DiskFull). The reader
-and writer of the project's small JSON records (results.json, manifest.json, caches, tracker state)."""
+and writer of the project's small JSON records (results.json, manifest.json, caches, tracker state);
+a record's reader opens regular files only (read_bytes), so a FIFO never blocks it (NotAFile)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import errno
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -23,6 +25,44 @@ class DiskFull(OSError):
         return self.strerror
 
 
+class NotAFile(OSError):
+    """A path that is there but is not a regular file (a FIFO, a socket, a device, a directory):
+    read_bytes does not read it, so a reader never blocks on it. `kind` says what it is."""
+
+    def __init__(self, path, kind: str):
+        super().__init__(errno.EINVAL, f"{path} is {kind}, not a regular file: not read", str(path))
+        self.kind = kind
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"))
+
+
+def _not_regular(path, mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        raise NotAFile(path, next((kind for test, kind in _KINDS if test(mode)), "not a file"))
+
+
+def read_bytes(path) -> bytes:
+    """The bytes of the regular file `path`. Anything else is NotAFile without being read: opening a
+    FIFO for reading blocks until a writer comes (forever, for a stray one). It is checked before the
+    open, then the open itself is non-blocking and checked again (a path replaced in between)."""
+    _not_regular(path, os.stat(path).st_mode)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        _not_regular(path, os.fstat(fd).st_mode)
+        os.set_blocking(fd, True)
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
+        return f.read()
+
+
 def _free(folder: Path) -> str:
     try:
         free = shutil.disk_usage(folder).free
@@ -35,12 +75,25 @@ def _free(folder: Path) -> str:
     return ""
 
 
+def _chain(e: BaseException):
+    """`e`, then what it was raised from or while handling (__cause__, __context__), down the chain."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
 def _no_space(e: BaseException) -> bool:
-    """ENOSPC/EDQUOT, or what torch.save's C++ writer says when the disk fills
-    ("[enforce fail at inline_container.cc:672] ... file write failed")."""
-    if isinstance(e, OSError):
-        return e.errno in (errno.ENOSPC, errno.EDQUOT)
-    return isinstance(e, RuntimeError) and ("file write failed" in str(e) or "No space left" in str(e))
+    """ENOSPC/EDQUOT anywhere down the exception chain (torch.save into a Python file raises its C++
+    writer's "[enforce fail at inline_container.cc:672] . unexpected pos ..." with the OSError only as
+    the context), or what that writer says itself when the disk fills ("... file write failed")."""
+    for link in _chain(e):
+        if isinstance(link, OSError) and link.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(link, RuntimeError) and ("file write failed" in str(link) or "No space left" in str(link)):
+            return True
+    return False
 
 
 def disk_full(e: BaseException, path: Path | None = None) -> str | None:
@@ -49,8 +102,9 @@ def disk_full(e: BaseException, path: Path | None = None) -> str | None:
         return str(e)
     if not _no_space(e):
         return None
-    where = Path(path or getattr(e, "filename", None) or ".")
-    return f"No space left on device writing {where} ({_free(where.parent)} free there)"
+    named = next((link.filename for link in _chain(e) if getattr(link, "filename", None)), None)
+    where = Path(path or named or ".")
+    return f"No space left on device writing {where} ({_free(where if where.is_dir() else where.parent)} free there)"
 
 
 def atomic_write(path: Path, write) -> None:
@@ -87,9 +141,10 @@ def write_json(path: Path, obj, indent: int = 2) -> None:
 
 
 def read_json(path: Path) -> dict | None:
-    """The JSON object in `path`; None when the file is absent, unreadable, not JSON or not an object."""
+    """The JSON object in `path`; None when the file is absent, unreadable, not a regular file (a FIFO:
+    never waited on), not JSON or not an object."""
     try:
-        value = json.loads(Path(path).read_text())
+        value = json.loads(read_bytes(path))
     except (OSError, ValueError):
         return None
     return value if isinstance(value, dict) else None

@@ -18,7 +18,8 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .errors import ConfigError
-from .identity import identity_of, run_key
+from .identify import identity_of
+from .identity import run_key
 from .machine import slurm_array_job_id
 from .results import FINISHED, RunFiles
 from .rundir import Verdict, examine
@@ -99,7 +100,7 @@ def _finished_runs(sweep_dir: Path) -> dict[str, Path]:
     for run_dir in sorted(sweep_dir.iterdir()) if sweep_dir.is_dir() else ():
         res = RunFiles(run_dir).read_results() if run_dir.is_dir() else None
         if res and res.get("fingerprint") and res.get("status") in FINISHED:
-            found.setdefault(run_key(res["fingerprint"], res.get("labels")), run_dir)
+            found.setdefault(run_key(res), run_dir)
     return found
 
 
@@ -116,14 +117,14 @@ def plan(config_loader, config: DictConfig, jobs: Sequence[Sequence[str]], first
     """Every job's run directory and what it holds. A job whose run (same fingerprint and labels) is
     already finished in another directory of the sweep — the same overrides spelt another way, a
     default value typed out — counts as done there, not as a run to train again."""
-    planned, elsewhere = [], None
+    planned, elsewhere, contents = [], None, {}
     for num, overrides in enumerate(jobs, start=first_num):
         run_dir, cfg = job_config(config_loader, config, overrides, num)
         task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
         job = PlannedJob(num, list(overrides), run_dir, None)
         try:
             check_config(task)  # a bad value in one job refuses the whole launch (see bad_configs)
-            identity = identity_of(task)
+            identity = identity_of(task, contents)
             job.verdict = examine(run_dir, identity)
             job.verdict.checkpoint = None  # only its fingerprint was needed here
         except ConfigError as e:

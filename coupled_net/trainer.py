@@ -4,6 +4,9 @@
     -> best model (by val loss before KE, or after with select_by=ke_val_loss) -> early stopping
     -> scheduler step -> last.pt (+ a periodic copy)
 
+A scheduler whose step() takes a metric (ReduceLROnPlateau, or a user's own with a required argument)
+is stepped with the selection metric: val_loss, or ke_val_loss with select_by=ke_val_loss.
+
 The training step's recipe: cross-entropy with optional label smoothing (trainer.label_smoothing;
 the training loss only: validation and test stay plain cross-entropy, so val_loss, the selection
 metric and early stopping mean the same for every run) and optional gradient clipping to a global L2
@@ -15,6 +18,7 @@ and only rank 0 writes files."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import shutil
@@ -73,6 +77,17 @@ class Numerics:
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
 
+def steps_on_metric(scheduler) -> bool:
+    """Does `scheduler.step` need a metric (a positional parameter without a default, as
+    ReduceLROnPlateau's `metrics`)? Such a scheduler is stepped with the run's selection metric."""
+    try:
+        params = inspect.signature(scheduler.step).parameters.values()
+    except (AttributeError, TypeError, ValueError):  # none, or a builtin without a signature: stepped plainly
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return any(p.kind in positional and p.default is inspect.Parameter.empty for p in params)
+
+
 def _summed_over_ranks(sums: torch.Tensor, seen: int) -> list[float]:
     """Device-side sums and the host's sample count, added over all ranks; one read."""
     total = torch.cat([sums, torch.tensor([float(seen)], dtype=torch.float64, device=sums.device)])
@@ -127,6 +142,7 @@ class Trainer:
                  guard: StopGuard | None = None, stamp: dict | None = None,
                  on_epoch_end: Callable[[LoopState], None] | None = None):
         self.model, self.coupling, self.optimizer, self.scheduler = model, coupling, optimizer, scheduler
+        self.scheduler_takes_metric = steps_on_metric(scheduler)
         self.train_model = model if train_model is None else train_model  # DDP-wrapped and/or compiled
         self.loaders, self.device, self.world = loaders, device, world
         self.epochs, self.patience, self.select_by = epochs, patience, select_by
@@ -376,6 +392,8 @@ class Trainer:
             if progress.bad_epochs >= self.patience:
                 progress.stopped_early = True
                 log.info("early stopping: %s has not improved for %d epochs", self.select_by, self.patience)
+            elif self.scheduler_takes_metric:  # ReduceLROnPlateau: on the metric the run selects by
+                self.scheduler.step(metric)
             else:
                 self.scheduler.step()
         progress.elapsed_s += carried + time.perf_counter() - started

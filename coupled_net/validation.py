@@ -29,8 +29,8 @@ from .data import IN_MEMORY_ONLY
 from .errors import AsTyped, ConfigError, one_line
 from .extras import missing_extra
 from .identity import flatten, model_name
-from .knobs import (ADAM, ADAMW, GROUPS, KNOBS, KNOWN, OPTION_KEY, OPTIONAL_GROUPS, declared, is_int, spell,
-                    unknown_key)
+from .knobs import (ADAM, ADAMW, CROP_FLIP, GROUPS, KNOBS, KNOWN, OPTION_KEY, OPTIONAL_GROUPS, declared, is_int,
+                    spell, unknown_key)
 from .machine import available_bytes, rank_gpu, resolve_device
 from .models import BUILTIN, RESERVED, make
 from .targets import keywords, locate
@@ -40,6 +40,10 @@ from .targets import keywords, locate
 TRAIN_IMAGES = {"mnist": 60_000, "fashion_mnist": 60_000, "emnist_letters": 124_800, "cifar10": 50_000,
                 "cifar100": 50_000, "svhn": 73_257, "kmnist": 60_000}
 SYNTHETIC_CLASSES = 26
+# The side of the images as stored, in pixels, where the config tells it (image_folder: each file its own):
+# what augment.padding pads, before the crop is resized to model.input_size.
+STORED_SIDE = {"mnist": 28, "fashion_mnist": 28, "emnist_letters": 28, "kmnist": 28, "synthetic_letters": 28,
+               "cifar10": 32, "cifar100": 32, "svhn": 32}
 
 
 # ---- one group's keys ---------------------------------------------------------------------------
@@ -175,10 +179,34 @@ def batch_fits(batch_size: int, train: int, how: str) -> None:
                           f"must be at most {train}, the training split's size ({how})")
 
 
+def overfit_fits(trainer: dict, train: int, how: str) -> None:
+    """trainer.overfit_batches=N asks for N whole batches of the training split: more than the split
+    holds would silently be the whole split (the last batch short), not the batches asked for."""
+    n, batch = trainer.get("overfit_batches") or 0, trainer["batch_size"]
+    if n * batch > train:
+        raise ConfigError("trainer.overfit_batches", n,
+                          f"must be at most {train // batch}, the whole batches of trainer.batch_size={batch} in the "
+                          f"training split of {train} images ({how})")
+
+
 def _batch_fits_split(c: dict) -> None:
     known = training_images(c["dataset"])
     if known:
         batch_fits(c["trainer"]["batch_size"], *known)
+        overfit_fits(c["trainer"], *known)
+
+
+def _padding_within_image(c: dict) -> None:
+    """augment.padding at most half the side of the stored image: every crop then keeps at least half
+    the image in each direction. More, and crops that are mostly zeros (from a padding of the side on,
+    some only zeros) are trained on as the image's class: with 1000 on 28 pixels 99.9 % of the crops
+    hold no pixel of the image. Checked where the config tells the side; an image_folder's files each
+    have their own (not measured for it)."""
+    augment, side = c.get("augment") or {}, STORED_SIDE.get(c["dataset"]["name"])
+    padding = augment.get("padding")
+    if side and augment.get("_target_") == CROP_FLIP and is_int(padding) and padding > side // 2:
+        raise ConfigError("augment.padding", padding, f"must be at most {side // 2}, half the side of the {side}-pixel "
+                                                      f"{c['dataset']['name']} images it pads")
 
 
 @dataclass(frozen=True)
@@ -219,7 +247,8 @@ def model_shape(c: dict) -> ModelShape:
 
 
 # Checks of keys that must agree, in order; each raises ConfigError.
-CHECKS = (_per_channel, _model_fits_dataset, _pipeline, _nesterov, _batch_fits_split, model_shape)
+CHECKS = (_per_channel, _model_fits_dataset, _pipeline, _nesterov, _batch_fits_split, _padding_within_image,
+          model_shape)
 
 
 # ---- entry points -----------------------------------------------------------------------------------

@@ -9,8 +9,9 @@ import argparse
 import logging
 import sys
 
-from coupled_net.errors import ConfigError
+from coupled_net.errors import ConfigError, one_line
 from coupled_net.report import write_summary
+from coupled_net.storage import disk_full
 
 
 def baseline(text: str) -> tuple[str, object]:
@@ -36,6 +37,9 @@ def main() -> None:
     except (FileNotFoundError, ConfigError) as e:
         print(f"collect: error: {e}", file=sys.stderr)
         raise SystemExit(2)
+    except OSError as e:  # a full disk, an unwritable --out: one line, not a traceback
+        print(f"collect: error: {disk_full(e, args.out or args.dirs[0]) or one_line(e)}", file=sys.stderr)
+        raise SystemExit(1)
     except KeyboardInterrupt:
         print("collect: interrupted", file=sys.stderr)
         raise SystemExit(130)

@@ -323,3 +323,64 @@ def test_the_augment_group_reaches_the_training_loader(tmp_path):
     assert policy() == Letters()
     assert policy("augment=crop_flip", "augment.padding=2") == CropFlip(padding=2, flip_p=0.5)
     assert policy("augment=none") == NoAugment()
+
+
+# ---- non-square images; DDP ranks ----------------------------------------------------------------
+
+def test_the_pil_random_pad_crop_keeps_height_and_width_apart_on_a_non_square_image():
+    import numpy as np
+    from PIL import Image
+
+    image = torch.arange(1, 16, dtype=torch.uint8).view(3, 5)  # 3 rows, 5 columns
+    pil = Image.fromarray(image.numpy())
+    torch.manual_seed(0)
+    crops = [np.asarray(RandomPadCrop(1)(pil)) for _ in range(300)]
+    assert {c.shape for c in crops} == {(3, 5)}
+    got = {tuple(c.flatten().tolist()) for c in crops}
+    assert got == every_crop(image, 1, flips=False)  # the 9 windows of the padded 5 x 7 image
+    # the first window by hand: the padded image's rows 0..2, columns 0..4
+    assert (0, 0, 0, 0, 0, 0, 1, 2, 3, 4, 0, 6, 7, 8, 9) in got
+
+
+def test_the_tensor_pad_crop_flip_keeps_height_and_width_apart_on_a_non_square_batch():
+    image = torch.arange(1, 16, dtype=torch.uint8).view(3, 5)
+    p = sample_crop_params(300, torch.Generator().manual_seed(0), padding=1, flip_p=0.5)
+    out = pad_crop_flip(image.expand(300, 1, 3, 5), 1, p)
+    assert out.shape == (300, 1, 3, 5)
+    assert {tuple(o.flatten().tolist()) for o in out} == every_crop(image, 1)
+    one = {"top": torch.tensor([2]), "left": torch.tensor([0]), "flip": torch.tensor([False])}
+    assert pad_crop_flip(image.view(1, 1, 3, 5), 1, one)[0, 0].tolist() == [
+        [0, 6, 7, 8, 9], [0, 11, 12, 13, 14], [0, 0, 0, 0, 0]]  # rows 2..4, columns 0..4 of the padded image
+
+
+def rank_loader(policy, pipeline, rank, world_size, n=40):
+    """A training loader of `n` copies of one image (so two equal outputs mean equal draws), as DDP rank `rank`."""
+    image = torch.randint(0, 256, (1, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(9))
+    src = data.ArraySource(image.expand(n, 32, 32, 3).contiguous(), torch.zeros(n, dtype=torch.int64))
+    mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
+    if pipeline == "tensor":
+        split = data.SplitDataset(src, torch.arange(n), None, 0)
+        return loaders.TensorLoader(split, torch.device("cpu"), 32, mean, std, 8, True, 0, rank, world_size,
+                                    augment=policy)
+    train_tf, _ = data.pil_transforms(32, mean, std, policy)
+    return loaders.EpochLoader(data.SplitDataset(src, torch.arange(n), train_tf, 0), 8, True, 0, False, 0, rank,
+                               world_size)
+
+
+@pytest.mark.parametrize("pipeline", ["tensor", "pil"])
+@pytest.mark.parametrize("policy", [Letters(), CropFlip(padding=4)], ids=["letters", "crop_flip"])
+def test_ddp_ranks_draw_different_augmentations_for_their_samples(pipeline, policy):
+    per_rank = []
+    for rank in (0, 1):
+        images = torch.cat([x for x, _ in epoch_batches(rank_loader(policy, pipeline, rank, 2), 1)])
+        assert images.shape == (20, 3, 32, 32)  # 40 samples, 20 per rank
+        per_rank.append(images)
+    # one image, 40 draws: CropFlip has 9 x 9 offsets x 2 flips, Letters continuous parameters, so
+    # rank 1 repeating rank 0's draws would make its batches equal to rank 0's, position by position
+    same = [torch.equal(a, b) for a, b in zip(*per_rank)]
+    assert sum(same) <= 2, same
+    if isinstance(policy, Letters):
+        assert len({x.numpy().tobytes() for x in torch.cat(per_rank)}) == 40  # every draw its own
+    if pipeline == "pil":  # a sample's draw is its own, whatever rank loads it: the ranks interleave to one process
+        alone = torch.cat([x for x, _ in epoch_batches(rank_loader(policy, pipeline, 0, 1), 1)])
+        torch.testing.assert_close(torch.stack(per_rank, 1).flatten(0, 1), alone, atol=0, rtol=0)

@@ -225,3 +225,36 @@ def test_a_job_of_submitits_local_executor_is_not_a_slurm_job(monkeypatch):
     assert slurm_job_id() is None  # its owner is then judged by host and pid, not by squeue
     monkeypatch.setattr(submitit, "JobEnvironment", lambda: Env("slurm"))
     assert slurm_job_id() == "31337_0"
+
+
+@pytest.mark.parametrize("finished_first", [True, False], ids=["finished copy first", "finished copy second"])
+def test_a_run_found_twice_keeps_the_finished_copy_whatever_the_paths_order(tmp_path, finished_first):
+    done_at, failed_at = ("a", "b") if finished_first else ("b", "a")
+    done = crafted_run(tmp_path / done_at / "run", test_top1=60.0)
+    failed = crafted_run(tmp_path / failed_at / "run", status="failed", test_top1=None)  # the same fingerprint
+    df = collect([tmp_path]).set_index("run_dir")
+    assert df.loc[str(failed), "duplicate_of"] == str(done)
+    assert pd.isna(df.loc[str(done), "duplicate_of"])
+    counted = review.counted(df.reset_index())
+    assert list(counted["run_dir"]) == [str(done)] and list(counted["test_top1"]) == [60.0]
+
+
+def test_best_val_acc_is_the_highest_val_accuracy_of_a_curve_that_peaks_early(tmp_path):
+    from coupled_net.results import epoch_fields
+
+    # (val_acc, ke_val_acc, epoch_time_s, ke_eval_time_s): val top-1 peaks at epoch 1; the best
+    # epoch (selected by validation loss) is 2; the last epoch is the lowest
+    epochs = ((72.0, 70.0, 10.0, 1.0), (65.0, 64.5, 10.0, 1.0), (60.0, 62.0, 10.0, 1.0))
+    run = make_run(tmp_path / "run", epochs=epochs, best_epoch=2)
+    row = collect([tmp_path]).iloc[0]
+    assert row["best_epoch"] == 2
+    assert row["best_val_acc"] == 72.0       # the highest val top-1 of any epoch (epoch 1)
+    assert row["best_ke_val_acc"] == 70.0    # the highest after KE (epoch 1)
+    assert row["last_val_acc"] == 60.0
+    assert row["ke_drop_best"] == pytest.approx(65.0 - 64.5)  # at the best epoch, 2
+    assert row["ke_drop_mean"] == pytest.approx(((72 - 70) + (65 - 64.5) + (60 - 62)) / 3)
+    assert epoch_fields(run)["best_val_acc"] == 72.0 and epoch_fields(run)["best_ke_val_acc"] == 70.0  # results.json
+    write_summary([tmp_path])
+    written = pd.read_csv(tmp_path / "summary.csv").iloc[0]
+    assert (written["run_dir"], written["best_val_acc"], written["best_ke_val_acc"]) == (str(run), 72.0, 70.0)
+    assert pd.read_csv(tmp_path / "summary_groups.csv").iloc[0]["best_val_acc_mean"] == 72.0

@@ -165,3 +165,22 @@ def test_alpha_zero_makes_ke_metrics_equal_plain_metrics(tmp_path):
     assert len(rows) == 2
     for row in rows:
         assert row["ke_val_loss"] == row["val_loss"] and row["ke_val_acc"] == row["val_acc"]
+
+
+# ---- grouped convs: coupling keeps its meaning only with an even number of filters per group ------
+
+def test_a_grouped_conv_with_an_odd_number_of_filters_per_group_is_refused_for_coupling():
+    from torch import nn
+
+    # 2 groups of 3 filters: pair (2, 3) straddles the groups. Even group count, even filter count:
+    # only the filters per group are odd
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2))
+    with pytest.raises(ConfigError) as err:
+        Coupling(model, alpha=1)
+    assert str(err.value) == (
+        "coupling.layer='0': a grouped conv (groups=2, 3 filter(s) per group): filters 2k and 2k+1 see different "
+        "input channels, so equal filters would not give equal outputs; couple a conv with an even number of "
+        "filters per group")
+    assert Coupling(model, alpha=0).layer_paths == ["0"]  # nothing coupled: allowed
+    # 3 groups of 2 filters (an odd group count): every pair inside one group, allowed up to alpha 3
+    assert Coupling(nn.Sequential(nn.Conv2d(3, 6, 3, groups=3)), alpha=3).layer_paths == ["0"]

@@ -6,8 +6,10 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+from omegaconf import OmegaConf
 
-from coupled_net.identity import NON_IDENTITY, differences, identity_of, run_name
+from coupled_net.identify import identity_of
+from coupled_net.identity import NON_IDENTITY, differences, run_key, run_name, same_value
 
 from helpers import compose_cfg
 
@@ -117,3 +119,51 @@ def test_a_long_run_name_keeps_a_readable_prefix_and_ends_in_a_digest_of_the_who
     name = run_name(overrides)
     assert name == f"{whole.encode()[:191].decode()}-{hashlib.sha256(whole.encode()).hexdigest()[:8]}"
     assert len(name.encode()) == 200
+
+
+# ---- numbers that are equal are one value (issue 18, item 2) -----------------------------------
+
+@pytest.mark.parametrize("typed", [
+    "trainer.label_smoothing=0", "augment.degrees=20", "augment.shear=10", "scheduler.eta_min=0",
+    "optimizer.lr=5e-2", "dataset.mean=[0.1125]", "augment.scale=[0.8,1.2]",
+])
+def test_a_default_typed_as_an_integer_or_spelt_otherwise_is_the_same_run(typed):
+    # 2972b43501ac47f5: quickstart's fingerprint since before the augment group (pinned above)
+    assert fingerprint(typed) == "2972b43501ac47f5"
+
+
+def test_an_integer_where_a_float_is_taken_is_that_float_in_the_identity_and_the_directory_name():
+    assert fingerprint("trainer.label_smoothing=1e-1") == fingerprint("trainer.label_smoothing=0.1")
+    assert fingerprint("augment.degrees=15") == fingerprint("augment.degrees=15.0") != fingerprint()
+    assert identity_of(compose_cfg(*QUICK, "augment.degrees=15")).keys["augment.degrees"] == 15.0
+    floats = frozenset({"trainer.label_smoothing", "augment.scale"})
+    assert run_name(["trainer.label_smoothing=0", "seed=1"], floats) == "seed=1,trainer.label_smoothing=0.0"
+    assert run_name(["trainer.label_smoothing=0.0", "seed=1"], floats) == "seed=1,trainer.label_smoothing=0.0"
+    assert run_name(["seed=1"], floats) == "seed=1"  # an integer key stays one
+
+
+def test_the_sweep_directory_resolver_types_the_values_as_their_keys_declare():
+    named = OmegaConf.create({"o": ["trainer.label_smoothing=0", "augment.degrees=20", "coupling.alpha=2"],
+                              "name": "${coupled_net.run_name:${o}}"})
+    assert named.name == "augment.degrees=20.0,coupling.alpha=2,trainer.label_smoothing=0.0"
+
+
+def test_a_record_that_typed_a_default_as_an_integer_is_still_the_run_it_repeats():
+    """Before 0 and 0.0 were one value, `trainer.label_smoothing=0` recorded a run under a fingerprint
+    of its own: that record still matches the run (resume, skip) and is the same run to the collector."""
+    ident = identity_of(compose_cfg(*QUICK))
+    legacy = {"fingerprint": "0123456789abcdef", "identity": {**ident.keys, "trainer.label_smoothing": 0,
+                                                             "augment.degrees": 20}, "labels": {}}
+    assert ident.matches(legacy) and run_key(legacy) == ident.run_key
+    other = {**legacy, "identity": {**ident.keys, "trainer.label_smoothing": 0.1}}
+    assert not ident.matches(other) and run_key(other) != ident.run_key
+    assert differences(other["identity"], ident.keys) == ["trainer.label_smoothing: 0.1 → (absent)"]
+    labelled = {**legacy, "labels": {"note": "x"}}
+    assert run_key(labelled) != ident.run_key  # labels still tell runs apart
+    assert not ident.matches({"fingerprint": None, "identity": ident.keys})  # an unfinished old record: no
+
+
+def test_values_compare_as_the_run_sees_them():
+    assert same_value(0, 0.0) and same_value([1, 2], [1.0, 2.0]) and same_value({"a": 1}, {"a": 1.0})
+    assert not same_value(True, 1) and not same_value("0.05", 0.05) and not same_value([1], [1, 1])
+    assert not same_value(None, 0)

@@ -6,21 +6,25 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
 
 from coupled_net import data, imagecheck
-from coupled_net.errors import ConfigError
+from coupled_net.errors import ConfigError, RunRefused
 from coupled_net.build import prepare_config
+from coupled_net.identify import identity_of
+from coupled_net.identity import differences
 from coupled_net.lifecycle import execute_run
 
-from helpers import compose_cfg, run_cli
+from helpers import REPO, compose_cfg, run_cli, snapshot
 
 CLASSES = ["circle", "cross", "stripes"]
 SIZE = 28
@@ -214,6 +218,59 @@ def test_a_finished_image_folder_run_is_not_run_again(flat_root, tmp_path):
     # num_classes is inferred again before the "already done" check, so the config is recognised as the same
     again = execute_run(folder_cfg(root, "trainer.epochs=1", "trainer.batch_size=8", "trainer.num_workers=0"), tmp_path / "run")
     assert again == first and (tmp_path / "run" / "epochs.csv").read_bytes() == rows
+
+
+# ---- the images are the run's data, so they are part of its identity (issue 18, item 1) ------------
+
+def fingerprint_of(root: Path) -> str:
+    return identity_of(folder_cfg(root)).fingerprint
+
+
+def test_a_copied_or_moved_image_folder_is_the_same_run(flat_root, tmp_path):
+    root, _ = flat_root
+    before = identity_of(folder_cfg(root))
+    assert before.keys["dataset.contents.classes"] == CLASSES and before.keys["dataset.contents.images"] == 36
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)  # other mtimes, other inodes, another root
+    data.image_folder_sources(folder_cfg(copy).dataset, 0)  # the decoding check's cache beside the images is not an image
+    assert fingerprint_of(copy) == before.fingerprint
+    moved = tmp_path / "moved"
+    copy.rename(moved)
+    assert fingerprint_of(moved) == before.fingerprint
+
+
+@pytest.mark.parametrize("change, key", [
+    (lambda root: (root / "cross" / "000.png").write_bytes((root / "cross" / "000.png").read_bytes() + b"\0"),
+     "dataset.contents.digest"),                                                        # a file resized
+    (lambda root: (root / "cross" / "000.png").rename(root / "cross" / "900.png"), "dataset.contents.digest"),
+    (lambda root: (root / "cross" / "000.png").unlink(), "dataset.contents.images"),     # a file removed
+    (lambda root: (root / "cross").rename(root / "plus"), "dataset.contents.classes"),  # a class renamed
+], ids=["resized", "renamed", "removed", "class-renamed"])
+def test_a_changed_image_folder_is_another_run_and_the_difference_is_named(flat_root, change, key):
+    root, _ = flat_root
+    before = identity_of(folder_cfg(root))
+    change(root)
+    after = identity_of(folder_cfg(root))
+    assert after.fingerprint != before.fingerprint
+    assert key in [line.split(":")[0] for line in differences(before.keys, after.keys)]
+
+
+def test_another_folder_in_a_finished_or_interrupted_run_directory_is_refused_unchanged(flat_root, tmp_path):
+    root, _ = flat_root
+    other = tmp_path / "other"
+    for cls in ("x", "y"):
+        (other / cls).mkdir(parents=True)
+        for k in range(12):
+            Image.fromarray(pattern("circle" if cls == "x" else "stripes", k), mode="L").save(other / cls / f"{k}.png")
+    run_dir = tmp_path / "run"
+    assert execute_run(folder_cfg(root), run_dir)["status"] == "done"
+    results = json.loads((run_dir / "results.json").read_text())
+    (run_dir / "results.json").write_text(json.dumps({**results, "status": "interrupted"}))  # as a kill leaves it
+    before = snapshot(run_dir)
+    with pytest.raises(RunRefused) as err:
+        execute_run(folder_cfg(other), run_dir)
+    assert 'dataset.contents.classes: ["circle", "cross", "stripes"] → ["x", "y"]' in str(err.value)
+    assert snapshot(run_dir) == before
 
 
 def test_too_few_images_for_the_splits_is_refused(tmp_path):
@@ -454,3 +511,34 @@ def test_runs_that_check_the_same_folder_at_once_decode_each_file_once(split_roo
         results = list(pool.map(lambda _: imagecheck.check_images(root, [str(f) for f in split_root[1]]), range(2)))
     assert results == [{}, {}]
     assert sorted(decodes) == sorted(f.name for f in split_root[1])
+
+
+@pytest.mark.slow
+def test_a_sweep_relaunched_on_another_folder_is_refused_and_two_folders_sweeps_are_both_reviewed(flat_root, tmp_path):
+    """The issue's repro: a sweep on folder A, then the same command on folder B into the same sweep
+    directory, answered "already done" with A's numbers; and collecting A's and B's sweeps dropped B's."""
+    a, _ = flat_root
+    b = tmp_path / "b"
+    for cls in ("x", "y"):
+        for k in range(12):
+            (b / cls).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pattern("circle" if cls == "x" else "cross", k), mode="L").save(b / cls / f"{k}.png")
+    sweep = ("-m", "experiment=quickstart", "trainer.epochs=1", "dataset=image_folder", "trainer.batch_size=8",
+             "coupling.alpha=0,2", "trainer.num_workers=0")
+    first = run_cli(*sweep, f"dataset.root={a}", f"hydra.sweep.dir={tmp_path / 's'}", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = snapshot(tmp_path / "s")
+    again = run_cli(*sweep, f"dataset.root={b}", f"hydra.sweep.dir={tmp_path / 's'}", cwd=tmp_path)
+    assert again.returncode != 0 and "already done" not in again.stdout + again.stderr
+    assert 'dataset.contents.classes: ["circle", "cross", "stripes"] → ["x", "y"]' in again.stderr
+    assert snapshot(tmp_path / "s") == before  # refused before anything was written
+
+    other = run_cli(*sweep, f"dataset.root={b}", f"hydra.sweep.dir={tmp_path / 't'}", cwd=tmp_path)
+    assert other.returncode == 0, other.stderr[-2000:]
+    review = run_cli(str(tmp_path / "s"), str(tmp_path / "t"), "--out", str(tmp_path / "out"),
+                     script=REPO / "launch" / "collect.py", cwd=tmp_path)
+    assert review.returncode == 0, review.stderr[-2000:]
+    runs = pd.read_csv(tmp_path / "out" / "summary.csv")
+    assert len(runs) == 4 and runs["duplicate_of"].isna().all()
+    groups = pd.read_csv(tmp_path / "out" / "summary_groups.csv")
+    assert len(groups) == 4 and set(groups["n"]) == {1}  # A's and B's runs are other groups, none dropped

@@ -15,7 +15,7 @@ from coupled_net import loggers
 from coupled_net.build import start_trackers
 from coupled_net.errors import ConfigError
 from coupled_net.extras import missing_extra
-from coupled_net.identity import identity_of
+from coupled_net.identify import identity_of
 from coupled_net.lifecycle import execute_run
 from coupled_net.trainer import Trainer
 from helpers import compose_cfg, read_results, run_sweep
@@ -260,3 +260,27 @@ def test_no_logger_builds_no_tracker_and_writes_no_tracker_files(tmp_path):
     execute_run(cfg, tmp_path / "run")
     names = {p.name for p in (tmp_path / "run").iterdir()}
     assert not names & {"tensorboard", "mlruns", "wandb", "mlflow_run.json", "wandb_run.json"}
+
+
+def test_trackers_receive_the_runs_plus_labels_in_their_hparams(tmp_path, monkeypatch):
+    from omegaconf import open_dict
+
+    from coupled_net.build import build_trackers
+
+    received = []
+    monkeypatch.setattr(loggers.NullLogger, "log_hparams", lambda self, params: received.append(dict(params)))
+    cfg = compose_cfg(*QUICK, "+note=first try", "+label=x", f"dataset.root={tmp_path}")
+    with open_dict(cfg):
+        cfg.logger = {"mlflow": {"_target_": "coupled_net.loggers.MLflowLogger"},
+                      "recorder": {"_target_": "coupled_net.loggers.NullLogger"}}
+    identity = identity_of(cfg)
+    assert "note" not in identity.keys and "label" not in identity.keys  # labels are not identity keys
+    (tmp_path / "run").mkdir()
+    started = build_trackers(cfg, tmp_path / "run", identity)
+    started.close()
+    assert len(received) == 1
+    params = received[0]
+    assert (params["note"], params["label"]) == ("first try", "x")
+    assert params["fingerprint"] == identity.fingerprint and params["optimizer.lr"] == 0.05
+    _, mrun, _ = mlflow_run(tmp_path / "run")  # a real tracker holds them too
+    assert (mrun.data.params["note"], mrun.data.params["label"]) == ("first try", "x")

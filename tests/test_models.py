@@ -19,7 +19,7 @@ from coupled_net.coupling import Coupling
 from coupled_net.errors import ConfigError
 from coupled_net.identity import model_name
 from coupled_net.trainer import LoopState
-from helpers import CONF, compose_cfg
+from helpers import CONF, REPO, compose_cfg, run_cli
 
 # trainer.threads=1: two threads on a loaded 2-core machine run ten times slower
 SMALL_RUN = ["model.input_size=32", "trainer.batch_size=4", "trainer.threads=1", "trainer.limit_batches=2",
@@ -264,6 +264,53 @@ def test_a_model_that_cannot_be_adapted_is_refused_in_one_line():
     assert isinstance(models.make({"_target_": f"{__name__}.GroupedStem", "input_size": 32}, 3, 10), GroupedStem)
 
 
+# ---- adapting only what needs it (issue 18, item 11) ------------------------------------------------------
+
+OWN = "helpers.ownmodels"
+
+
+def test_a_model_that_takes_num_classes_keeps_its_classifier_though_a_1x1_conv_is_registered_after_it():
+    model = models.make({"_target_": f"{OWN}.HeadBeforeMix", "input_size": 28}, 1, 26)
+    assert (model.fc.out_features, model.mix.in_channels, model.mix.out_channels) == (26, 8, 8)  # mix untouched
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 26)
+    with torch.device("meta"):  # validation's build decides alike
+        assert models.make({"_target_": f"{OWN}.HeadBeforeMix", "input_size": 28}, 1, 26).mix.out_channels == 8
+
+
+def test_a_classifier_whose_rebuilding_breaks_the_forward_is_refused_for_that_not_for_the_input_size():
+    # no num_classes parameter and 10 outputs: the last Linear or Conv2d (mix) is rebuilt, which breaks it
+    assert refusal({"_target_": f"{OWN}.FixedHeadBeforeMix", "input_size": 28}) == (
+        "model='FixedHeadBeforeMix': returns shape (1, 10) for one image, not (1, 26), and rebuilding mix (its last "
+        "Linear or 1x1 Conv2d) for 26 classes breaks its forward (RuntimeError: a and b must have same reduction dim, "
+        "but got [1, 26] X [8, 10].); give it a num_classes parameter that sizes its own classifier")
+    fits = models.make({"_target_": f"{OWN}.FixedHeadBeforeMix", "input_size": 28}, 1, 10)  # 10 classes: as it is
+    assert (fits.fc.out_features, fits.mix.out_channels) == (10, 8)
+
+
+MLP_RUN = ["experiment=quickstart", f"model._target_={OWN}.MLP", "model.name=mlp", "~model.width",
+           "dataset.train_per_class=4", "dataset.test_per_class=1", "trainer.batch_size=16", "trainer.epochs=1",
+           "trainer.limit_batches=2", "trainer.num_workers=0", "trainer.device=cpu", "trainer.threads=1"]
+
+
+def test_a_model_without_a_conv_trains_uncoupled_at_alpha_0(tmp_path):
+    from coupled_net.lifecycle import execute_run
+
+    res = execute_run(compose_cfg(*MLP_RUN, "coupling.alpha=0", f"dataset.root={tmp_path}"), tmp_path / "run")
+    assert (res["status"], res["coupled_layers"]) == ("done", [])
+
+
+def test_a_model_without_a_conv_is_refused_for_alpha_above_0_in_one_line_before_any_directory(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        resolve(compose_cfg(*MLP_RUN, "coupling.alpha=1"))
+    message = "coupling.alpha=1: needs a Conv2d layer to couple and the model has none; coupling.alpha=0 trains it " \
+              "uncoupled"
+    assert str(err.value) == message
+    proc = run_cli(*MLP_RUN, "coupling.alpha=1", f"hydra.run.dir={tmp_path / 'out'}", f"dataset.root={tmp_path}",
+                   cwd=tmp_path, env={"PYTHONPATH": str(REPO / "tests")})
+    assert (proc.returncode, proc.stderr.splitlines()) == (2, [f"coupled_net: error: {message}"])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_foreign_targets_unknown_key_or_import_or_build_failure_is_one_line():
     assert refusal({"_target_": "torchvision.models.AlexNet", "input_size": 64, "depth": 3}) == (
         "model.depth=3: not a key of model torchvision.models.AlexNet (its keys: num_classes, dropout)")
@@ -288,11 +335,24 @@ def test_the_smallest_input_size_is_found_up_front():
     assert refusal({"_target_": "torchvision.models.vit_b_16", "input_size": 32}) == (
         "model.input_size=32: vit_b_16 does not run on images of 32 pixels: AssertionError: Wrong image height! "
         "Expected 224 but got 32!")
-    # model=torchvision builds a ViT for model.input_size; one its patches do not divide is refused
+    # model=torchvision builds a ViT for model.input_size; one its patches do not divide is refused naming
+    # model.input_size and the multiple it needs, and pretrained weights fix the size
     with torch.device("meta"):
         assert models.make(tv("vit_b_16", input_size=48), 1, 26).image_size == 48
     assert refusal(tv("vit_b_16", input_size=40)) == (
-        "model='vit_b_16': AssertionError: Input shape indivisible by patch size!")
+        "model.input_size=40: vit_b_16 needs a multiple of 16 pixels (its patch size), e.g. 32 or 48")
+    assert refusal(tv("vit_h_14", input_size=13)) == (
+        "model.input_size=13: vit_h_14 needs a multiple of 14 pixels (its patch size), e.g. 14")
+    assert refusal(tv("maxvit_t", input_size=32)) == (
+        "model.input_size=32: maxvit_t needs a multiple of 224 pixels (7x7 attention windows at 1/32 of the image), "
+        "e.g. 224")
+
+
+def test_a_vit_with_a_weights_file_needs_the_size_its_weights_fix(tmp_path):
+    (tmp_path / "vit.pth").write_bytes(b"")  # refused before it is read
+    assert refusal(tv("vit_b_16", input_size=32, weights=str(tmp_path / "vit.pth"))) == (
+        f"model.input_size=32: vit_b_16 with model.weights={tmp_path / 'vit.pth'} needs images of exactly 224 pixels, "
+        "the size its weights fix")
 
 
 def test_validation_builds_the_model_on_the_meta_device_and_refuses_before_any_data(monkeypatch):
@@ -358,3 +418,27 @@ def test_the_model_summary_leaves_the_model_on_its_own_device(tmp_path):
     write_model_summary(model, 1, 32, Coupling(model, 2), tmp_path / "model_summary.txt")
     assert {p.device.type for p in model.parameters()} == {"meta"}
     assert "coupled layer(s): features.0.0; alpha=2" in (tmp_path / "model_summary.txt").read_text()
+
+
+# ---- pretrained kernels for another number of input channels ------------------------------------
+
+@pytest.mark.parametrize("channels", [1, 6])
+def test_pretrained_rgb_kernels_adapted_to_other_channels_keep_the_response_to_a_grey_image(channels):
+    import copy
+
+    from coupled_net.adapt import adapt_first_conv
+
+    torch.manual_seed(3)
+    rgb = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+    adapted = copy.deepcopy(rgb)
+    adapt_first_conv(adapted, channels, "rgb_net", pretrained=True)
+    assert adapted[0].in_channels == channels and adapted[0].weight.shape == (8, channels, 3, 3)
+    grey = torch.rand(2, 1, 9, 9)
+    with torch.no_grad():
+        want = rgb(grey.expand(2, 3, 9, 9))  # a grey image is three equal colour channels
+        got = adapted(grey.expand(2, channels, 9, 9))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert want.abs().mean() > 0.1  # a response worth comparing
+    if channels == 1:  # the sum of the three kernels, by hand
+        w = rgb[0].weight
+        torch.testing.assert_close(adapted[0].weight[:, 0], w[:, 0] + w[:, 1] + w[:, 2])

@@ -272,3 +272,92 @@ def test_torchvision_runs_are_grouped_by_their_arch_as_the_model_name_without_a_
     assert list(zip(table["model.name"], table["coupling.alpha"], table["test_top1_mean"])) == [
         ("mobilenet_v3_small", 0, 30.0), ("mobilenet_v3_small", 4, 28.0), ("regnet_y_400mf", 0, 70.0),
         ("regnet_y_400mf", 4, 71.0)]
+
+
+# ---- pairing, group order and the Δ's sign in every written format ---------------------------------
+
+def test_compare_pairs_by_seed_when_the_baseline_runs_come_in_another_order_and_miss_a_middle_seed(tmp_path):
+    # alpha=0 has seeds 3 then 1 (by path), no seed 2; alpha=2 has seeds 1, 2, 3 in order
+    base = {3: 90.0, 1: 70.0}
+    this = {1: 71.0, 2: 50.0, 3: 88.0}
+    for i, (seed, top1) in enumerate(base.items()):
+        make_run(tmp_path / f"a0-{i}", test_top1=top1, seed=seed)
+    for seed, top1 in this.items():
+        make_run(tmp_path / f"a2-s{seed}", test_top1=top1, seed=seed, coupling__alpha=2)
+    d = review.compare(review.runs(tmp_path)).iloc[0]
+    diffs = [71.0 - 70.0, 88.0 - 90.0]  # seed 1: +1, seed 3: -2
+    assert d["n_pairs"] == 2
+    assert d["delta_mean"] == pytest.approx(-0.5)
+    assert d["delta_std"] == pytest.approx(statistics.stdev(diffs))
+    assert (d["ci_low"], d["ci_high"]) == pytest.approx(t_ci(diffs))
+    assert d["p_value"] == pytest.approx(stats.ttest_rel([71.0, 88.0], [70.0, 90.0]).pvalue)
+    assert (d["baseline_mean"], d["mean"]) == pytest.approx((80.0, 79.5))
+    assert (d["n_unpaired"], d["unpaired"]) == (1, [str(tmp_path / "a2-s2")])
+
+
+def test_groups_are_ordered_by_alpha_as_numbers_in_every_table(tmp_path):
+    for alpha, top1 in ((16, 60.0), (0, 80.0), (2, 78.0)):
+        make_run(tmp_path / f"alpha{alpha}", test_top1=top1, coupling__alpha=alpha)
+    s = write_summary([tmp_path])
+    assert list(s.groups["coupling.alpha"]) == [0, 2, 16]
+    assert list(s.deltas.loc[s.deltas["metric"] == "test_top1", "coupling.alpha"]) == [2, 16]
+    assert list(pd.read_csv(tmp_path / "summary_groups.csv")["coupling.alpha"]) == [0, 2, 16]
+    headline = s.markdown.split("\n\n## ")[0]
+    rows = [line for line in headline.splitlines() if line.startswith("|")][2:]
+    assert [r.strip("|").split("|")[0].strip() for r in rows] == ["0", "2", "16"]
+    tex = (tmp_path / "summary.tex").read_text().splitlines()
+    body = tex[tex.index(r"\midrule") + 1:tex.index(r"\bottomrule")]
+    assert [line.split("&")[0].strip() for line in body] == ["0", "2", "16"]
+
+
+def md_rows(markdown: str, section: str) -> list[dict]:
+    """The body rows of the first table after the heading `section` of a Markdown text, by column."""
+    lines = markdown.split(section, 1)[1].split("\n\n")[1].splitlines()
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    return [dict(zip(cells[0], row)) for row in cells[2:]]
+
+
+def test_the_delta_keeps_its_sign_in_every_format_written(tmp_path):
+    # (test top-1, val top-1) by (alpha, seed): alpha 2 gains, alpha 4 loses, seed by seed
+    top1 = {(0, 1): (80.0, 40.0), (0, 2): (82.0, 41.0), (2, 1): (81.0, 41.0), (2, 2): (84.0, 41.0),
+            (4, 1): (78.0, 39.0), (4, 2): (79.0, 39.0)}
+    for (alpha, seed), (test, val) in top1.items():
+        make_run(tmp_path / f"a{alpha}s{seed}", test_top1=test, val_top1=val, coupling__alpha=alpha, seed=seed)
+
+    def text(mean, diffs):
+        lo, hi = t_ci(diffs)
+        assert lo < 0 < hi  # every interval crosses zero: signs on both sides
+        return f"{mean:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+    up, down = text(1.5, [1.0, 2.0]), text(-2.5, [-2.0, -3.0])                # test top-1
+    val_up, val_down = text(0.5, [1.0, 0.0]), text(-1.5, [-1.0, -2.0])        # val top-1
+    assert (up, down) == ("+1.50 [-4.85, +7.85]", "-2.50 [-8.85, +3.85]")
+    s = write_summary([tmp_path])
+
+    # summary_delta.csv: the numbers with their signs
+    csv = pd.read_csv(tmp_path / "summary_delta.csv")
+    by = {(r["coupling.alpha"], r["metric"]): r for _, r in csv.iterrows()}
+    for (alpha, metric), (mean, diffs) in {(2, "test_top1"): (1.5, [1.0, 2.0]), (4, "test_top1"): (-2.5, [-2.0, -3.0]),
+                                           (2, "val_top1"): (0.5, [1.0, 0.0]), (4, "val_top1"): (-1.5, [-1.0, -2.0])
+                                           }.items():
+        r = by[alpha, metric]
+        assert (r["delta_mean"], r["ci_low"], r["ci_high"]) == pytest.approx((mean, *t_ci(diffs))), (alpha, metric)
+
+    # summary.md's headline table and the terminal's (the same table)
+    for written in (s.markdown, s.headline):
+        rows = md_rows(written, "## What coupling costs")
+        assert [(r["alpha"], r["Δ vs alpha=0 [95 % CI]"]) for r in rows] == [("0", "baseline"), ("2", up), ("4", down)]
+
+    # summary.md's full table of paired differences
+    full = md_rows(s.markdown, "## Paired differences vs alpha=0 (by seed)")
+    assert [(r["alpha"], r["metric"], r["Δ [95 % CI]"]) for r in full] == [
+        ("2", "test_top1", up), ("2", "val_top1", val_up), ("4", "test_top1", down), ("4", "val_top1", val_down)]
+
+    # summary.tex: a real minus sign, and the plus kept
+    tex = (tmp_path / "summary.tex").read_text().splitlines()
+    body = tex[tex.index(r"\midrule") + 1:tex.index(r"\bottomrule")]
+    assert [line.split("&")[3].strip() for line in body] == [
+        "baseline", r"+1.50 [$-$4.85, +7.85]", r"$-$2.50 [$-$8.85, +3.85]"]
+
+    # the delta plot's points
+    delta = delta_plot_frame(s.deltas, s.keys, s.groups)
+    assert sorted(zip(delta["alpha"], delta["mean"])) == [(2, pytest.approx(1.5)), (4, pytest.approx(-2.5))]

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from coupled_net.identity import identity_of
+from coupled_net.identify import identity_of
 from coupled_net.epochlog import EPOCH_COLUMNS
 from coupled_net.errors import RunRefused
 from coupled_net.lifecycle import execute_run

@@ -18,7 +18,7 @@ from coupled_net import sweep
 from coupled_net.callbacks import SweepReport
 from coupled_net.cli import train_task
 from coupled_net.errors import ConfigError
-from coupled_net.identity import identity_of
+from coupled_net.identify import identity_of
 from coupled_net.objectives import objective
 from coupled_net.sweep import best_trial
 from helpers import CONF, REPO, make_run, read_results, run_cli, run_dirs

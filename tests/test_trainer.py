@@ -5,26 +5,11 @@ from __future__ import annotations
 import pytest
 
 from coupled_net.lifecycle import execute_run
-from coupled_net.trainer import Trainer
 from helpers import compose_cfg
+from helpers.scripted import scripted_validation
 
 TINY = ["experiment=quickstart", "dataset.train_per_class=4", "dataset.test_per_class=2", "trainer.batch_size=16",
         "trainer.limit_batches=1", "trainer.epochs=5", "trainer.patience=2"]
-
-
-def scripted_validation(monkeypatch, val_losses, ke_losses):
-    """Validation before KE reports val_losses[epoch-1], after KE ke_losses[epoch-1]."""
-    calls = []
-
-    def evaluate(self, name, desc=""):
-        if name == "val" and desc.startswith("epoch"):
-            epoch = int(desc.split()[1])
-            loss = ke_losses[epoch - 1] if desc.endswith("after KE") else val_losses[epoch - 1]
-            calls.append((epoch, desc.endswith("after KE")))
-            return {"loss": loss, "top1": 50.0, "top5": 90.0}
-        return {"loss": 1.0, "top1": 50.0, "top5": 90.0}
-    monkeypatch.setattr(Trainer, "evaluate_split", evaluate)
-    return calls
 
 
 def test_early_stopping_on_val_loss_before_ke(tmp_path, monkeypatch):

@@ -158,6 +158,49 @@ def test_a_bad_value_is_refused_in_one_line_naming_key_value_and_what_is_allowed
     assert str(refused.value) == message
 
 
+# ---- at the limits: the largest allowed value passes, one past it (or zero where zero is no value) does not
+
+AT_LIMIT = [
+    ["seed=4294967295"],                           # numpy's largest seed, 2**32 - 1
+    [*QUICK, "dataset.generator_seed=2147483647"],  # 2**31 - 1
+    ["coupling.alpha=32"],                         # half of alexnet's 64 first-layer filters
+    ["augment.degrees=180"],
+    ["augment.flip_p=1"],
+    ["scheduler.gamma=1"],
+    ["scheduler=none", "scheduler.factor=1"],
+    ["trainer.patience=1"],
+    [*QUICK, "dataset.train_per_class=4", "trainer.batch_size=88"],  # 26 x 4 images, 85 % of them train
+    [*QUICK, "dataset.val_fraction=0.5", "dataset.train_per_class=4", "trainer.batch_size=52"],
+]
+
+
+@pytest.mark.parametrize("overrides", AT_LIMIT, ids=[" ".join(o) for o in AT_LIMIT])
+def test_the_largest_allowed_value_is_accepted(overrides):
+    check_config(compose_cfg(*overrides))
+
+
+PAST_LIMIT = [
+    (["trainer.patience=0"], "trainer.patience=0: must be an integer >= 1"),
+    (["dataset.val_fraction=0"], "dataset.val_fraction=0: must be a number strictly between 0 and 1"),
+    (["dataset.val_fraction=1"], "dataset.val_fraction=1: must be a number strictly between 0 and 1"),
+    (["trainer.epochs=0"], "trainer.epochs=0: must be an integer >= 1"),
+    (["seed=4294967296"], "seed=4294967296: must be an integer from 0 to 4294967295"),
+    ([*QUICK, "dataset.generator_seed=2147483648"],
+     "dataset.generator_seed=2147483648: must be an integer from 0 to 2147483647"),
+    (["augment.degrees=180.5"], "augment.degrees=180.5: must be a number in [0, 180]"),
+    (["augment.flip_p=1.01"], "augment.flip_p=1.01: must be a number in [0, 1]"),
+    ([*QUICK, "dataset.train_per_class=4", "trainer.batch_size=89"], "trainer.batch_size=89: must be at most 88, "
+     "the training split's size (dataset.train_per_class=4 x 26 classes, less dataset.val_fraction=0.15)"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", PAST_LIMIT, ids=[" ".join(o) for o, _ in PAST_LIMIT])
+def test_one_past_the_limit_or_zero_where_zero_is_invalid_is_refused(overrides, message):
+    with pytest.raises(ConfigError) as refused:
+        check_config(compose_cfg(*overrides))
+    assert str(refused.value) == message
+
+
 def test_a_user_s_own_optimizer_scheduler_and_model_targets_pass_with_their_own_keys():
     check_config(compose_cfg(*QUICK, "optimizer._target_=torch.optim.RMSprop", "+optimizer.centered=true"))
     check_config(compose_cfg(*QUICK, "scheduler=none", "scheduler._target_=torch.optim.lr_scheduler.ExponentialLR",

@@ -41,7 +41,8 @@ from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQu
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 from omegaconf import OmegaConf
 
-import coupled_net.identity  # noqa: F401 - registers our resolvers (run name, direction) in SLURM job processes too
+import coupled_net.identity  # noqa: F401 - registers the minus and direction resolvers in SLURM job processes too (the
+# run-name resolver, coupled_net.identify, arrives with the pickled task function: coupled_net.cli)
 from coupled_net.errors import ConfigError, fail
 from coupled_net.storage import read_json, write_json
 
