@@ -66,10 +66,12 @@ class SweepReport(Callback):
         """The summary, then the verdict. Hydra turns an exception raised here into a warning (and exit
         status 0), so nothing may escape but SystemExit: a summary that cannot be written is one line,
         and the verdict — the failed runs, the exit status — is read from the runs without it."""
+        from .report import write_summary  # seaborn and matplotlib: imported when a sweep ends, not at start
+
         sweep_dir = Path(config.hydra.sweep.dir)
         summary, problem = None, None
         try:
-            summary = _write_summary(sweep_dir)
+            summary = write_summary([sweep_dir])
         except FileNotFoundError:
             log.warning("sweep %s: no run directories to collect", sweep_dir)
             return
@@ -94,12 +96,6 @@ class SweepReport(Callback):
             raise SystemExit(1)
 
 
-def _write_summary(sweep_dir: Path):
-    from .report import write_summary  # seaborn and matplotlib: imported when a sweep ends, not at start
-
-    return write_summary([sweep_dir])
-
-
 def run_statuses(sweep_dir: Path):
     """run_dir, status, error of every run directory directly below `sweep_dir`, from results.json
     alone: the verdict's input when the summary (which collects much more) could not be made."""
@@ -122,8 +118,8 @@ def verdict(df, planned, sweep_dir: Path) -> list[str]:
     lines = []
     for rows, what in ((bad[~running], "failed"), (bad[running], "are still running in another process")):
         if len(rows):
-            names = "; ".join(f"{Path(r.run_dir).name} ({r.status}" + (f": {r.detail})" if isinstance(r.detail, str)
-                                                                        else ")") for r in rows.itertuples())
+            names = "; ".join(f"{Path(r.run_dir).name} ({r.status}"
+                              + (f": {r.detail}" if isinstance(r.detail, str) else "") + ")" for r in rows.itertuples())
             lines.append(f"{len(rows)} of {total} runs {what} in {sweep_dir}: {names}")
     return lines
 

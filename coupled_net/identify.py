@@ -32,12 +32,9 @@ def identity_of(cfg: DictConfig, contents: dict | None = None) -> Identity:
     dataset = plain.get("dataset")
     # a missing root (`???`) is refused with the other missing keys, by the validation of the build
     if isinstance(dataset, dict) and dataset.get("name") == "image_folder" and dataset.get("root") != "???":
-        root = str(dataset.get("root"))
-        if contents is None or root not in contents:
-            found = folder_contents(cfg.dataset)
-            if contents is None:
-                contents = {}
-            contents[root] = found
+        root, contents = str(dataset.get("root")), {} if contents is None else contents
+        if root not in contents:
+            contents[root] = folder_contents(cfg.dataset)
         plain["dataset"] = {**dataset, "contents": contents[root]}
     return identity_from(plain, FLOATS)
 
