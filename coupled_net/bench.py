@@ -9,6 +9,8 @@ slowest and fastest pass, and the ratio is that of the medians."""
 
 from __future__ import annotations
 
+import functools
+import os
 import platform
 import statistics
 import tempfile
@@ -18,15 +20,19 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
 
 from . import data, synthetic
 from .checkpoint import save_torch
 from .coupling import Coupling
 from .epochlog import EPOCH_COLUMNS, CsvLog
+from .lifecycle import execute_run
 from .loaders import EpochLoader, TensorLoader
 from .machine import provenance, resolve_device, usable_cpus
 from .models import build_model
 from .monitor import SystemMonitor
+from .pool import Pool, PoolJob
+from .slots import gpu_inventory, plan_slots, visible_gpus
 from .trainer import synchronize
 
 MEAN, STD = [0.1125], [0.2285]
@@ -204,6 +210,56 @@ def bookkeeping(device, epoch_seconds: float, epochs: int = REPEATS) -> list[tup
     return [("bookkeeping per epoch (s) / share of a quickstart epoch", per_epoch, per_epoch / epoch_seconds)]
 
 
+QUICKSTART_RUN = ["experiment=quickstart", "trainer.epochs=1", "trainer.progress=false"]
+# the seed's protocol (AlexNet@224, batch 128) cut to a few hundred steps: 4,000 training images x 8 epochs
+SEED_PROTOCOL_RUN = ["dataset=synthetic_letters", "dataset.train_per_class=160", "dataset.test_per_class=20",
+                     "trainer.epochs=8", "trainer.progress=false"]
+
+
+def bench_run(overrides: list[str], run_dir: str) -> dict:
+    """One run as a sweep's job trains it (coupled_net.lifecycle), in a pool's process; its metrics."""
+    with initialize_config_dir(version_base="1.3", config_dir=str(Path(__file__).resolve().parents[1] / "conf")):
+        cfg = compose("train", overrides=overrides)
+    return execute_run(cfg, run_dir)["metrics"]
+
+
+def sweep_rows(device, label: str, overrides: list[str], n_runs: int = 8, ks=(2, 4, 8)) -> list[tuple]:
+    """The same `n_runs` runs (seeds 0 …) one at a time, then packed k at a time through the pool of
+    hydra/launcher=local (on a GPU: k runs share it; on a CPU: the cores split k ways), after one
+    untimed run; each side timed once, wall-clock from the first start to the last end (a sweep is
+    one pass: its sides are not interleaved). Rows: runs per hour of each side, the
+    packed/sequential ratio, each packed run's mean duration over a sequential run's (its slowdown),
+    and whether every packed run's metrics equal its sequential twin's."""
+    cores = sorted(os.sched_getaffinity(0))
+    gpus = visible_gpus(gpu_inventory(), os.environ.get("CUDA_VISIBLE_DEVICES"))[:1] if device.type == "cuda" else []
+    device_key = [f"trainer.device={'cuda' if device.type == 'cuda' else 'cpu'}"]
+    seen, rows = {}, []
+    with tempfile.TemporaryDirectory() as tmp:
+        warm = PoolJob(-1, "warm-up", functools.partial(bench_run, [*overrides, *device_key], f"{tmp}/warm"))
+        Pool(plan_slots(gpus=gpus, present=gpus, runs_per_gpu=1, max_parallel=1, cpus_per_run=None, cores=cores),
+             Path(tmp) / "warm-pool").run([warm])  # untimed: the first run reads the libraries from disk
+        for k in (1, *ks):
+            slots = plan_slots(gpus=gpus, present=gpus, runs_per_gpu=k if gpus else 1, max_parallel=k,
+                               cpus_per_run=None, cores=cores)
+            jobs = [PoolJob(i, f"seed={i}", functools.partial(bench_run, [*overrides, *device_key, f"seed={i}"],
+                                                              f"{tmp}/k{k}/run{i}")) for i in range(n_runs)]
+            start = time.perf_counter()
+            outcomes = Pool(slots, Path(tmp) / f"k{k}" / "pool").run(jobs)
+            wall = time.perf_counter() - start
+            failed = [o.error or f"exit code {o.returncode}" for o in outcomes if not isinstance(o.value, dict)]
+            if failed:
+                raise RuntimeError(f"sweep bench, k={k}: {failed[0]}")
+            seen[k] = (wall, statistics.mean(o.ended - o.started for o in outcomes), [o.value for o in outcomes])
+    wall1, run1, metrics1 = seen[1]
+    rows.append((f"sweep of {n_runs} {label} runs, one at a time: runs/hour", None, 3600 * n_runs / wall1))
+    for k in ks:
+        wall, run, metrics = seen[k]
+        rows.append((f"  … packed {k} at a time: runs/hour, ratio; per-run slowdown {run / run1:.2f}×, metrics "
+                     f"{'identical' if metrics == metrics1 else 'DIFFERENT'}", 3600 * n_runs / wall1,
+                     3600 * n_runs / wall))
+    return rows
+
+
 def measure_all() -> str:
     device = resolve_device("auto")
     torch.manual_seed(0)
@@ -215,6 +271,9 @@ def measure_all() -> str:
     rows += bookkeeping(device, epoch_s)
     if device.type == "cuda":
         rows += seed_protocol_epoch(device, data_workers())
+    rows += sweep_rows(device, "quickstart-size", QUICKSTART_RUN)
+    if device.type == "cuda":
+        rows += sweep_rows(device, "seed-protocol-size (AlexNet@224, 250 steps)", SEED_PROTOCOL_RUN)
     return table(rows, device, workers)
 
 
@@ -236,6 +295,9 @@ def table(rows, device, workers) -> str:
     for name, base, ours in rows:
         if name.startswith("bookkeeping"):
             lines.append(f"| {name} | {base:.4f} s | {100 * ours:.2f} % | |")
+        elif name.startswith(("sweep", "  … packed")):
+            lines.append(f"| {name} | {'' if base is None else f'{base:,.0f}'} | {ours:,.0f} | "
+                         f"{'' if base is None else f'{ours / base:.2f}×'} |")
         elif base is None:
             lines.append(f"| {name} | | {_cell(ours)} | |")
         else:

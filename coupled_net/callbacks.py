@@ -148,7 +148,8 @@ def unfinished(df, planned=None):
             {"run_dir": missing, "status": "not started", "error": [not_started.get(r) for r in missing]})])
     bad = df[~df["status"].isin(FINISHED)].copy()
     now = {run_dir: RunFiles(run_dir).read_results() or {} for run_dir in bad["run_dir"]}
-    bad = bad[[now[r].get("status") not in FINISHED for r in bad["run_dir"]]]  # finished since (another launch)
+    still = pd.Series([now[r].get("status") not in FINISHED for r in bad["run_dir"]], index=bad.index, dtype=bool)
+    bad = bad[still]  # finished since (another launch); a Series: a list would select columns when empty
     owners = {}
     for run_dir in bad["run_dir"]:
         if now[run_dir].get("status") == "running":  # its owner: results.json's, else the lock's holder

@@ -31,7 +31,9 @@ IDENTITY = ["coupling_mode", "coupling_schedule"]
 # validation costs next to an epoch
 DERIVED = ["ke_drop_mean", "ke_drop_best", "ke_eval_time_s_mean", "ke_overhead"]
 TRAILING = ["last_val_acc", "error"]  # what a run that is not done shows instead of metrics
-BOOKKEEPING = ["slurm_job_id", "slurm_state", "duplicate_of"]
+# shared_by: how many runs shared the run's GPU (or, without one, ran beside it), from the slot it was
+# started in (coupled_net.slots); 1 for a run alone. Its timings are only compared with runs alike.
+BOOKKEEPING = ["slurm_job_id", "slurm_state", "duplicate_of", "shared_by"]
 # every column of collect()'s frame that is not a config key; the rest are the runs' config keys
 RUN_COLUMNS = LEADING + IDENTITY + DERIVED + TRAILING + BOOKKEEPING
 # config keys already shown under another name
@@ -170,6 +172,7 @@ def _run_row(run_dir: Path, cfg: dict, res: dict | None, queue: dict | None, pro
         "epochs_run": res.get("epochs_run", max(r["epoch"] for r in rows) if rows else 0),
         "best_epoch": res.get("best_epoch"),
         "total_time_s": res.get("total_time_s"), "device": (res.get("provenance") or {}).get("device"),
+        "shared_by": int(((res.get("provenance") or {}).get("sharing") or {}).get("shared_by") or 1),
         "run_dir": str(run_dir), "error": error or res.get("error"),
         "coupling_mode": res.get("coupling_mode", cfg.get("coupling.mode")),
         "coupling_schedule": res.get("coupling_schedule", cfg.get("coupling.schedule")),

@@ -5,6 +5,7 @@ Nothing here changes the machine; every other module asks here."""
 from __future__ import annotations
 
 import functools
+import json
 import os
 import platform
 import socket
@@ -19,6 +20,17 @@ import torchvision
 from .errors import ConfigError
 
 DEVICES = "allowed: auto, cpu, cuda, cuda:N"
+SLOT_ENV = "COUPLED_NET_SLOT"  # the slot a scheduler started this process in (coupled_net.slots writes it)
+
+
+def this_slot() -> dict | None:
+    """The slot this process was started in (a run of hydra/launcher=local or of a packed SLURM
+    task: its GPU, cores, how many share them), or None."""
+    try:
+        record = json.loads(os.environ.get(SLOT_ENV) or "null")
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def affinity_cpus() -> int:
@@ -55,10 +67,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def available_bytes(device: torch.device) -> int:
-    """Free memory on `device`: the GPU's, or this process's share of the host's (torchrun ranks share it)."""
+    """Free memory on `device`: the GPU's (for a run sharing its GPU with others of its launch, at most
+    its share of what was free when the launch began), or this process's share of the host's
+    (torchrun ranks, and runs a scheduler started side by side, share it)."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return psutil.virtual_memory().available // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        free = torch.cuda.mem_get_info(device)[0]
+        budget = (this_slot() or {}).get("gpu_budget_bytes")
+        return min(free, int(budget)) if budget else free
+    alongside = int((this_slot() or {}).get("parallel") or 1)  # runs the scheduler started beside this one
+    return psutil.virtual_memory().available // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) // alongside
 
 
 def submitit_tasks() -> int:
@@ -117,6 +134,31 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _gpu_record(device: torch.device, slot: dict | None) -> dict:
+    """The GPU a run trains on: its index as the run sees it, its physical index, UUID and name."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    physical = slot.get("gpu") if slot and slot.get("gpu") is not None else \
+        (int(visible[index]) if index < len(visible) and visible[index].isdigit() else
+         index if "CUDA_VISIBLE_DEVICES" not in os.environ else None)
+    props = torch.cuda.get_device_properties(index)
+    uuid = getattr(props, "uuid", None)
+    return {"index": index, "physical": physical, "uuid": f"GPU-{uuid}" if uuid is not None else None,
+            "name": props.name}
+
+
+def sharing() -> dict:
+    """How many runs shared this run's GPU (or, without one, ran in parallel on the machine or its
+    SLURM task), from the slot the launcher started it in; a run started alone shares with none."""
+    slot = this_slot()
+    if slot is None:
+        return {"shared_by": 1, "parallel": 1, "packed_in": None, "slot_gpu": None, "slot_cpus": None,
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    return {"shared_by": int(slot.get("shared_by") or 1), "parallel": int(slot.get("parallel") or 1),
+            "packed_in": slot.get("packed_in"), "slot_gpu": slot.get("gpu"), "slot_cpus": slot.get("cpus"),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+
 def provenance(device: torch.device | None) -> dict:
     """Where and with what a run executes; `device` None: not chosen yet."""
     status = _git("status", "--porcelain", "--untracked-files=no")
@@ -135,4 +177,6 @@ def provenance(device: torch.device | None) -> dict:
         "device": shown,
         "host": socket.gethostname(),
         "slurm_job_id": slurm_job_id(),
+        "gpu": _gpu_record(device, this_slot()) if device is not None and device.type == "cuda" else None,
+        "sharing": sharing(),
     }

@@ -13,7 +13,8 @@ A *group* is the runs that differ only by `seed`: grouped by every config key (i
 plots. Only finished runs (`status: done`, not a repeat of another) are counted; the others stay in
 `runs()` with their status. A group counts each seed once: `n` is its number of distinct seeds, and a
 second run of a seed already in the group is a repeat (`duplicate_of`, warned about). Timings are
-aggregated only within one device type.
+aggregated only within one device type and one degree of sharing (timed_on: packed runs are timed
+under contention).
 """
 
 from __future__ import annotations
@@ -136,8 +137,18 @@ def _sortable(key: tuple) -> tuple:
                  for v in key)
 
 
+def timed_on(runs: pd.DataFrame) -> pd.Series:
+    """What each run's timings were taken on: its device type and, for a run that shared its device
+    with others of its launch (hydra.launcher.runs_per_gpu, runs_per_task, max_parallel on CPUs), how
+    many: a packed run is timed under contention, and is never pooled with runs that ran alone."""
+    shared = runs["shared_by"].fillna(1).astype(int) if "shared_by" in runs else pd.Series(1, index=runs.index)
+    label = runs["device"].astype(object).where(shared <= 1, runs["device"].astype(str) + ", shared by "
+                                                + shared.astype(str) + " runs")
+    return label.where(runs["device"].notna())
+
+
 def _devices(group: pd.DataFrame) -> list[str]:
-    return sorted({str(d) for d in group["device"].dropna()})
+    return sorted({str(d) for d in timed_on(group).dropna()})
 
 
 def summarize(runs: pd.DataFrame, metrics=METRICS) -> pd.DataFrame:
@@ -159,11 +170,12 @@ def summarize(runs: pd.DataFrame, metrics=METRICS) -> pd.DataFrame:
 
 
 def timings(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per group and device type: the timing metrics, never mixing devices."""
+    """One row per group and device type (and number of runs sharing it, timed_on): the timing
+    metrics, never mixing devices, nor packed runs with runs alone."""
     keys = group_keys(runs)
     rows = []
     for key, group in _groups(runs, keys):
-        for device, runs_on in group.groupby(group["device"].fillna("unknown"), sort=True):
+        for device, runs_on in group.groupby(timed_on(group).fillna("unknown"), sort=True):
             row = {**dict(zip(keys, key)), "device": device, "n": len(runs_on)}
             for m in TIMINGS:
                 row.update({f"{m}_{s}": v for s, v in mean_ci(runs_on[m]).items()})

@@ -14,6 +14,10 @@ them holds a signal, so all stop at the same step boundary whichever rank was si
 saves last.pt there, then each acts on its own signal (a rank that got none ends with
 RunInterrupted; a rank other than 0 leaves the requeue to rank 0 and waits for its kill).
 
+A run packed into a SLURM task (hydra.launcher.runs_per_task, coupled_net.pool) treats SLURM's
+requeue signal as a stop (last.pt at the step's end, `interrupted`); its task requeues once every
+run it holds has ended, and the requeued task resumes them.
+
 Outside the training loop (building, final evaluation) a stop signal ends the run at once."""
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import signal
 import threading
 from contextlib import contextmanager
 
-from .machine import slurm_job_id
+from .machine import slurm_job_id, this_slot
 
 log = logging.getLogger(__name__)
 REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
@@ -58,6 +62,11 @@ def _outside_slurm(handler) -> bool:
     return _is_submitit_handler(handler) and slurm_job_id() is None
 
 
+def _bypass(signum, frame) -> None:
+    log.warning("%s ignored: inside a SLURM task it comes before the kill of a requeue or a cancel",
+                signal.Signals(signum).name)
+
+
 class StopGuard:
     """`with StopGuard() as guard:` for a run's lifetime; `with guard.deferred():` around the
     training loop, which polls `guard.pending` at each step and calls `guard.release(where)`."""
@@ -71,14 +80,19 @@ class StopGuard:
     def __enter__(self) -> "StopGuard":
         if threading.current_thread() is not threading.main_thread():
             return self  # signal handlers can only be set from the main thread
+        packed = (this_slot() or {}).get("packed_in") == "slurm task"
         for sig in REQUEUE_SIGNALS:
             handler = signal.getsignal(sig)
             if _is_submitit_handler(handler):
                 self.requeue_handlers[sig] = handler
                 self._install(sig, self._hold_requeue)
+            elif packed:
+                self._install(sig, self._stop_for_task)
         for sig in STOP_SIGNALS:
             handler = signal.getsignal(sig)
-            if _is_default(sig, handler) or sig == signal.SIGTERM and _outside_slurm(handler):
+            if sig == signal.SIGTERM and packed:  # as submitit does for a run alone in its task: SLURM
+                self._install(sig, _bypass)  # sends SIGTERM before a requeue's or a cancel's kill too
+            elif _is_default(sig, handler) or sig == signal.SIGTERM and _outside_slurm(handler):
                 self._install(sig, self._stop)
         return self
 
@@ -122,6 +136,17 @@ class StopGuard:
             self.pending = ("interrupt", signum, frame)
             return
         raise RunInterrupted(signum, "(stopped at once)" if self.deferring else "")
+
+    def _stop_for_task(self, signum, frame) -> None:
+        """A run packed into a SLURM task: the task (coupled_net.pool) requeues once its runs have
+        ended; SLURM signals the task's processes and the task passes it on, so take it once."""
+        if self.pending is not None:
+            return
+        if not self.deferring:
+            raise RunInterrupted(signum, "(its SLURM task requeues it)")
+        log.warning("caught %s: saving a checkpoint at the end of this step; this run's SLURM task requeues it",
+                    signal.Signals(signum).name)
+        self.pending = ("interrupt", signum, frame)
 
     def release(self, where: str = "") -> None:
         """At a safe point, last.pt saved: requeue through submitit, or end the run (RunInterrupted)."""

@@ -94,6 +94,21 @@ def planned_num(overrides, default: int) -> int:
     return default
 
 
+def numbered_runs(jobs: Sequence[Sequence[str]], first: int) -> list[tuple[int, list]]:
+    """A batch of jobs (finished ones left out) as runs of consecutive planned numbers, each with the
+    number of its first job. A launcher that numbers a batch's jobs from `initial_job_idx` on (Hydra's
+    basic one) gives every job its planned number (planned_num) — its directory, where hydra.sweep.subdir
+    holds ${hydra.job.num} — when each run is launched on its own, from that number."""
+    runs: list[tuple[int, list]] = []
+    for num, job in enumerate(jobs, start=first):
+        num = planned_num(job, num)
+        if runs and runs[-1][0] + len(runs[-1][1]) == num:
+            runs[-1][1].append(job)
+        else:
+            runs.append((num, [job]))
+    return runs
+
+
 def _finished_runs(sweep_dir: Path) -> dict[str, Path]:
     """(fingerprint, labels) -> run dir, for the finished runs directly below `sweep_dir`."""
     found = {}

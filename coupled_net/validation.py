@@ -31,7 +31,7 @@ from .extras import missing_extra
 from .identity import flatten, model_name
 from .knobs import (ADAM, ADAMW, CROP_FLIP, GROUPS, KNOBS, KNOWN, OPTION_KEY, OPTIONAL_GROUPS, declared, is_int,
                     spell, unknown_key)
-from .machine import available_bytes, rank_gpu, resolve_device
+from .machine import available_bytes, rank_gpu, resolve_device, sharing
 from .models import BUILTIN, RESERVED, make
 from .targets import keywords, locate
 
@@ -308,6 +308,13 @@ def check_machine(c: dict) -> torch.device:
     device = resolve_device(c["trainer"]["device"])
     where = rank_gpu(device)
     need, free = batch_bytes(c, model_shape(c)), available_bytes(where)
+    shared = sharing()
+    if need > free and where.type == "cuda" and shared["shared_by"] > 1:
+        raise ConfigError("trainer.batch_size", c["trainer"]["batch_size"],
+                          f"a training batch of {model_name(c['model'])} needs about {_size(need)}, more than this "
+                          f"run's share of GPU {shared['slot_gpu']} ({_size(free)}: its free memory at launch ÷ the "
+                          f"{shared['shared_by']} runs placed on it): lower hydra.launcher.runs_per_gpu (or "
+                          "hydra.launcher.runs_per_task), or trainer.batch_size")
     if need > free:
         raise ConfigError("model.input_size", c["model"]["input_size"],
                           f"a training batch of {c['trainer']['batch_size']} images of {model_name(c['model'])} needs "

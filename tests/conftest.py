@@ -3,11 +3,13 @@ are in tests/helpers/."""
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 import torch
 
 from coupled_net import data
-from helpers import STANDINS
+from helpers import REPO, STANDINS
 
 
 def pytest_collection_modifyitems(config, items):
@@ -25,3 +27,11 @@ def standin_datasets(monkeypatch):
     for name, factory in STANDINS.items():
         monkeypatch.setitem(data.LOADERS, name, factory)
     return STANDINS
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The real one-node SLURM cluster (.ci/slurm_up.sh; started here if .ci/run has not already, once
+    a session): `pytest.mark.usefixtures("slurm_cluster")` on the tests that submit jobs."""
+    proc = subprocess.run(["bash", str(REPO / ".ci" / "slurm_up.sh")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -9,7 +9,7 @@ import torch
 from coupled_net.build import build, resolve
 from coupled_net.lifecycle import execute_run
 
-from helpers import compose_cfg, read_results
+from helpers import compose_cfg, read_results, run_cli, run_dirs
 
 pytestmark = pytest.mark.requires_gpu
 TINY = ["experiment=quickstart", "dataset.train_per_class=8", "dataset.test_per_class=2", "trainer.batch_size=32"]
@@ -47,3 +47,17 @@ def test_a_torchvision_model_trains_on_the_gpu_and_its_model_summary_leaves_it_t
                           "trainer.epochs=1", "trainer.device=cuda", f"dataset.root={tmp_path}"), tmp_path / "run")
     assert res["status"] == "done", res["error"]
     assert "mobilenet_v3_small" in res["model"]
+
+
+def test_two_runs_packed_on_one_gpu_see_cuda_0_and_the_same_physical_uuid_and_finish(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli("-m", "hydra/launcher=local", "hydra.launcher.gpus=[0]", "hydra.launcher.runs_per_gpu=2", *TINY,
+                   "trainer.epochs=1", "trainer.device=cuda", "coupling.alpha=0,2", f"hydra.sweep.dir={sweep}",
+                   f"dataset.root={tmp_path}", cwd=tmp_path, env={"CUDA_VISIBLE_DEVICES": "0"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = [read_results(d) for d in run_dirs(sweep)]
+    assert [r["status"] for r in results] == ["done", "done"]
+    gpus = [r["provenance"]["gpu"] for r in results]
+    assert [g["index"] for g in gpus] == [0, 0] and [g["physical"] for g in gpus] == [0, 0]
+    assert gpus[0]["uuid"] == gpus[1]["uuid"] and gpus[0]["uuid"].startswith("GPU-")
+    assert [r["provenance"]["sharing"]["shared_by"] for r in results] == [2, 2]

@@ -1,5 +1,6 @@
-"""Our launchers subclass hydra-submitit-launcher's; like it, their local (blocking) variant must pass
-Hydra's own launcher test suites."""
+"""Our launchers subclass hydra-submitit-launcher's; like it, they must pass Hydra's own launcher test
+suites: the local variant, and the SLURM one on the real one-node cluster (.ci/slurm_up.sh), where they
+catch what only a submitted job has (hydra.job.num in hydra.sweep.subdir, as the suites set it)."""
 
 from __future__ import annotations
 
@@ -51,4 +52,26 @@ class TestCoupledNetLocalLauncher(LauncherTestSuite):
     ["-m"],
 )])
 class TestCoupledNetLocalLauncherIntegration(IntegrationTestSuite):
+    pass
+
+
+# the SLURM suites' jobs: CPU-only, small, as tests/test_slurm.py submits them
+SLURM = {"gpus_per_node": 0, "cpus_per_task": 1, "mem_per_cpu": "1G", "timeout_min": 5}
+
+
+@pytest.mark.usefixtures("slurm_cluster")
+@pytest.mark.parametrize("launcher_name, overrides",
+                         [("coupled_net_slurm", [f"hydra.launcher.{k}={v}" for k, v in SLURM.items()])])
+class TestCoupledNetSlurmLauncher(LauncherTestSuite):
+    pass
+
+
+@pytest.mark.usefixtures("slurm_cluster")
+@pytest.mark.parametrize("task_launcher_cfg, extra_flags", [(
+    {"defaults": [{"override hydra/launcher": "coupled_net_slurm"}, {"override hydra/hydra_logging": "disabled"},
+                  {"override hydra/job_logging": "disabled"}, "_self_"],
+     "hydra": {"launcher": SLURM}},
+    ["-m"],
+)])
+class TestCoupledNetSlurmLauncherIntegration(IntegrationTestSuite):
     pass

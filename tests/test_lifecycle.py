@@ -218,15 +218,22 @@ def test_ctrl_c_stops_a_whole_sweep_and_relaunching_finishes_it(tmp_path):
     assert read_results(first)["resumes"] == 1
 
 
-def test_ctrl_c_on_a_local_launcher_sweep_stops_its_jobs_too(tmp_path):
+def test_ctrl_c_on_a_local_launcher_sweep_stops_its_jobs_too_and_the_same_command_finishes_them(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = start("-m", "hydra/launcher=local", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",
-                 *LONGER, "coupling.alpha=0,2", f"hydra.sweep.dir={sweep}", f"dataset.root={tmp_path}", cwd=tmp_path)
-    wait_for(lambda: any((p / "epochs.csv").exists() for p in run_dirs(sweep)), what="a first epoch")
+    args = ["-m", "hydra/launcher=local", "hydra.launcher.gpus=[]", "hydra.launcher.cpus_per_run=1", *LONGER,
+            "coupling.alpha=0,2,4", f"hydra.sweep.dir={sweep}", f"dataset.root={tmp_path}"]
+    proc = start(*args, cwd=tmp_path)
+    wait_for(lambda: sum((p / "epochs.csv").exists() for p in run_dirs(sweep)) == 2, what="two first epochs")
     proc.send_signal(signal.SIGINT)  # the launching process only, as `kill -INT` would
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
-    assert "stopping the sweep's 2 local job(s)" in out and "Traceback" not in err
+    assert "stopping the 2 running run(s): each saves a checkpoint at the end of its step and records " \
+           "`interrupted`; 1 not started" in out + err and "Traceback" not in err
     statuses = [read_results(p) for p in run_dirs(sweep)]
-    assert [r["status"] for r in statuses] == ["interrupted", "interrupted"]
-    assert all(r["owner"]["slurm_job_id"] is None for r in statuses)  # submitit's local jobs are not SLURM's
+    assert [r["status"] for r in statuses] == ["interrupted", "interrupted"]  # the third never started
+    assert all(r["owner"]["slurm_job_id"] is None for r in statuses)  # the pool's runs are not SLURM's
+    again = run_cli(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    finished = [read_results(p) for p in run_dirs(sweep)]
+    assert [r["status"] for r in finished] == ["done"] * 3
+    assert [r["resumes"] for r in finished] == [1, 1, 0]

@@ -216,3 +216,28 @@ def test_the_bench_table_prints_each_sides_median_and_spread_and_the_ratio_of_th
     rows = [("input pipeline @224px", Rate(100, [1.0, 4.0, 2.0]), Rate(300, [1.0, 4.0, 2.0]))]
     line = table(rows, torch.device("cpu"), 2).splitlines()[-1]
     assert line == "| input pipeline @224px | 50 img/s (25–100, n=3) | 150 img/s (75–300, n=3) | 3.00× |"
+
+
+def test_the_bench_sweep_rows_give_runs_per_hour_the_ratio_and_whether_the_packed_runs_match():
+    from coupled_net.bench import table
+
+    rows = [("sweep of 8 quickstart-size runs, one at a time: runs/hour", None, 400.0),
+            ("  … packed 4 at a time: runs/hour, ratio; per-run slowdown 2.10×, metrics identical", 400.0, 1000.0)]
+    lines = table(rows, torch.device("cpu"), 2).splitlines()[-2:]
+    assert lines == ["| sweep of 8 quickstart-size runs, one at a time: runs/hour |  | 400 |  |",
+                     "|   … packed 4 at a time: runs/hour, ratio; per-run slowdown 2.10×, metrics identical | 400 | "
+                     "1,000 | 2.50× |"]
+
+
+@pytest.mark.slow
+def test_the_bench_sweep_trains_the_same_runs_one_at_a_time_and_packed_to_the_same_metrics():
+    from coupled_net.bench import sweep_rows
+
+    rows = sweep_rows(torch.device("cpu"), "tiny", ["experiment=quickstart", "dataset.train_per_class=20",
+                                                    "dataset.test_per_class=5", "trainer.epochs=1",
+                                                    "trainer.threads=1"], n_runs=2, ks=(2,))
+    (first, none, sequential), (packed, base, rate) = rows
+    assert first == "sweep of 2 tiny runs, one at a time: runs/hour" and none is None
+    assert packed.startswith("  … packed 2 at a time: runs/hour, ratio; per-run slowdown ")
+    assert packed.endswith("metrics identical")  # one thread each side: the same arithmetic, the same seeds
+    assert base == sequential and sequential > 0 and rate > 0

@@ -185,6 +185,24 @@ def test_timings_are_never_averaged_across_device_types(tmp_path):
     assert cells[-2:] == ["mixed", ""]  # epoch s, KE cost: per device, in the table below
 
 
+def test_packed_runs_timings_are_never_pooled_with_runs_that_had_the_gpu_alone(tmp_path):
+    h200 = {"device": "NVIDIA H200"}
+    make_run(tmp_path / "s1", seed=1, epochs=((40.0, 39.0, 2.0, 0.5),), results={"provenance": h200})
+    make_run(tmp_path / "s2", seed=2, epochs=((40.0, 39.0, 5.0, 0.5),),
+             results={"provenance": {**h200, "sharing": {"shared_by": 4, "packed_in": "local"}}})
+    make_run(tmp_path / "s3", seed=3, epochs=((40.0, 39.0, 7.0, 1.0),),
+             results={"provenance": {**h200, "sharing": {"shared_by": 4, "packed_in": "slurm task"}}})
+    runs = review.runs(tmp_path)
+    assert list(runs.sort_values("seed")["shared_by"]) == [1, 4, 4]
+    g = review.summarize(runs).iloc[0]
+    assert g["test_top1_n"] == 3 and pd.isna(g["device"]) and math.isnan(g["epoch_time_s_mean_mean"])
+    t = review.timings(runs).set_index("device")
+    assert list(t.index) == ["NVIDIA H200", "NVIDIA H200, shared by 4 runs"]
+    assert t.loc["NVIDIA H200", "epoch_time_s_mean_mean"] == pytest.approx(2.0)
+    assert t.loc["NVIDIA H200, shared by 4 runs", "epoch_time_s_mean_mean"] == pytest.approx(6.0)
+    assert t.loc["NVIDIA H200, shared by 4 runs", "n"] == 2
+
+
 def test_epochs_is_the_long_form_with_ke_drop_and_the_runs_config(sweep):
     runs = review.runs(sweep[0])
     e = review.epochs(runs)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 
 import pytest
 import yaml
@@ -21,7 +20,7 @@ from coupled_net.errors import ConfigError
 from coupled_net.identify import identity_of
 from coupled_net.objectives import objective
 from coupled_net.sweep import best_trial
-from helpers import CONF, REPO, make_run, read_results, run_cli, run_dirs
+from helpers import CONF, make_run, read_results, run_cli, run_dirs
 
 optuna = pytest.importorskip("optuna")  # the [optuna] extra (CI installs it)
 
@@ -264,12 +263,10 @@ def test_a_detached_launcher_is_refused_for_a_search(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("slurm_cluster")
 def test_a_study_through_the_slurm_launcher_gets_each_jobs_value(tmp_path):
     """hydra-optuna-sweeper calls our SLURM launcher once per trial and reads the float each job returned
     (the real one-node cluster of .ci/slurm_up.sh, as tests/test_slurm.py uses)."""
-    up = subprocess.run(["bash", str(REPO / ".ci" / "slurm_up.sh")], capture_output=True, text=True, timeout=600,
-                        check=False)
-    assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
     sweep_dir = tmp_path / "study"
     proc = run_cli("-m", "hparams_search=optuna_lr", *SMALL, "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0",
                    "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_per_cpu=1G", "hydra.launcher.timeout_min=20",

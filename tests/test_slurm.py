@@ -18,18 +18,11 @@ import pytest
 from coupled_net.collect import collect
 from helpers import REPO, TRAIN, read_results, run_cli, run_dirs, run_sweep, snapshot, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 
 SLURM = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",
          "hydra.launcher.mem_per_cpu=1G", "hydra.launcher.timeout_min=20"]
 FAST = ["experiment=quickstart", "dataset.train_per_class=40", "dataset.test_per_class=10"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cluster():
-    """The real one-node SLURM cluster (started here if .ci/run has not already)."""
-    proc = subprocess.run(["bash", str(REPO / ".ci" / "slurm_up.sh")], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
 def manifest(sweep):
@@ -76,6 +69,38 @@ def test_a_slurm_sweep_gives_the_run_dirs_of_a_local_sweep(tmp_path):
         assert list(pd.read_csv(s / "epochs.csv").columns) == list(pd.read_csv(loc / "epochs.csv").columns)
         assert rs["provenance"]["slurm_job_id"] == jobs[str(s)] and rl["provenance"]["slurm_job_id"] is None
     assert (tmp_path / "slurm" / "summary.md").is_file()
+
+
+def test_a_job_num_subdir_sweep_gives_the_run_dirs_of_the_basic_launcher_and_keeps_them_when_relaunched(tmp_path):
+    """`hydra.sweep.subdir=run_${hydra.job.num}` (Hydra's default): the SLURM launcher's setup resolved it
+    before any job had a number (MissingMandatoryValue). A re-launch that leaves the finished run_0 out
+    gives the unfinished job its number in the whole sweep, #1 (its directory run_1), with either launcher."""
+    common = [*FAST, "trainer.epochs=1", "coupling.alpha=0,2", "hydra.sweep.subdir=run_${hydra.job.num}",
+              f"dataset.root={tmp_path}"]
+    sweeps = {"slurm": [*SLURM, *common], "basic": common}
+    for name, args in sweeps.items():
+        proc = run_cli("-m", *args, f"hydra.sweep.dir={tmp_path / name}", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in sweeps:
+        runs = run_dirs(tmp_path / name)
+        assert [r.name for r in runs] == ["run_0", "run_1"]
+        assert [(read_results(r)["status"], read_results(r)["alpha"]) for r in runs] == \
+            [("done", 0), ("done", 2)]
+    assert [(j["job_num"], Path(j["run_dir"]).name) for j in manifest(tmp_path / "slurm")["jobs"]] == \
+        [(0, "run_0"), (1, "run_1")]
+
+    for name, args in sweeps.items():  # run_1 left unfinished (as a job killed before its end leaves it)
+        unfinished = tmp_path / name / "run_1"
+        res = read_results(unfinished)
+        (unfinished / "results.json").write_text(json.dumps({**res, "status": "running"}))
+        before = snapshot(tmp_path / name / "run_0")
+        again = run_cli("-m", *args, f"hydra.sweep.dir={tmp_path / name}", cwd=tmp_path)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        assert "already done (run_0), not run again" in again.stdout + again.stderr
+        assert (read_results(unfinished)["status"], read_results(unfinished)["resumes"]) == ("done", 1)
+        assert snapshot(tmp_path / name / "run_0") == before
+    assert [(j["job_num"], Path(j["run_dir"]).name) for j in manifest(tmp_path / "slurm")["jobs"]][2:] == \
+        [(1, "run_1")]
 
 
 def start_twins(tmp_path, *overrides):

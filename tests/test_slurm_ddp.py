@@ -15,21 +15,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from helpers import REPO, TRAIN, epoch_numbers, metric_table, read_results, run_cli, run_dirs, wait_for
+from helpers import TRAIN, epoch_numbers, metric_table, read_results, run_cli, run_dirs, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 
 SLURM_DDP = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",
              "hydra.launcher.mem_per_cpu=1G", "hydra.launcher.timeout_min=20", "hydra.launcher.tasks_per_node=2"]
 # about 50 training steps of 0.15 s an epoch per rank here
 DDP = ["experiment=quickstart", "dataset.train_per_class=300", "dataset.test_per_class=10", "trainer.epochs=2",
        "coupling.alpha=2", "trainer.device=cpu"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cluster():
-    proc = subprocess.run(["bash", str(REPO / ".ci" / "slurm_up.sh")], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
 def squeue(job_id: str) -> str:

@@ -46,6 +46,14 @@ def test_a_run_that_finished_since_it_was_collected_is_not_in_the_verdict(tmp_pa
     assert verdict(seen, planned(run), tmp_path / "s") == []
 
 
+def test_a_sweep_whose_runs_all_finished_has_an_empty_verdict(tmp_path):
+    """An empty frame of unfinished runs once raised KeyError('run_dir') there (a Python list of no
+    booleans selects no columns), which Hydra turned into a warning at the end of every good sweep."""
+    a, b = make_run(tmp_path / "s" / "a"), make_run(tmp_path / "s" / "b")
+    assert verdict(run_statuses(tmp_path / "s"), planned(a, b), tmp_path / "s") == []
+    assert verdict(run_statuses(tmp_path / "s"), None, tmp_path / "s") == []
+
+
 def test_failed_runs_and_runs_never_started_are_counted_against_the_launch(tmp_path):
     failed = make_run(tmp_path / "s" / "a", status="failed", results={"error": "ValueError: boom"})
     never = tmp_path / "s" / "b"

@@ -16,38 +16,48 @@ trials) each JobReturn carries the job's float (coupled_net.cli.train_task: opti
 `detach` is refused: a search needs every value before it samples on.
 
 Hydra imports every module of hydra_plugins/ when any Hydra app starts (plugin discovery): this one
-imports coupled_net's light leaves at the top, and the sweep planner (torch, the models) only where
-a sweep is launched."""
+imports coupled_net's light leaves at the top, and the sweep planner and the pool (torch, the
+models) only where a sweep is launched.
+
+hydra/launcher=local is not submitit's local executor but a pool of run processes over this
+machine's GPU and CPU slots (coupled_net.slots, coupled_net.pool); the same pool runs the runs packed
+into one SLURM array task (hydra.launcher.runs_per_task, Packed)."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
+import math
 import os
 import re
 import shutil
 import signal
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, JobStatus, filter_overrides
-from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides, run_job, setup_globals
+from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 import coupled_net.identity  # noqa: F401 - registers the minus and direction resolvers in SLURM job processes too (the
 # run-name resolver, coupled_net.identify, arrives with the pickled task function: coupled_net.cli)
 from coupled_net.errors import ConfigError, fail
 from coupled_net.storage import read_json, write_json
 
+if TYPE_CHECKING:
+    from coupled_net.pool import Outcome
+    from coupled_net.slots import Slot
+
 log = logging.getLogger(__name__)
-OWN_KEYS = ("detach",)
+OWN_KEYS = ("detach", "runs_per_task", "gpus", "runs_per_gpu", "max_parallel", "cpus_per_run")
 # sbatch takes one of --mem (per node), --mem-per-cpu, --mem-per-gpu
 MEM_KEYS = ("mem_gb", "mem_per_cpu", "mem_per_gpu")
 
@@ -67,10 +77,20 @@ class _SacctOnce(logging.Filter):
 
 
 class SweepAwareLauncher(BaseSubmititLauncher):
+    numbers_jobs_as_planned = True  # each job gets its number in the whole launch (the coupled_net sweeper reads it)
+
     def __init__(self, **params: Any) -> None:
         own = {k: params.pop(k) for k in OWN_KEYS if k in params}
         super().__init__(**params)
+        self.own = {k: (OmegaConf.to_container(v) if OmegaConf.is_config(v) else v) for k, v in own.items()}
         self.detach = bool(own.get("detach", False))
+        self.slots: list[Slot] = []
+        self.gpus: dict = {}
+
+    def __getstate__(self) -> dict:
+        """What a job's process gets (pickled): the slots are the launching process's business, and
+        unpickling them would import torch (coupled_net.slots) into every job, a second each."""
+        return {**self.__dict__, "slots": [], "gpus": {}}
 
     def setup(self, *, hydra_context, task_function, config) -> None:
         """Hydra calls this before the sweep writes anything (multirun.yaml, the sweep directory):
@@ -82,9 +102,18 @@ class SweepAwareLauncher(BaseSubmititLauncher):
             # a search samples each trial from the values of those before: it cannot leave them running
             fail(str(ConfigError("hydra.launcher.detach", True, "a search (hparams_search=...) needs every trial's "
                                  "value before it samples the next one: leave detach out (the sweep waits)")))
-        if self._EXECUTOR != "slurm":
+        if self._EXECUTOR == "local":
+            if self.detach:
+                fail(str(ConfigError("hydra.launcher.detach", True, "hydra/launcher=local runs the sweep's runs as "
+                                     "children of this process, which waits for them: detach is for "
+                                     "hydra/launcher=slurm")))
+            try:
+                self.slots, self.gpus = local_slots(self.own, self.params)
+            except ConfigError as e:
+                fail(str(e))
             return
         try:
+            check_packing(self.own.get("runs_per_task", 1), self.params)
             check_slurm_client()
             settle_memory(self.params, given_keys(config))
             check_partition_and_gpus(self.params, sinfo_partitions())
@@ -100,53 +129,104 @@ class SweepAwareLauncher(BaseSubmititLauncher):
 
         return job_config(self.hydra_context.config_loader, self.config, overrides, job_num)[0]
 
+    def __call__(self, sweep_overrides: List[str], job_dir_key: str, job_num: int, job_id: str,
+                 singleton_state: dict) -> JobReturn:
+        """One job, as BaseSubmititLauncher runs it, also outside a submitit job (a run of the local
+        scheduler, or one packed into a SLURM task: coupled_net.pool): hydra.job.id is the submitit
+        job's, else the process id."""
+        import submitit
+
+        Singleton.set_state(singleton_state)
+        setup_globals()
+        sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(sweep_overrides))
+        try:
+            job_id = str(submitit.JobEnvironment().job_id)
+        except RuntimeError:  # not a submitit job: a run of the local scheduler
+            job_id = str(os.getpid())
+        with open_dict(sweep_config.hydra.job) as job:
+            job.id = job_id
+            job.num = job_num
+        return run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=sweep_config,
+                       job_dir_key=job_dir_key, job_subdir_key="hydra.sweep.subdir")
+
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         logging.getLogger("submitit").addFilter(_SacctOnce())
 
         from coupled_net.sweep import planned_num  # the planner: only where a sweep is launched (see above)
 
-        todo = [(planned_num(o, num), list(o), self.run_dir(o, num))
-                for num, o in enumerate(job_overrides, start=initial_job_idx)]
+        nums = [planned_num(o, num) for num, o in enumerate(job_overrides, start=initial_job_idx)]
+        todo = [(num, list(o), self.run_dir(o, num)) for num, o in zip(nums, job_overrides)]
         for num, overrides, _ in todo:
             log.info("\t#%d : %s", num, " ".join(filter_overrides(overrides)))
         if not todo:
             return []
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        if self._EXECUTOR == "local":
+            return self._run_here(todo, sweep_dir)
         submitted = self._submit(todo, sweep_dir)
+        tasks = list(dict.fromkeys(submitted))  # packed: one job (array task) per runs_per_task runs
         if not self.detach:
             try:
-                return [job.results()[0] for job in submitted]
+                returns = [job.results()[0] for job in tasks]
             except KeyboardInterrupt:
-                self._interrupted(submitted, sweep_dir)
+                self._interrupted(tasks, sweep_dir)
                 raise
+            return [ret for returned in returns for ret in (returned if isinstance(returned, list) else [returned])]
         log.info("detached: %d job(s) submitted (%s); follow them with `python launch/collect.py %s`",
-                 len(submitted), ", ".join(j.job_id for j in submitted), sweep_dir)
+                 len(tasks), ", ".join(j.job_id for j in tasks), sweep_dir)
         return [_finished(overrides, f"submitted as SLURM job {job.job_id}") for (_, overrides, _), job in
                 zip(todo, submitted)]
 
+    def _run_here(self, todo, sweep_dir: Path) -> list[JobReturn]:
+        """hydra/launcher=local: the runs over this machine's slots (coupled_net.pool)."""
+        from coupled_net.pool import Pool, PoolJob  # torch (machine): only where a sweep is launched (see above)
+
+        state = Singleton.get_state()
+        jobs = [PoolJob(num, " ".join(filter_overrides(overrides)),
+                        functools.partial(self, overrides, "hydra.sweep.dir", num, str(num), state))
+                for num, overrides, _ in todo]
+        folder = Path(str(self.params["submitit_folder"]).replace("%j", "local"))
+        timeout = self.params.get("timeout_min")
+        pool = Pool(self.slots, folder, gpus=self.gpus, timeout_s=timeout * 60 if timeout else None)
+        gpus = sorted({s.gpu for s in self.slots if s.gpu is not None})
+        log.info("%d run(s) over %d slot(s): %s", len(jobs), len(self.slots),
+                 f"GPU(s) {', '.join(map(str, gpus))}" if gpus else "CPUs only")
+        outcomes = {o.num: o for o in pool.run(jobs)}
+        return [_returned(overrides, outcomes.get(num)) for num, overrides, _ in todo]
+
     def _submit(self, todo, sweep_dir: Path) -> list:
-        """One job array per chunk (one chunk unless the sweep is larger than the cluster's MaxArraySize),
-        each chunk's jobs added to manifest.json as soon as it is submitted."""
+        """One job array per chunk (one chunk unless the sweep has more tasks than the cluster's
+        MaxArraySize), each chunk's jobs added to manifest.json as soon as it is submitted. With
+        runs_per_task=k, each array task packs k runs (Packed). Returns each run's job (a task's
+        job once per run it holds)."""
         limit = max_array_size() if self._EXECUTOR == "slurm" else None
-        plan = chunk_plan(len(todo), limit, self.params.get("array_parallelism"))
+        k = self.own.get("runs_per_task") or 1
+        tasks = [todo[i:i + k] for i in range(0, len(todo), k)]
+        plan = chunk_plan(len(tasks), limit, self.params.get("array_parallelism"))
         if len(plan) > 1:
-            log.info("%d jobs, more than this cluster's MaxArraySize=%d allows in one array: submitting %d arrays",
-                     len(todo), limit, len(plan))
+            log.info("%d array tasks, more than this cluster's MaxArraySize=%d allows in one array: submitting %d "
+                     "arrays", len(tasks), limit, len(plan))
         submitted, arrays = [], []
-        for k, (start, stop, throttle, after) in enumerate(plan):
-            chunk = todo[start:stop]
+        for n, (start, stop, throttle, after) in enumerate(plan):
+            chunk_tasks = tasks[start:stop]
+            chunk = [job for task in chunk_tasks for job in task]
             extra = {} if len(plan) == 1 else {"array_parallelism": throttle}
             if after is not None:  # at most array_parallelism tasks at once over all chunks: wait for a lane
                 extra["dependency"] = f"afterany:{arrays[after]}"
-            params = [(o, "hydra.sweep.dir", num, f"job_id_for_{num}", Singleton.get_state()) for num, o, _ in chunk]
-            jobs = self._map_array(params, extra, chunk, k, len(plan), arrays)
+            if k == 1:
+                fn, params = self, [(o, "hydra.sweep.dir", num, f"job_id_for_{num}", Singleton.get_state())
+                                    for num, o, _ in chunk]
+            else:
+                fn, params = Packed(self), [([(o, num) for num, o, _ in task],) for task in chunk_tasks]
+            jobs = self._map_array(fn, params, extra, chunk, n, len(plan), arrays)
+            per_run = [job for job, task in zip(jobs, chunk_tasks) for _ in task]
             arrays.append(jobs[0].job_id.split("_")[0])
-            self._write_manifest(sweep_dir, chunk, jobs)
-            submitted += jobs
+            self._write_manifest(sweep_dir, chunk, per_run, k)
+            submitted += per_run
         return submitted
 
-    def _map_array(self, params, extra: dict, chunk, k: int, n_chunks: int, arrays: list[str]) -> list:
+    def _map_array(self, fn, params, extra: dict, chunk, k: int, n_chunks: int, arrays: list[str]) -> list:
         """executor.map_array, with sbatch's refusal as one line (submitit prints sbatch's stderr, then
         raises with it): what was refused, why, and what is already submitted."""
         from submitit.core.utils import FailedJobError, JobPaths
@@ -158,7 +238,7 @@ class SweepAwareLauncher(BaseSubmititLauncher):
         stderr = io.StringIO()
         try:
             with contextlib.redirect_stderr(stderr):
-                return executor.map_array(self, *zip(*params))
+                return executor.map_array(fn, *zip(*params))
         except FailedJobError as e:
             for path in set(folder.iterdir()) - before if folder.is_dir() else ():  # its pickles, its script
                 path.unlink(missing_ok=True)
@@ -174,20 +254,8 @@ class SweepAwareLauncher(BaseSubmititLauncher):
                  f"{sbatch_way_out(str(e))}{done}", code=1)
 
     def _interrupted(self, submitted, sweep_dir: Path) -> None:
-        """Ctrl-C while waiting: local jobs are children of this machine, stopped like a run (SIGINT:
-        a checkpoint, `interrupted`); SLURM jobs are the cluster's and keep running (say so)."""
-        if self._EXECUTOR == "local":
-            log.warning("stopping the sweep's %d local job(s): each saves a checkpoint and records "
-                        "`interrupted`", len(submitted))
-            for job in submitted:  # SIGTERM: submitit's local controller (pid = job id) forwards it to the run
-                try:
-                    os.kill(int(job.job_id), signal.SIGTERM)
-                except (ValueError, OSError):
-                    pass
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and not all(job.done() for job in submitted):
-                time.sleep(0.2)
-            return
+        """Ctrl-C while waiting: SLURM jobs are the cluster's and keep running (say so). (Local runs
+        are the pool's children: it stops them, coupled_net.pool.)"""
         ids = " ".join(sorted({j.job_id.split("_")[0] for j in submitted}, key=lambda i: (len(i), i)))
         log.warning("the sweep's SLURM jobs keep running: `scancel %s` stops them; `python launch/collect.py %s` "
                     "follows them", ids, sweep_dir)
@@ -207,14 +275,131 @@ class SweepAwareLauncher(BaseSubmititLauncher):
                                       if k not in specific_init | {"submitit_folder"}})
         return executor
 
-    def _write_manifest(self, sweep_dir: Path, todo, submitted) -> None:
+    def _write_manifest(self, sweep_dir: Path, todo, submitted, runs_per_task: int = 1) -> None:
         path = sweep_dir / "manifest.json"
         manifest = read_json(path) or {"sweep_dir": str(sweep_dir), "jobs": []}
         now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         for (num, overrides, run_dir), job in zip(todo, submitted):
             manifest["jobs"].append({"job_id": str(job.job_id), "job_num": num, "overrides": overrides,
-                                     "run_dir": str(run_dir), "submitted_at": now, "executor": self._EXECUTOR})
+                                     "run_dir": str(run_dir), "submitted_at": now, "executor": self._EXECUTOR,
+                                     "runs_per_task": runs_per_task})
         write_json(path, manifest)
+
+
+def _returned(overrides, outcome: Optional[Outcome]) -> JobReturn:
+    """The JobReturn of a run of the pool: the one its process returned, else (it ended without one:
+    killed, crashed, stopped before it started) a completed job whose value is NaN (an optimizing
+    sweeper fails that trial; the sweep's verdict reads the run directory)."""
+    if outcome is not None and isinstance(outcome.value, JobReturn):
+        return outcome.value
+    if outcome is not None:
+        why = outcome.error or f"exit code {outcome.returncode}"
+        log.error("#%d: its process ended without a result (%s); its output: %s", outcome.num, why, outcome.log_path)
+    return _finished(overrides, float("nan"))
+
+
+def local_slots(own: dict, params: dict) -> tuple[list[Slot], dict]:
+    """hydra/launcher=local's slots from its keys (coupled_net.slots.plan_slots), and the GPUs by
+    physical index. `gpus` null: those this process sees (CUDA_VISIBLE_DEVICES honoured);
+    `gpus_per_node: 0` (submitit's key, kept for old command lines): no GPU."""
+    from coupled_net.slots import gpu_inventory, plan_slots, visible_gpus  # torch: only where a sweep is launched
+
+    inventory = gpu_inventory()
+    present = visible_gpus(inventory, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    gpus = own.get("gpus")
+    per_node = params.get("gpus_per_node")
+    if per_node not in (None, 0, 1):
+        raise ConfigError("hydra.launcher.gpus_per_node", per_node, "hydra/launcher=local gives each run one GPU "
+                          "(or none: 0); for several GPUs per run use `torchrun --nproc_per_node=N launch/train.py`")
+    if gpus is None:
+        gpus = [] if per_node == 0 else present
+    if not isinstance(gpus, (list, tuple)):
+        gpus = [gpus]
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    slots = plan_slots(gpus=list(gpus), present=present, runs_per_gpu=own.get("runs_per_gpu", 1),
+                       max_parallel=own.get("max_parallel"), cpus_per_run=own.get("cpus_per_run"), cores=cores,
+                       free_bytes={g.index: g.free_bytes for g in inventory})
+    return slots, {g.index: g for g in inventory}
+
+
+def check_packing(runs_per_task, params: dict) -> None:
+    """hydra.launcher.runs_per_task: k runs share one array task's allocation (one process each)."""
+    if isinstance(runs_per_task, bool) or not isinstance(runs_per_task, int) or runs_per_task < 1:
+        raise ConfigError("hydra.launcher.runs_per_task", runs_per_task, "runs packed into one SLURM array task: an "
+                          "integer of at least 1")
+    tasks = params.get("tasks_per_node") or 1
+    if runs_per_task > 1 and tasks > 1:
+        raise ConfigError("hydra.launcher.runs_per_task", runs_per_task, f"packs runs of one process each, but "
+                          f"hydra.launcher.tasks_per_node={tasks} makes every run a DistributedDataParallel job of "
+                          f"{tasks} processes: set one of them to 1")
+
+
+def task_slots(k: int) -> tuple[list[Slot], dict]:
+    """The slots of a SLURM task packing `k` runs: its GPUs (those SLURM gave it: CUDA_VISIBLE_DEVICES;
+    none if unset) round-robin, its cores split."""
+    from coupled_net.slots import gpu_inventory, plan_slots, visible_gpus  # torch: only in the task's process
+
+    inventory = gpu_inventory()
+    given = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = visible_gpus(inventory, given) if given else []
+    cores = sorted(os.sched_getaffinity(0))
+    allocated = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if allocated.isdigit() and 0 < int(allocated) < len(cores):  # a cluster that allocates without binding
+        cores = cores[:int(allocated)]
+    slots = plan_slots(gpus=gpus, present=gpus, runs_per_gpu=math.ceil(k / len(gpus)) if gpus else 1,
+                       max_parallel=k, cpus_per_run=None, cores=cores, packed_in="slurm task",
+                       free_bytes={g.index: g.free_bytes for g in inventory})
+    return slots, {g.index: g for g in inventory}
+
+
+@dataclass
+class Packed:
+    """The callable of an array task that packs several runs (hydra.launcher.runs_per_task): each run
+    in its own process over the task's slots (coupled_net.pool). SLURM's requeue signal (pre-timeout,
+    preemption) reaches the runs, which save last.pt at their step's end and end `interrupted`; once
+    all have ended, submitit requeues the task (`checkpoint`), which resumes them and skips the
+    finished ones. A run that fails leaves its task-mates running."""
+
+    launcher: "SweepAwareLauncher"
+    jobs: list = field(default_factory=list)  # (overrides, job_num)
+
+    def __call__(self, jobs: list) -> list[JobReturn]:
+        import submitit
+
+        from coupled_net.pool import Pool, PoolJob  # torch: only in the task's process (see above)
+
+        self.jobs = jobs
+        slots, gpus = task_slots(len(jobs))
+        env = submitit.JobEnvironment()
+        folder = Path(str(self.launcher.params["submitit_folder"]).replace("%j", str(env.job_id))) / "packed"
+        pool = Pool(slots, folder, gpus=gpus)
+        state = Singleton.get_state()
+        pool_jobs = [PoolJob(num, " ".join(filter_overrides(o)),
+                             functools.partial(self.launcher, o, "hydra.sweep.dir", num, str(env.job_id), state))
+                     for o, num in jobs]
+        requeue = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGUSR2)}
+
+        def hold(signum, frame):  # the runs first: they save, end; then submitit's handler requeues
+            if pool.stop_requested is None:
+                log.warning("caught %s: the task's %d run(s) save a checkpoint and end; then it is requeued",
+                            signal.Signals(signum).name, len(pool.running))
+                pool.stop(signum)
+
+        for sig in requeue:
+            signal.signal(sig, hold)
+        try:
+            outcomes = {o.num: o for o in pool.run(pool_jobs)}
+        finally:
+            for sig, handler in requeue.items():
+                signal.signal(sig, handler)
+        if pool.stop_requested is not None and callable(requeue.get(pool.stop_requested)):
+            requeue[pool.stop_requested](pool.stop_requested, None)  # submitit: checkpoint, requeue, exit
+        return [_returned(o, outcomes.get(num)) for o, num in jobs]
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
 
 def _finished(overrides, value) -> JobReturn:
@@ -233,8 +418,10 @@ def check_slurm_client() -> None:
 
 
 def given_keys(config) -> set[str]:
-    """The hydra.* keys set on the command line (`+`/`++`/`~` stripped)."""
-    return {str(o).split("=", 1)[0].lstrip("+~") for o in config.hydra.overrides.hydra}
+    """The hydra.* keys set on the command line (`+`/`++`/`~` stripped). Read as typed, unresolved
+    (as Hydra reads them): a value may interpolate what only a job has (`hydra.sweep.subdir=run_${hydra.job.num}`)."""
+    return {str(o).split("=", 1)[0].lstrip("+~")
+            for o in OmegaConf.to_container(config.hydra.overrides.hydra, resolve=False)}
 
 
 def settle_memory(params: dict, given: set[str]) -> None:
@@ -379,11 +566,20 @@ class CoupledSlurmConf(SlurmQueueConf):
     _target_: str = "hydra_plugins.coupled_net_launcher.launcher.SlurmLauncher"
     name: Optional[str] = None  # null: coupled_net:<experiment, else the sweep directory's name>
     detach: bool = False
+    runs_per_task: int = 1  # runs packed into one array task, trained at once on its allocation
 
 
 @dataclass
-class CoupledLocalConf(LocalQueueConf):
+class CoupledLocalConf:
+    """hydra/launcher=local: the sweep's runs over this machine's GPU and CPU slots (coupled_net.pool)."""
     _target_: str = "hydra_plugins.coupled_net_launcher.launcher.LocalLauncher"
+    submitit_folder: str = "${hydra.sweep.dir}/.submitit/%j"  # the runs' pickles and output (%j: local)
+    gpus: Optional[List[int]] = None  # physical indices; null: those visible (CUDA_VISIBLE_DEVICES honoured)
+    runs_per_gpu: int = 1
+    max_parallel: Optional[int] = None  # null: gpus × runs_per_gpu, or (no GPU) the runs cpus_per_run fits
+    cpus_per_run: Optional[int] = None  # null: this process's cores ÷ the runs alive at once
+    timeout_min: Optional[int] = None  # a run alive longer is stopped (`interrupted`, resumable)
+    gpus_per_node: Optional[int] = None  # submitit's key, kept for old command lines: 0 = gpus=[]
     detach: bool = False
 
 

@@ -1,15 +1,17 @@
 """Hydra's basic sweeper (the Cartesian product of the overrides), planning the whole sweep first:
 conflicts refuse the launch before Hydra writes multirun.yaml or any launcher starts or submits a
-job; finished runs are left out of the batches (coupled_net.sweep)."""
+job; finished runs are left out of the batches (coupled_net.sweep), and every job keeps its number in
+the whole sweep (hydra.job.num: `hydra.sweep.subdir=run_${hydra.job.num}` names the same directories
+whichever runs a re-launch leaves out)."""
 
 from __future__ import annotations
 
 import logging
-from typing import List
+from typing import Any, List, Sequence
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.types import Override
-from hydra.core.utils import filter_overrides
+from hydra.core.utils import JobReturn, filter_overrides
 
 from coupled_net.errors import fail
 
@@ -17,6 +19,11 @@ log = logging.getLogger(__name__)
 
 
 class CoupledSweeper(BasicSweeper):
+    def setup(self, *, hydra_context, task_function, config) -> None:
+        super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
+        if not getattr(self.launcher, "numbers_jobs_as_planned", False):  # ours do (coupled_net.sweep.planned_num)
+            self.launcher = PlannedNumbers(self.launcher)
+
     def split_arguments(self, overrides: List[Override], max_batch_size) -> List[List[List[str]]]:
         """BasicSweeper.sweep calls this (a static method there) right before it saves multirun.yaml
         and launches the batches: the one point that sees every job before anything happens."""
@@ -43,3 +50,22 @@ class CoupledSweeper(BasicSweeper):
         skip = {tuple(job.overrides) for job in done}
         kept = [[job for job in batch if tuple(job) not in skip] for batch in batches]
         return [batch for batch in kept if batch]
+
+
+class PlannedNumbers:
+    """A launcher that numbers a batch's jobs from `initial_job_idx` on (Hydra's basic one), given the
+    jobs so that each keeps its planned number: BasicSweeper counts only the jobs it launched, so with
+    finished runs left out a job would get another's number, and with `hydra.sweep.subdir=run_${hydra.job.num}`
+    that job's directory. Each run of consecutive numbers is launched on its own, from its first number."""
+
+    def __init__(self, launcher) -> None:
+        self.launcher = launcher
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from coupled_net.sweep import numbered_runs  # the planner (torch, the models): see split_arguments
+
+        return [ret for num, jobs in numbered_runs(job_overrides, initial_job_idx)
+                for ret in self.launcher.launch(jobs, initial_job_idx=num)]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.launcher, name)
