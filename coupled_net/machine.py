@@ -150,10 +150,7 @@ def _gpu_record(device: torch.device, slot: dict | None) -> dict:
 def sharing() -> dict:
     """How many runs shared this run's GPU (or, without one, ran in parallel on the machine or its
     SLURM task), from the slot the launcher started it in; a run started alone shares with none."""
-    slot = this_slot()
-    if slot is None:
-        return {"shared_by": 1, "parallel": 1, "packed_in": None, "slot_gpu": None, "slot_cpus": None,
-                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    slot = this_slot() or {}
     return {"shared_by": int(slot.get("shared_by") or 1), "parallel": int(slot.get("parallel") or 1),
             "packed_in": slot.get("packed_in"), "slot_gpu": slot.get("gpu"), "slot_cpus": slot.get("cpus"),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
