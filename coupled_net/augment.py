@@ -71,11 +71,21 @@ def affine_theta(p: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([inverse, -inverse @ t], dim=-1).float()
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor (a batch's drawn parameters) on `device` without stalling the host: on a GPU
+    copied from pinned memory, asynchronously (a pageable copy waits for every queued kernel, so the
+    host could not queue step k+1 before step k drained; the caching host allocator keeps the pinned
+    block until the copy is done)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def warp(images: torch.Tensor, theta: torch.Tensor, size: int | None = None) -> torch.Tensor:
     """Bilinear warp of float images [N, C, H, W] (zeros outside), to `size` x `size` if given."""
     n, c, h, w = images.shape
     out = (n, c, size or h, size or w)
-    grid = F.affine_grid(theta.to(images.device), list(out), align_corners=False)
+    grid = F.affine_grid(to_device(theta, images.device), list(out), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
@@ -83,19 +93,18 @@ def augment_batch(images_u8: torch.Tensor, size: int, mean: torch.Tensor, std: t
                   generator: torch.Generator | None, dtype=torch.float32,
                   ranges: AffineRanges = AffineRanges()) -> torch.Tensor:
     """uint8 [N, C, h, w] -> normalized `dtype` [N, C, size, size]; a random affine drawn from `ranges`
-    when `generator` is given (training), plain resize otherwise (the eval path of every policy). On a
-    GPU the warp samples the output grid directly (one op). On a CPU it warps and normalizes at the
-    native size, then resizes: the bilinear resize is linear with weights summing to one, so
-    normalizing first gives the same values while touching the large output only once."""
+    when `generator` is given (training), plain resize otherwise (the eval path of every policy).
+    The warp samples the `size` x `size` output grid directly from the stored image (one bilinear
+    pass), on a GPU and on a CPU alike: `trainer.device` is not part of a run's identity, so both
+    devices must train on the same images (a warp at the stored size followed by a resize is a
+    second bilinear pass, other images)."""
     x = images_u8.float()
     n, _, h, w = x.shape
     scale = (1.0 / (255.0 * std)).view(1, -1, 1, 1)
     shift = (mean / std).view(1, -1, 1, 1)
-    if generator is not None:
+    if generator is not None:  # on raw 0..255 values: the zero fill stays black after normalizing
         theta = affine_theta(sample_params(n, generator, ranges))
-        if x.is_cuda and size != h:
-            return warp(x, theta, size).mul_(scale).sub_(shift).to(dtype)
-        x = warp(x, theta)  # on raw 0..255 values: the zero fill stays black after normalizing
+        return warp(x, theta, size).mul_(scale).sub_(shift).to(dtype)
     x = x.mul_(scale).sub_(shift)
     if size != h or size != w:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=size < h)
@@ -159,7 +168,8 @@ def pad_crop_flip(images: torch.Tensor, padding: int, p: dict[str, torch.Tensor]
     rows = p["top"].view(n, 1) + torch.arange(h)
     cols = p["left"].view(n, 1) + torch.arange(w)
     cols = torch.where(p["flip"].view(n, 1), cols.flip(1), cols)  # flipping the crop = reading its columns backwards
-    out = padded[torch.arange(n, device=dev).view(n, 1, 1), :, rows.to(dev).view(n, h, 1), cols.to(dev).view(n, 1, w)]
+    out = padded[torch.arange(n, device=dev).view(n, 1, 1), :, to_device(rows, dev).view(n, h, 1),
+                 to_device(cols, dev).view(n, 1, w)]
     return out.permute(0, 3, 1, 2).contiguous()  # advanced indexing put the channels last: [N, h, w, C]
 
 

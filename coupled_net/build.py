@@ -36,7 +36,7 @@ from .errors import ConfigError, DatasetUnavailable, one_line
 from .identity import Identity, flatten
 from .loaders import build_loader
 from .loggers import Loggers
-from .machine import usable_cpus
+from .machine import ranks_sharing_cpus, select_device, usable_cpus
 from .trainer import Numerics, Trainer, steps_on_metric
 from .validation import batch_fits, overfit_fits, validate
 
@@ -54,10 +54,21 @@ def instantiate(node, **kwargs):
         raise
 
 
-def seed_everything(seed: int, deterministic: bool) -> None:
+def seed_generators(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of a DDP rank's own draws (dropout, ...): the run's seed on rank 0 (a run of one process
+    draws what it always drew), on the others a deterministic value of (seed, rank), distinct per rank:
+    equal seeds would give every rank the same dropout masks."""
+    return seed if rank == 0 else int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    seed_generators(seed)
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = not deterministic
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
@@ -66,21 +77,25 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 _warned: set = set()
 
 
+def _once(message: str) -> None:
+    """A warning line, once per process."""
+    if message not in _warned:
+        _warned.add(message)
+        logging.getLogger("coupled_net").warning("%s", message)
+
+
 def _clamp(key: str, value: int, most: int, cpus: int) -> int:
     """Threads or workers beyond what this process's CPUs can run: warned about once per process and
     clamped, not refused. Neither changes what a run computes (SPEC §5), and a sweep's runs meet
     machines (SLURM allocations) of different sizes with one command line."""
     if value <= most:
         return value
-    if (key, value, most) not in _warned:
-        _warned.add((key, value, most))
-        logging.getLogger("coupled_net").warning("%s=%d is more than this process's %d usable CPU(s) can run; "
-                                                 "using %d", key, value, cpus, most)
+    _once(f"{key}={value} is more than this process's {cpus} usable CPU(s) can run; using {most}")
     return most
 
 
 def _threads_and_workers(tcfg, device: torch.device) -> tuple[int, int]:
-    cpus = max(1, usable_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # torchrun: ranks share a node
+    cpus = max(1, usable_cpus() // ranks_sharing_cpus())
     threads = cpus if tcfg.threads == "auto" else _clamp("trainer.threads", int(tcfg.threads), cpus, cpus)
     if tcfg.num_workers != "auto":  # workers wait on files as well as CPUs: up to twice the CPUs is sensible
         workers = _clamp("trainer.num_workers", int(tcfg.num_workers), 2 * cpus, cpus)
@@ -116,9 +131,11 @@ def resolve(cfg: DictConfig, world: World | None = None) -> RunSpec:
     world = world or init_world(cfg.trainer.device)
     if not world.is_main:  # one voice in the log: rank 0's
         logging.getLogger("coupled_net").setLevel(logging.WARNING)
-    if world.active and device.type == "cuda":
-        device = torch.device("cuda", world.local_rank)
-        torch.cuda.set_device(device)
+    if device.type == "cuda" and device.index is not None and world.active and ranks_sharing_cpus() > 1:
+        raise ConfigError("trainer.device", cfg.trainer.device,
+                          f"names one GPU for the {ranks_sharing_cpus()} processes of this run on this node; use cuda "
+                          "(each process takes the GPU of its LOCAL_RANK)")
+    device = select_device(device)  # a GPU: this rank's, made current (the pil loader's pinning thread uses it)
     if cfg.trainer.batch_size % world.size:
         raise ConfigError("trainer.batch_size", cfg.trainer.batch_size,
                           f"must be divisible by the {world.size} processes of this run (it is the global batch)")
@@ -133,7 +150,10 @@ def build_coupled_model(spec: RunSpec) -> tuple[torch.nn.Module, Coupling]:
     seed_everything(spec.cfg.seed, spec.cfg.trainer.deterministic)
     cfg = spec.cfg
     model = models.make(OmegaConf.to_container(cfg.model, resolve=True), cfg.dataset.channels, cfg.dataset.num_classes)
-    return model, Coupling(model, **spec.cfg.coupling)
+    coupling = Coupling(model, **spec.cfg.coupling)
+    if spec.world.rank:  # the same initial weights on every rank (DDP also broadcasts rank 0's), then its own draws
+        seed_generators(rank_seed(cfg.seed, spec.world.rank))
+    return model, coupling
 
 
 def build_loaders(spec: RunSpec) -> dict:
@@ -185,6 +205,11 @@ def build(spec: RunSpec) -> Parts:
     memory = torch.channels_last if cfg.trainer.get("channels_last") else torch.preserve_format
     model = model.to(device, memory_format=memory)
     optimizer = instantiate(cfg.optimizer)(model.parameters())
+    if cfg.trainer.get("precision") == "fp16" and device.type == "cuda" and \
+            not getattr(optimizer, "_step_supports_amp_scaling", False):
+        _once(f"trainer.precision=fp16 with {type(optimizer).__name__}: its GradScaler reads a flag off the GPU at "
+              "every step (a host sync); optimizer.fused=true (SGD, Adam, AdamW) keeps that check on the GPU, and "
+              "bf16 (Ampere and newer) needs no scaler")
     scheduler = make_scheduler(cfg.scheduler, optimizer)
     train_model = model
     if spec.world.active:
@@ -255,7 +280,8 @@ def make_trainer(spec: RunSpec, parts: Parts, **run_dir_parts) -> Trainer:
     return Trainer(model=parts.model, coupling=parts.coupling, optimizer=parts.optimizer, scheduler=parts.scheduler,
                    loaders=parts.loaders, device=spec.device, numerics=parts.numerics, train_model=parts.train_model,
                    world=spec.world, epochs=t.epochs, patience=t.patience, select_by=t.select_by,
-                   checkpoint_every=t.checkpoint_every, limit_batches=t.limit_batches,
+                   checkpoint_every=t.checkpoint_every, last_every=int(t.get("last_every") or 1),
+                   limit_batches=t.limit_batches,
                    label_smoothing=float(t.get("label_smoothing", 0.0)), grad_clip_norm=t.get("grad_clip_norm"),
                    **run_dir_parts)
 

@@ -1,8 +1,9 @@
 """The checkpoint format (SPEC §5): the one module that writes and reads a run's checkpoints.
 
 - `last.pt` (and its periodic copies `epoch_NNN.pt`): a training checkpoint, `{"model": state_dict,
-  "optimizer", "scheduler", "scaler", "progress": the loop state, "rng": every generator's state,
-  "fingerprint", "identity"}`, saved at the end of an epoch after KE (equalized), or mid-epoch when
+  "optimizer", "scheduler", "scaler", "progress": the loop state, "rng": every rank's generators (a
+  list in rank order; the GPU's of the run's own device only), "epoch_row": that epoch's epochs.csv
+  row, "fingerprint", "identity"}`, saved at the end of an epoch after KE (equalized), or mid-epoch when
   the run was interrupted (then equalized only with coupling.schedule=step).
 - `best.pt`: a plain state_dict of the best epoch's weights, saved *after* KE, so already equalized;
   the run's fingerprint and the epoch are in the state_dict's `_metadata` (load_state_dict ignores it).
@@ -36,34 +37,78 @@ def save_torch(path: Path, obj) -> None:
 
 # ---- training checkpoints (last.pt, epoch_NNN.pt) -----------------------------------------------
 
-def rng_state() -> dict:
+def rng_state(device: torch.device | None = None) -> dict:
+    """This process's generators: Python's, numpy's, torch's CPU one and, on a GPU, the run's own
+    device's (not every visible GPU's: a resume may see fewer, or others)."""
+    cuda = torch.cuda.get_rng_state(device) if device is not None and device.type == "cuda" else None
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "cuda": cuda}
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    on_gpu = device is not None and device.type == "cuda"
+    if isinstance(cuda, list):  # written before 2026-12: one state per GPU the run saw; the run's own, if there
+        index = (device.index or 0) if on_gpu else None
+        cuda = cuda[index] if index is not None and index < len(cuda) else None
+    if cuda is not None and on_gpu:
+        torch.cuda.set_rng_state(cuda, device)
 
 
-def training_state(*, model, optimizer, scheduler, scaler, progress: dict, stamp: dict) -> dict:
+def rank_rng(saved, rank: int) -> dict | None:
+    """The generators' state `rank` saved: last.pt holds one per rank (in rank order); one written
+    before 2026-12 holds rank 0's alone, which every rank then used. None: this rank saved none (the run
+    resumes with more processes than it had)."""
+    if isinstance(saved, dict):
+        return saved
+    return saved[rank] if rank < len(saved) else None
+
+
+def host_weights(model: torch.nn.Module) -> dict:
+    """The model's state_dict copied to the host once (its `_metadata` kept): what last.pt and best.pt
+    are both written from."""
+    state = model.state_dict()
+    out = type(state)((k, v.detach().to("cpu")) for k, v in state.items())
+    out._metadata = dict(getattr(state, "_metadata", {}))
+    return out
+
+
+def shallow_copy(state: dict) -> dict:
+    """A state_dict sharing `state`'s tensors, with its own `_metadata` (best.pt stamps it)."""
+    out = type(state)(state)
+    out._metadata = dict(getattr(state, "_metadata", {}))
+    return out
+
+
+def training_state(*, model, optimizer, scheduler, scaler, progress: dict, stamp: dict, rng: list[dict],
+                   weights: dict | None = None, row: dict | None = None) -> dict:
     """What last.pt holds: everything a resume needs to continue exactly (`stamp`: the run's
-    fingerprint and identity keys)."""
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "progress": progress, "rng": rng_state(), **stamp}
+    fingerprint and identity keys; `rng`: every rank's generators, in rank order; `weights`: the
+    model's state_dict already on the host, default its live one; `row`: the epochs.csv row of the
+    epoch the checkpoint ends, for a kill before that row was appended)."""
+    return {"model": model.state_dict() if weights is None else weights, "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "progress": progress, "rng": rng,
+            "epoch_row": row, **stamp}
 
 
-def restore_training(ckpt: dict, *, model, optimizer, scheduler, scaler) -> dict:
-    """Load a training checkpoint into the run's objects and generators; returns its loop state."""
+def restore_training(ckpt: dict, *, model, optimizer, scheduler, scaler, rank: int = 0,
+                     device: torch.device | None = None) -> dict:
+    """Load a training checkpoint into the run's objects and this rank's generators (`device`: the
+    run's GPU, whose generator is restored); returns its loop state."""
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     if ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"])
+    state = rank_rng(ckpt["rng"], rank)
+    if state is None:
+        log.warning("rank %d: the checkpoint holds the generators of %d process(es) only: this rank's continue "
+                    "from its own seed, so the resume is not bit-exact", rank, len(ckpt["rng"]))
+    else:
+        set_rng_state(state, device)
     return saved_progress(ckpt)
 
 

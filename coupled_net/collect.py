@@ -28,8 +28,8 @@ LEADING = ["model", "dataset", "alpha", "seed", "status", "epochs_run", "best_ep
            "total_time_s", "device", "run_dir"]
 IDENTITY = ["coupling_mode", "coupling_schedule"]
 # per run, from epochs.csv (SPEC §11): val top-1 lost at each equalization, and what the second
-# validation costs next to an epoch
-DERIVED = ["ke_drop_mean", "ke_drop_best", "ke_eval_time_s_mean", "ke_overhead"]
+# validation costs next to an epoch, and the mean time an epoch's checkpoint writes took
+DERIVED = ["ke_drop_mean", "ke_drop_best", "ke_eval_time_s_mean", "ke_overhead", "checkpoint_time_s_mean"]
 TRAILING = ["last_val_acc", "error"]  # what a run that is not done shows instead of metrics
 # shared_by: how many runs shared the run's GPU (or, without one, ran beside it), from the slot it was
 # started in (coupled_net.slots); 1 for a run alone. Its timings are only compared with runs alike.

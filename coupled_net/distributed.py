@@ -11,7 +11,8 @@ import submitit
 import torch
 import torch.distributed as dist
 
-from .machine import submitit_tasks
+from .errors import ConfigError
+from .machine import resolve_device, select_device, submitit_tasks
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +41,26 @@ def init_world(device_name: str) -> World:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return World()
-    use_cuda = device_name != "cpu" and torch.cuda.is_available()
-    backend = "nccl" if use_cuda else "gloo"
-    dist.init_process_group(backend=backend)
+    gpu = _rank_gpu(device_name)
+    backend = "nccl" if gpu is not None else "gloo"
+    # the GPU is current before the group exists: NCCL's first collective (the run directory's claim)
+    # would otherwise run on cuda:0 in every rank ("Duplicate GPU detected")
+    dist.init_process_group(backend=backend, device_id=gpu)
     world = World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
     log.info("rank %d of %d (%s backend)", world.rank, world.size, backend)
     return world
+
+
+def _rank_gpu(device_name: str) -> torch.device | None:
+    """The GPU this rank trains on, made current; None: it trains on a CPU, or the name is one the
+    run's validation refuses (in one line, once the process group lets every rank record it)."""
+    if device_name == "cpu" or not torch.cuda.is_available():
+        return None
+    try:
+        device = resolve_device(device_name)
+    except ConfigError:
+        return None
+    return select_device(device) if device.type == "cuda" else None
 
 
 def all_reduce_sum(*tensors: torch.Tensor) -> None:
@@ -86,6 +101,16 @@ def max_on_host(value: int) -> int:
     t = torch.tensor([value], dtype=torch.int32)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_flag_group())
     return int(t.item())
+
+
+def all_gather_on_host(obj) -> list:
+    """Every rank's `obj` (small, picklable), in rank order, on every rank ([obj] without a process
+    group): through the host-side group, never a device tensor."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj, group=_flag_group())
+    return out
 
 
 def broadcast_from_main(obj):

@@ -22,7 +22,10 @@ from .storage import read_bytes, write_text
 log = logging.getLogger(__name__)
 
 EPOCH_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "ke_val_loss", "ke_val_acc",
-                 "epoch_time_s", "ke_time_s", "ke_eval_time_s"]
+                 "epoch_time_s", "ke_time_s", "ke_eval_time_s", "checkpoint_time_s"]
+# columns a row may leave empty: added after runs were written (their rows gain an empty cell when such a
+# run resumes), or unknown (checkpoint_time_s of a row restored from last.pt is nan); read as nan
+OPTIONAL = ["checkpoint_time_s"]
 # columns every written epochs.csv row has a number in (a loss may be nan: a diverged epoch)
 REQUIRED = ["epoch", "val_acc", "ke_val_acc", "epoch_time_s"]
 
@@ -138,7 +141,8 @@ class CsvLog:
 
 def epoch_log(run_dir: Path) -> CsvLog:
     """A run directory's epochs.csv."""
-    return CsvLog(Path(run_dir) / "epochs.csv", EPOCH_COLUMNS, required=REQUIRED)
+    return CsvLog(Path(run_dir) / "epochs.csv", EPOCH_COLUMNS, required=REQUIRED,
+                  numeric=[c for c in EPOCH_COLUMNS if c not in OPTIONAL])
 
 
 def read_epochs(run_dir: Path) -> tuple[list[dict], str | None]:
@@ -179,9 +183,11 @@ def epoch_summary(rows: list[dict], best_epoch: int | None = None) -> dict:
     """A run's numbers from its epoch rows (read_epochs): mean timings; best and last val top-1 and
     the best after KE; `ke_drop` = val_acc - ke_val_acc (top-1 points lost at an equalization) as the
     mean over epochs and at the best epoch; `ke_overhead` = mean ke_eval_time_s / mean epoch_time_s
-    (what the second validation costs, as a share of an epoch). None where there is nothing to say."""
+    (what the second validation costs, as a share of an epoch); `checkpoint_time_s_mean` over the epochs
+    that recorded it. None where there is nothing to say."""
     out = {"ke_time_s_mean": _mean(rows, "ke_time_s"), "epoch_time_s_mean": _mean(rows, "epoch_time_s"),
-           "ke_eval_time_s_mean": _mean(rows, "ke_eval_time_s"), "ke_drop_mean": None, "ke_drop_best": None,
+           "ke_eval_time_s_mean": _mean(rows, "ke_eval_time_s"),
+           "checkpoint_time_s_mean": _mean(rows, "checkpoint_time_s"), "ke_drop_mean": None, "ke_drop_best": None,
            "ke_overhead": None, "best_val_acc": None, "best_ke_val_acc": None, "last_val_acc": None}
     if rows:
         drops = [r["val_acc"] - r["ke_val_acc"] for r in rows]

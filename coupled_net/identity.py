@@ -20,7 +20,7 @@ from .objectives import direction
 
 # Keys (or whole sub-trees) that change where or how a run executes, never what it computes.
 NON_IDENTITY = ("dataset.root", "dataset.download", "trainer.device", "trainer.num_workers", "trainer.threads",
-                "trainer.progress", "trainer.compile", "trainer.channels_last", "logger", "hydra",
+                "trainer.progress", "trainer.compile", "trainer.channels_last", "trainer.last_every", "logger", "hydra",
                 "optimized_metric")
 # Keys added after runs were made, at the value that computes what those runs computed without them:
 # left out of the fingerprint there, so those runs keep theirs (they resume, re-launches skip them).

@@ -234,6 +234,7 @@ KNOBS: dict[str, Knob] = {
     "optimizer.betas": optional(numbers(UNIT, "must be a list of two numbers in [0, 1)", 2), ADAM, ADAMW),
     "optimizer.eps": optional(number(gt=0), ADAM, ADAMW),
     "optimizer.amsgrad": optional(BOOLEAN, ADAM, ADAMW),
+    "optimizer.fused": optional(BOOLEAN, SGD, ADAM, ADAMW),  # one kernel; with fp16, GradScaler's check stays on the GPU
     # scheduler
     "scheduler._target_": knob(dotted_path),
     "scheduler._partial_": knob(choice(True)),
@@ -266,6 +267,7 @@ KNOBS: dict[str, Knob] = {
     "trainer.channels_last": optional(BOOLEAN),
     "trainer.compile": knob(BOOLEAN),
     "trainer.checkpoint_every": knob(integer(1, also=(None,))),
+    "trainer.last_every": optional(integer(1)),
     "trainer.limit_batches": knob(integer(1, also=(None,))),
     "trainer.progress": knob(choice("auto", True, False)),
     # logger: a dict of named loggers (logger=[tensorboard,mlflow]); `*` is any logger's name

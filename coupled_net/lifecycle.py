@@ -109,7 +109,7 @@ def _train(cfg: DictConfig, rd: RunDirectory, verdict: Verdict, guard: StopGuard
         spec = resolve(cfg, world)
         parts = build(spec)
         rd.write(coupled_layers=parts.coupling.layer_paths, provenance=provenance(spec.device))
-        monitor = SystemMonitor()
+        monitor = SystemMonitor(spec.device)  # this rank's GPU (by its UUID), or none
         bars = {"auto": os.isatty(2)}.get(str(cfg.trainer.progress).lower(), bool(cfg.trainer.progress))
         logger = build_trackers(cfg, files.dir, rd.identity) if world.is_main else None
         trainer = make_trainer(spec, parts, files=files, monitor=monitor, logger=logger, progress_bars=bars,
@@ -127,10 +127,8 @@ def _train(cfg: DictConfig, rd: RunDirectory, verdict: Verdict, guard: StopGuard
             log.info("resuming from %s after %s (resume #%d)", verdict.checkpoint_path, where, resumes)
         ckpt = verdict.checkpoint = None  # the memory-mapped file is not needed any more
         trainer.reconcile_best(progress)  # best.pt of this checkpoint's best epoch, whatever kill came between
-        if world.is_main:  # rows written after that checkpoint (or any, from scratch) are not this run's
-            files.epochs.keep_epochs_upto(progress.epoch)
-            if trainer.system_log is not None:
-                trainer.system_log.keep_epochs_upto(progress.epoch)
+        trainer.align_logs(progress)  # rows written after that checkpoint (or any, from scratch) are not this run's
+        if world.is_main:
             write_model_summary(parts.model, cfg.dataset.channels, cfg.model.input_size, parts.coupling,
                                 files.summary)
         log.info("run %s: %s on %s, alpha=%d (%s, %s) on %s, %d threads, %d workers, %d process(es)", files.dir,
@@ -173,7 +171,8 @@ def _train(cfg: DictConfig, rd: RunDirectory, verdict: Verdict, guard: StopGuard
         results = rd.write(status=status, error=error, metrics=metrics, stopped_early=progress.stopped_early,
                            epochs_run=progress.epoch, best_epoch=progress.best_epoch,
                            total_time_s=round(progress.elapsed_s, 3), finished_at=now_iso(),
-                           **epoch_fields(files.dir))
+                           **epoch_fields(files.dir),
+                           **monitor.run_peaks(trainer.system_log.rows() if trainer.system_log is not None else ()))
     finally:
         if logger is not None:
             finish_trackers(logger, rd.results)

@@ -10,7 +10,7 @@ import math
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .augment import Letters, augment_batch
+from .augment import Letters, augment_batch, to_device
 from .data import IN_MEMORY_ONLY, ArraySource, SplitDataset
 from .errors import ConfigError
 
@@ -99,7 +99,7 @@ class TensorLoader:
         return math.ceil(len(self.sampler) / self.batch_size)
 
     def __iter__(self):
-        order = self.sampler.positions()[0].to(self.images.device)
+        order = to_device(self.sampler.positions()[0], self.images.device)  # no host stall, even once an epoch
         start_batch = self.sampler.start // self.batch_size
         for b, first in enumerate(range(0, len(order), self.batch_size), start=start_batch):
             idx = order[first:first + self.batch_size]

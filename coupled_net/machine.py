@@ -17,7 +17,9 @@ import submitit
 import torch
 import torchvision
 
+from .cudavisible import parse_cuda_visible
 from .errors import ConfigError
+from .monitor import gpu_facts
 
 DEVICES = "allowed: auto, cpu, cuda, cuda:N"
 SLOT_ENV = "COUPLED_NET_SLOT"  # the slot a scheduler started this process in (coupled_net.slots writes it)
@@ -92,11 +94,31 @@ def slurm_array_job_id() -> str | None:
 
 
 def rank_gpu(device: torch.device) -> torch.device:
-    """A CUDA device without an index as the GPU this process's rank takes (LOCAL_RANK, torchrun's);
-    any other device as it is."""
+    """A CUDA device without an index as the GPU this process's rank takes: its LOCAL_RANK (torchrun's,
+    or submitit's for SLURM tasks) modulo the GPUs it sees, so a SLURM task bound to one GPU takes
+    `cuda:0` whatever its rank; any other device as it is."""
     if device.type != "cuda" or device.index is not None:
         return device
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+
+
+def select_device(device: torch.device) -> torch.device:
+    """The device this process trains on (rank_gpu), made the current CUDA device: NCCL's first
+    collective, pinned-memory threads and any tensor created without a device go there, not to GPU 0.
+    A CPU device is returned as it is."""
+    device = rank_gpu(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def ranks_sharing_cpus() -> int:
+    """How many ranks of one run share this process's CPUs: torchrun's LOCAL_WORLD_SIZE (its ranks
+    are processes of one allocation), or 1: outside DDP, and for ranks that are SLURM tasks, whose
+    CPUs (usable_cpus) are already the task's own."""
+    if submitit_tasks() > 1:
+        return 1
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
 
 
 def slurm_job_id() -> str | None:
@@ -135,16 +157,28 @@ def _cpu_name() -> str:
 
 
 def _gpu_record(device: torch.device, slot: dict | None) -> dict:
-    """The GPU a run trains on: its index as the run sees it, its physical index, UUID and name."""
+    """The GPU a run trains on: its index as the run sees it, its physical index (NVML's, found by
+    its UUID; without NVML the slot's, else CUDA_VISIBLE_DEVICES' entry where CUDA_DEVICE_ORDER=
+    PCI_BUS_ID makes CUDA's order NVML's; else None), UUID and name, the NVIDIA driver (None without
+    NVML), and the CUDA runtime and cuDNN torch runs it with."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
-    physical = slot.get("gpu") if slot and slot.get("gpu") is not None else \
-        (int(visible[index]) if index < len(visible) and visible[index].isdigit() else
-         index if "CUDA_VISIBLE_DEVICES" not in os.environ else None)
     props = torch.cuda.get_device_properties(index)
     uuid = getattr(props, "uuid", None)
-    return {"index": index, "physical": physical, "uuid": f"GPU-{uuid}" if uuid is not None else None,
-            "name": props.name}
+    facts = gpu_facts(torch.device("cuda", index))
+    physical = facts["physical"]
+    if physical is None and slot and slot.get("gpu") is not None:
+        physical = slot["gpu"]
+    elif physical is None and os.environ.get("CUDA_DEVICE_ORDER") == "PCI_BUS_ID":
+        entries = parse_cuda_visible(os.environ.get("CUDA_VISIBLE_DEVICES"))
+        entry = index if entries is None else entries[index] if index < len(entries) else None
+        physical = entry if isinstance(entry, int) else None
+    try:
+        cudnn = torch.backends.cudnn.version()
+    except Exception:  # noqa: BLE001 - a build without cuDNN
+        cudnn = None
+    return {"index": index, "physical": physical,
+            "uuid": facts["uuid"] or (f"GPU-{uuid}" if uuid is not None else None), "name": props.name,
+            "driver": facts["driver"], "cuda": torch.version.cuda, "cudnn": cudnn}
 
 
 def sharing() -> dict:

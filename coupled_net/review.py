@@ -37,7 +37,8 @@ FIRST = ["model.name", "dataset.name", "coupling.alpha"]
 ORDER = FIRST + ["coupling.mode", "coupling.schedule", "coupling.layer"]
 ACCURACY = ["test_top1", "test_top5", "val_top1", "val_top5", "best_val_acc", "best_ke_val_acc",
             "ke_drop_mean", "ke_drop_best", "epochs_run"]
-TIMINGS = ["epoch_time_s_mean", "ke_time_s_mean", "ke_eval_time_s_mean", "ke_overhead", "total_time_s"]
+TIMINGS = ["epoch_time_s_mean", "ke_time_s_mean", "ke_eval_time_s_mean", "ke_overhead", "checkpoint_time_s_mean",
+           "total_time_s"]
 METRICS = ACCURACY + TIMINGS
 STATS = ["mean", "std", "n", "ci_low", "ci_high"]
 CONFIDENCE = 0.95

@@ -18,6 +18,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
+from .cudavisible import parse_cuda_visible
 from .errors import ConfigError
 from .machine import SLOT_ENV
 
@@ -70,15 +71,18 @@ def gpu_inventory() -> list[Gpu]:
 def visible_gpus(present: Sequence[Gpu], cuda_visible: Optional[str]) -> list[int]:
     """The physical GPUs a process sees: all present ones, or those CUDA_VISIBLE_DEVICES names
     (indices or UUIDs, in its order; CUDA stops at the first entry it cannot match, so do we)."""
-    if cuda_visible is None:
+    entries = parse_cuda_visible(cuda_visible)
+    if entries is None:
         return [g.index for g in present]
-    by_index = {str(g.index): g.index for g in present}
+    by_index = {g.index: g.index for g in present}
     by_uuid = {g.uuid: g.index for g in present}
     seen = []
-    for item in (v.strip() for v in cuda_visible.split(",")):
-        match = by_index.get(item)
-        if match is None:
-            match = next((i for uuid, i in by_uuid.items() if item and uuid.startswith(item)), None)
+    for item in entries:
+        if isinstance(item, int):
+            match = by_index.get(item)
+        else:  # a UUID's first characters name the one GPU they begin (two: neither, as CUDA reads it)
+            matches = [i for uuid, i in by_uuid.items() if uuid.startswith(item)]
+            match = matches[0] if len(matches) == 1 else None
         if match is None or match in seen:
             break
         seen.append(match)
@@ -142,4 +146,7 @@ def slot_environment(slot: Slot, gpu: Optional[Gpu] = None) -> dict[str, str]:
     record["cpus"] = list(slot.cpus)
     if gpu is not None:
         record.update(gpu_uuid=gpu.uuid, gpu_name=gpu.name)
-    return {"CUDA_VISIBLE_DEVICES": "" if slot.gpu is None else str(slot.gpu), SLOT_ENV: json.dumps(record)}
+    env = {"CUDA_VISIBLE_DEVICES": "" if slot.gpu is None else str(slot.gpu), SLOT_ENV: json.dumps(record)}
+    if slot.gpu is not None:  # the slot's index is NVML's, in PCI order; CUDA's own default is fastest first
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    return env

@@ -170,7 +170,8 @@ def _full_groups(groups, keys) -> pd.DataFrame:
         "KE drop": _pm(g, "ke_drop_mean"), "KE drop (best)": _pm(g, "ke_drop_best"),
         "epochs": _pm(g, "epochs_run", ".1f"), "epoch s": _seconds(g["epoch_time_s_mean_mean"]),
         "KE s": _num(g["ke_time_s_mean_mean"], ".2g"), "KE+val s": _seconds(g["ke_eval_time_s_mean_mean"]),
-        "KE cost": _share(g["ke_overhead_mean"]), "device": "mixed" if pd.isna(g["device"]) else g["device"],
+        "KE cost": _share(g["ke_overhead_mean"]), "ckpt s": _seconds(g["checkpoint_time_s_mean_mean"]),
+        "device": "mixed" if pd.isna(g["device"]) else g["device"],
     } for _, g in groups.iterrows()])
 
 
@@ -190,7 +191,8 @@ def _mixed_timings(runs, keys) -> pd.DataFrame:
     return pd.DataFrame([{
         **{names[k]: cell(r[k]) for k in keys}, "device": r["device"], "n": int(r["n"]),
         "epoch s": _seconds(r["epoch_time_s_mean_mean"]), "KE+val s": _seconds(r["ke_eval_time_s_mean_mean"]),
-        "KE cost": _share(r["ke_overhead_mean"])} for _, r in t[mixed].iterrows()])
+        "KE cost": _share(r["ke_overhead_mean"]), "ckpt s": _seconds(r["checkpoint_time_s_mean_mean"]),
+    } for _, r in t[mixed].iterrows()])
 
 
 def _md(frame: pd.DataFrame, keys: int) -> str:

@@ -1,8 +1,9 @@
 """The epoch loop of the seed notebook, generalised (SPEC §2):
 
-    train -> validate -> equalize (KE) -> validate again -> epochs.csv row -> monitoring
+    train -> validate -> equalize (KE) -> validate again -> monitoring (system.csv row)
     -> best model (by val loss before KE, or after with select_by=ke_val_loss) -> early stopping
-    -> scheduler step -> last.pt (+ a periodic copy)
+    -> scheduler step -> last.pt (every last_every epochs; + a periodic copy) and best.pt, timed
+    -> epochs.csv row (with that checkpoint_time_s)
 
 A scheduler whose step() takes a metric (ReduceLROnPlateau, or a user's own with a required argument)
 is stepped with the selection metric: val_loss, or ke_val_loss with select_by=ke_val_loss.
@@ -35,7 +36,7 @@ from tqdm import tqdm
 
 from . import checkpoint
 from .coupling import Coupling
-from .distributed import World, all_reduce_sum, barrier, broadcast_from_main, max_on_host
+from .distributed import World, all_gather_on_host, all_reduce_sum, barrier, broadcast_from_main, max_on_host
 from .epochlog import EPOCH_COLUMNS, CsvLog
 from .monitor import SystemMonitor
 from .results import RunFiles
@@ -135,7 +136,7 @@ class Trainer:
 
     def __init__(self, *, model: nn.Module, coupling: Coupling, optimizer, scheduler, loaders: dict,
                  device: torch.device, epochs: int, patience: int = 15, select_by: str = "val_loss",
-                 checkpoint_every: int | None = 30, limit_batches: int | None = None,
+                 checkpoint_every: int | None = 30, last_every: int = 1, limit_batches: int | None = None,
                  label_smoothing: float = 0.0, grad_clip_norm: float | None = None, numerics: Numerics | None = None,
                  world: World = World(), train_model: nn.Module | None = None, files: RunFiles | None = None,
                  monitor: SystemMonitor | None = None, logger=None, progress_bars: bool = False,
@@ -147,6 +148,7 @@ class Trainer:
         self.loaders, self.device, self.world = loaders, device, world
         self.epochs, self.patience, self.select_by = epochs, patience, select_by
         self.checkpoint_every, self.limit = checkpoint_every, limit_batches  # checkpoint_every None: no periodic copies
+        self.last_every = last_every  # epochs between last.pt writes (a stop signal still saves at once)
         self.label_smoothing, self.grad_clip_norm = label_smoothing, grad_clip_norm
         self.numerics = numerics or Numerics(device)
         self.files, self.monitor, self.logger = files, monitor, logger  # logger: a coupled_net.loggers.Loggers
@@ -157,11 +159,13 @@ class Trainer:
         self.writes = files is not None and world.is_main
         self.rows: list[dict] = []
         self.best_state: dict | None = None
-        self.system_log = CsvLog(files.dir / "system.csv", ["epoch", "phase", "time"] + monitor.columns,
-                                 numeric=["epoch", "time", "cpu_percent", "ram_percent"]) \
-            if self.writes and monitor is not None else None
+        self.system_log = CsvLog(files.dir / "system.csv", ["epoch", "time"] + monitor.columns,
+                                 numeric=["epoch", "time"]) \
+            if self.writes and monitor is not None else None  # one row an epoch (coupled_net.monitor)
         self._started, self._carried = time.perf_counter(), 0.0
         self._agreed_signal = 0  # the signal the ranks last agreed to stop on (0: none)
+        self._saved_row: dict | None = None  # the epochs.csv row stored in the checkpoint a resume loaded
+        self._saved_epoch: int | None = None  # the epoch whose end last.pt holds (None: none this attempt)
 
     # ---- one pass over the data ----------------------------------------------------------------
 
@@ -268,30 +272,80 @@ class Trainer:
 
     # ---- checkpoints -----------------------------------------------------------------------------
 
-    def state(self, progress: LoopState) -> dict:
+    def state(self, progress: LoopState, rng: list[dict], weights: dict | None = None,
+              row: dict | None = None) -> dict:
+        """last.pt's contents: `rng` every rank's generators (rank order), `weights` the model's
+        (default: its live state_dict), `row` the epochs.csv row of the epoch it ends."""
         return checkpoint.training_state(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                         scaler=self.numerics.scaler, progress=asdict(progress), stamp=self.stamp)
+                                         scaler=self.numerics.scaler, progress=asdict(progress), stamp=self.stamp,
+                                         rng=rng, weights=weights, row=row)
 
     def load_state(self, ckpt: dict) -> LoopState:
+        self._saved_row = ckpt.get("epoch_row")
         return LoopState(**checkpoint.restore_training(ckpt, model=self.model, optimizer=self.optimizer,
-                                                       scheduler=self.scheduler, scaler=self.numerics.scaler))
+                                                       scheduler=self.scheduler, scaler=self.numerics.scaler,
+                                                       rank=self.world.rank, device=self.device))
 
-    def _save_last(self, progress: LoopState, periodic: bool = True) -> None:
+    def _last_due(self, progress: LoopState) -> bool:
+        """Is last.pt written at the end of this epoch: every `last_every` epochs, at a periodic copy's
+        epoch, and at the loop's last epoch (a run killed before its results.json replays nothing)."""
+        epoch = progress.epoch
+        return (epoch % self.last_every == 0 or epoch >= self.epochs or progress.stopped_early
+                or progress.diverged_at is not None
+                or (self.checkpoint_every is not None and epoch % self.checkpoint_every == 0))
+
+    def _save_last(self, progress: LoopState, periodic: bool = True, weights: dict | None = None,
+                   row: dict | None = None) -> None:
+        """last.pt (rank 0) with every rank's generators: a collective, every rank calls it."""
+        rng = all_gather_on_host(checkpoint.rng_state(self.device))
+        self._saved_epoch = None if progress.partial else progress.epoch
         if not self.writes:
             return
-        checkpoint.save_torch(self.files.last, self.state(progress))
+        checkpoint.save_torch(self.files.last, self.state(progress, rng, weights, row))
         if periodic and self.checkpoint_every is not None and progress.epoch % self.checkpoint_every == 0:
             shutil.copyfile(self.files.last, self.files.periodic(progress.epoch))
 
-    def _save_best(self, epoch: int) -> None:
+    def _save_best(self, epoch: int, weights: dict | None = None) -> None:
         """The equalized weights of the best epoch: best.pt (a plain state_dict; the fingerprint and
         the epoch in its `_metadata`, which load_state_dict ignores), or kept in memory without a run
-        directory."""
-        state = self.model.state_dict()
+        directory. `weights`: the model's, already copied off the device for last.pt."""
+        state = self.model.state_dict() if weights is None else checkpoint.shallow_copy(weights)
         if not self.writes:
             self.best_state = {k: v.detach().clone() for k, v in state.items()}
             return
         checkpoint.write_best(self.files.best, state, self.stamp.get("fingerprint"), epoch)
+
+    def _save_epoch(self, progress: LoopState, improved: bool, row: dict) -> float:
+        """The epoch's checkpoints: last.pt when due, best.pt when it improved, both from one copy of
+        the weights on the host (one device-to-host transfer, and best.pt holds exactly last.pt's
+        model). Returns the seconds they took (checkpoint_time_s). Every rank calls it."""
+        start = time.perf_counter()
+        due = self._last_due(progress)
+        weights = checkpoint.host_weights(self.model) if self.writes and (due or improved) else None
+        if due:
+            # last.pt first: a kill before best.pt leaves last.pt saying this epoch is best, and its weights
+            # are the best ones (nothing changes them in between), so reconcile_best rewrites best.pt from it
+            self._save_last(progress, weights=weights, row=row)
+        if improved:
+            self._save_best(progress.epoch, weights)
+        return time.perf_counter() - start
+
+    def align_logs(self, progress: LoopState) -> None:
+        """Before a resumed (or fresh) run trains on from `progress`: epochs.csv and system.csv keep the
+        rows up to its epoch (rows written after that checkpoint are not this run's); the row of the
+        checkpoint's own epoch, when a kill came after last.pt and before the row was appended, comes
+        from the checkpoint (its checkpoint_time_s unknown: nan). Rank 0 only."""
+        if not self.writes:
+            return
+        self.files.epochs.keep_epochs_upto(progress.epoch)
+        if self.system_log is not None:
+            self.system_log.keep_epochs_upto(progress.epoch)
+        row = self._saved_row
+        if row and row.get("epoch") == progress.epoch and not progress.partial and \
+                progress.epoch not in {int(r["epoch"]) for r in self.files.epochs.rows()}:
+            log.warning("epochs.csv lacks epoch %d (a kill came after its checkpoint): its row restored from "
+                        "the checkpoint", progress.epoch)
+            self.files.epochs.append({**row, "checkpoint_time_s": math.nan})
 
     def reconcile_best(self, progress: LoopState) -> None:
         """Make best.pt the weights of `progress.best_epoch` before training resumes from `progress`
@@ -335,9 +389,15 @@ class Trainer:
         return True
 
     def _record_system(self, epoch: int, phase: str) -> None:
-        if self.system_log is not None:
-            self.system_log.append({"epoch": epoch, "phase": phase, "time": round(time.time(), 3),
-                                    **self.monitor.sample()})
+        """phase "start": the monitor samples the machine and the run's GPU from now on; "end": until
+        now, and the epoch's system.csv row is written (before its checkpoints: a kill after last.pt
+        leaves the row, one before it leaves a row the resume drops with the epoch's)."""
+        if self.system_log is None:
+            return
+        if phase == "start":
+            self.monitor.begin_epoch()
+        else:
+            self.system_log.append({"epoch": epoch, "time": round(time.time(), 3), **self.monitor.end_epoch()})
 
     # ---- the loop --------------------------------------------------------------------------------
 
@@ -349,6 +409,8 @@ class Trainer:
             while progress.epoch < self.epochs and not progress.stopped_early and progress.diverged_at is None:
                 self._one_epoch(progress)
                 if self._signal_on_any_rank():  # a signal after the last step check, or during validation
+                    if self._saved_epoch != progress.epoch:  # trainer.last_every skipped this epoch's last.pt
+                        self._save_last(progress)
                     self._act_on_stop(f"after epoch {progress.epoch}")
         return progress
 
@@ -367,14 +429,6 @@ class Trainer:
         row = dict(zip(EPOCH_COLUMNS, [
             epoch, lr, train_loss, train_acc, val["loss"], val["top1"], ke_val["loss"], ke_val["top1"],
             round(carried + epoch_time, 6), round(ke_time, 9), round(ke_time + ke_eval_extra, 6)]))
-        self.rows.append(row)
-        if self.writes:
-            self.files.epochs.append(row)
-        if self.world.is_main and self.logger is not None:
-            self.logger.log_epoch(row)
-        log.info("epoch %d/%d  lr %.3g  train loss %.4f acc %.2f%%  val loss %.4f acc %.2f%%  "
-                 "after KE: val loss %.4f acc %.2f%%  (%.1fs, KE %.2gs)", epoch, self.epochs, lr, train_loss,
-                 train_acc, val["loss"], val["top1"], ke_val["loss"], ke_val["top1"], epoch_time, ke_time)
         self._record_system(epoch, "end")
 
         progress.epoch = epoch
@@ -397,11 +451,19 @@ class Trainer:
             else:
                 self.scheduler.step()
         progress.elapsed_s += carried + time.perf_counter() - started
-        # last.pt first: a kill before best.pt leaves last.pt saying this epoch is best, and its weights
-        # are the best ones (nothing changes them in between), so reconcile_best rewrites best.pt from it
-        self._save_last(progress)
-        if improved:
-            self._save_best(epoch)
+        # the row follows its checkpoints, to carry their time; last.pt holds the row (without that time)
+        # for a kill in between (align_logs)
+        row["checkpoint_time_s"] = round(self._save_epoch(progress, improved, row), 6)
+        progress.elapsed_s += row["checkpoint_time_s"]
+        self.rows.append(row)
+        if self.writes:
+            self.files.epochs.append(row)
+        if self.world.is_main and self.logger is not None:
+            self.logger.log_epoch(row)
+        log.info("epoch %d/%d  lr %.3g  train loss %.4f acc %.2f%%  val loss %.4f acc %.2f%%  "
+                 "after KE: val loss %.4f acc %.2f%%  (%.1fs, KE %.2gs, checkpoints %.2gs)", epoch, self.epochs, lr,
+                 train_loss, train_acc, val["loss"], val["top1"], ke_val["loss"], ke_val["top1"], epoch_time, ke_time,
+                 row["checkpoint_time_s"])
         if self.on_epoch_end is not None:
             self.on_epoch_end(progress)
 

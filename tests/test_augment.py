@@ -97,6 +97,39 @@ def test_output_shape_dtype_and_normalization(size):
     assert augment_batch(u8, size, mean, std, None, dtype=torch.bfloat16).dtype == torch.bfloat16
 
 
+def _direct_warp_by_hand(u8, size, mean, std, seed):
+    """The GPU path's formula, written out: per-sample affine matrices from the seed's draws, one
+    bilinear sample of the size x size output grid from the stored image, then normalize."""
+    n = u8.shape[0]
+    theta = affine_theta(sample_params(n, torch.Generator().manual_seed(seed)))
+    grid = torch.nn.functional.affine_grid(theta, [n, u8.shape[1], size, size], align_corners=False)
+    x = torch.nn.functional.grid_sample(u8.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return (x / 255 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("shape,size", [((6, 1, 28, 28), 224), ((5, 3, 20, 36), 64), ((4, 1, 28, 28), 28)])
+def test_a_cpu_batch_is_the_gpu_formula_one_warp_to_the_input_size(shape, size):
+    # trainer.device is not part of a run's identity: a CPU run must see the images a GPU run sees
+    # (before, the CPU warped at the stored size and resized after: a second bilinear pass)
+    u8 = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    mean, std = torch.full((shape[1],), 0.2), torch.full((shape[1],), 0.4)
+    ours = augment_batch(u8, size, mean, std, torch.Generator().manual_seed(9))
+    torch.testing.assert_close(ours, _direct_warp_by_hand(u8, size, mean, std, seed=9), atol=1e-4, rtol=0)
+    if size != shape[2] and shape[2] == shape[3]:  # the old CPU path (warp at the stored size, resize) differs
+        two_passes = torch.nn.functional.interpolate(_direct_warp_by_hand(u8, shape[2], mean, std, seed=9),
+                                                     size=(size, size), mode="bilinear", align_corners=False)
+        assert (ours - two_passes).abs().max() > 0.05
+
+
+@pytest.mark.requires_gpu
+def test_a_gpu_batch_equals_the_cpu_batch_of_the_same_seed():
+    u8 = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    mean, std = torch.tensor([0.2]), torch.tensor([0.4])
+    cpu = augment_batch(u8, 224, mean, std, torch.Generator().manual_seed(5))
+    gpu = augment_batch(u8.cuda(), 224, mean.cuda(), std.cuda(), torch.Generator().manual_seed(5))
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-3, rtol=0)
+
+
 def tensor_loader(seed):
     images = torch.randint(0, 256, (300, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(9))
     split = data.SplitDataset(data.ArraySource(images, torch.arange(300) % 26 + 1), torch.arange(300), None, 1)
@@ -129,17 +162,6 @@ def test_both_pipelines_run_a_quickstart_epoch(tmp_path, pipeline):
     res = execute_run(cfg, tmp_path / "run")
     assert res["status"] == "done" and res["epochs_run"] == 1
     assert 0 <= res["metrics"]["test"]["top1"] <= res["metrics"]["test"]["top5"] <= 100
-
-
-def test_the_gpu_benchmark_row_runs_on_a_cpu_at_toy_size():
-    """launch/bench.py adds the seed-protocol epoch only on a GPU; its code path runs here, tiny."""
-    from coupled_net.bench import seed_protocol_epoch, table
-
-    rows = seed_protocol_epoch(torch.device("cpu"), workers=0, per_class=1, batch=13)
-    (name, seed_rate, ours), (_, none, floor) = rows
-    assert name.startswith("seed-protocol epoch (AlexNet@224, 26 images)") and none is None
-    assert seed_rate > 0 and ours > 0 and floor > 0
-    assert "× |" in table(rows, torch.device("cpu"), 0)
 
 
 @pytest.mark.parametrize("n, world, shuffle, start", [(10, 1, True, 0), (10, 3, True, 2), (10, 3, False, 1),

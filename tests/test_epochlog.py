@@ -7,17 +7,17 @@ import math
 
 import pytest
 
-from coupled_net.epochlog import EPOCH_COLUMNS, epoch_log, epoch_summary, read_epochs
+from coupled_net.epochlog import epoch_log, epoch_summary, read_epochs
 from coupled_net.results import epoch_fields
 
-HEADER = ",".join(EPOCH_COLUMNS) + "\r\n"  # as csv writes it
-#          epoch,lr,train_loss,train_acc,val_loss,val_acc,ke_val_loss,ke_val_acc,epoch_time_s,ke_time_s,ke_eval_time_s
-EPOCH_1 = "1,0.05,2.0,30.0,1.5,60.0,1.6,58.0,10.0,0.1,1.0\r\n"
-EPOCH_2 = "2,0.05,1.2,50.0,1.0,70.0,1.1,69.0,12.0,0.3,1.4\r\n"      # the best: the curve peaks early
-GARBAGE = "3,0.05,1.1,5x.0,0.9,71.0,1.0,70.0,11.0,0.2,1.1\r\n"     # a cell that is not a number
-WIDE = "3,0.05,1.1,52.0,0.9,71.0,1.0,70.0,11.0,0.2,1.1,7,8\r\n"    # two cells more than the header
-EPOCH_4 = "4,0.05,nan,40.0,1.3,65.0,1.2,66.0,11.0,0.2,1.2\r\n"     # diverged: a nan loss is still a number
-NAN_ACC = "5,0.05,1.0,50.0,1.0,nan,1.0,60.0,11.0,0.2,1.2\r\n"      # val_acc is never nan in a whole row
+HEADER = ("epoch,lr,train_loss,train_acc,val_loss,val_acc,ke_val_loss,ke_val_acc,epoch_time_s,ke_time_s,"
+          "ke_eval_time_s,checkpoint_time_s\r\n")  # as csv writes it
+EPOCH_1 = "1,0.05,2.0,30.0,1.5,60.0,1.6,58.0,10.0,0.1,1.0,0.5\r\n"
+EPOCH_2 = "2,0.05,1.2,50.0,1.0,70.0,1.1,69.0,12.0,0.3,1.4,\r\n"  # the best: the curve peaks early; checkpoint time unknown
+GARBAGE = "3,0.05,1.1,5x.0,0.9,71.0,1.0,70.0,11.0,0.2,1.1,0.1\r\n"     # a cell that is not a number
+WIDE = "3,0.05,1.1,52.0,0.9,71.0,1.0,70.0,11.0,0.2,1.1,0.1,7,8\r\n"    # two cells more than the header
+EPOCH_4 = "4,0.05,nan,40.0,1.3,65.0,1.2,66.0,11.0,0.2,1.2,0.25\r\n"    # diverged: a nan loss is still a number
+NAN_ACC = "5,0.05,1.0,50.0,1.0,nan,1.0,60.0,11.0,0.2,1.2,0.1\r\n"      # val_acc is never nan in a whole row
 CUT = "6,0.05,1.0,5"                                             # a kill mid-write: no newline
 
 
@@ -39,7 +39,8 @@ def test_the_per_run_numbers_are_computed_from_the_whole_rows_only(run_dir):
     summary = epoch_summary(read_epochs(run_dir)[0], best_epoch=2)
     assert summary == {
         "ke_time_s_mean": pytest.approx((0.1 + 0.3 + 0.2) / 3), "epoch_time_s_mean": pytest.approx(11.0),
-        "ke_eval_time_s_mean": pytest.approx(1.2), "ke_drop_mean": pytest.approx((2.0 + 1.0 - 1.0) / 3),
+        "ke_eval_time_s_mean": pytest.approx(1.2), "checkpoint_time_s_mean": pytest.approx((0.5 + 0.25) / 2),
+        "ke_drop_mean": pytest.approx((2.0 + 1.0 - 1.0) / 3),
         "ke_drop_best": pytest.approx(1.0), "ke_overhead": pytest.approx(1.2 / 11.0),
         "best_val_acc": 70.0, "best_ke_val_acc": 69.0, "last_val_acc": 65.0}
 
@@ -76,3 +77,17 @@ def test_a_header_cut_short_or_without_the_required_columns_says_so(tmp_path):
     assert read_epochs(tmp_path) == ([], "epochs.csv: no column 'ke_val_acc' in its header")
     (tmp_path / "epochs.csv").unlink()
     assert read_epochs(tmp_path) == ([], None)
+
+
+def test_a_file_written_before_checkpoint_time_s_keeps_its_rows_when_a_resume_appends_one(tmp_path):
+    old_header = "epoch,lr,train_loss,train_acc,val_loss,val_acc,ke_val_loss,ke_val_acc,epoch_time_s,ke_time_s,ke_eval_time_s\r\n"
+    (tmp_path / "epochs.csv").write_bytes((old_header + "1,0.05,2.0,30.0,1.5,60.0,1.6,58.0,10.0,0.1,1.0\r\n").encode())
+    log = epoch_log(tmp_path)
+    log.append({"epoch": 2, "lr": 0.05, "train_loss": 1.2, "train_acc": 50.0, "val_loss": 1.0, "val_acc": 70.0,
+                "ke_val_loss": 1.1, "ke_val_acc": 69.0, "epoch_time_s": 12.0, "ke_time_s": 0.3, "ke_eval_time_s": 1.4,
+                "checkpoint_time_s": 0.75})
+    rows, problem = read_epochs(tmp_path)
+    assert problem is None and [r["epoch"] for r in rows] == [1, 2]
+    assert math.isnan(rows[0]["checkpoint_time_s"]) and rows[1]["checkpoint_time_s"] == 0.75
+    assert (tmp_path / "epochs.csv").read_text().splitlines()[0].endswith(",ke_eval_time_s,checkpoint_time_s")
+    assert epoch_summary(rows)["checkpoint_time_s_mean"] == 0.75

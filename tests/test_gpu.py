@@ -61,3 +61,55 @@ def test_two_runs_packed_on_one_gpu_see_cuda_0_and_the_same_physical_uuid_and_fi
     assert [g["index"] for g in gpus] == [0, 0] and [g["physical"] for g in gpus] == [0, 0]
     assert gpus[0]["uuid"] == gpus[1]["uuid"] and gpus[0]["uuid"].startswith("GPU-")
     assert [r["provenance"]["sharing"]["shared_by"] for r in results] == [2, 2]
+
+
+@pytest.mark.parametrize("augment", ["letters", "crop_flip"])
+def test_a_training_epoch_of_the_tensor_pipeline_never_waits_for_the_gpu_between_steps(monkeypatch, augment):
+    # the per-batch warp parameters and crop offsets once went up with blocking copies: one stall per step
+    import coupled_net.trainer as trainer_module
+    from coupled_net.build import make_trainer
+    from coupled_net.trainer import LoopState
+
+    spec = resolve(compose_cfg(*TINY, "trainer.device=cuda", f"augment={augment}", "model.input_size=64"))
+    trainer = make_trainer(spec, build(spec))
+    real = trainer_module._summed_over_ranks
+
+    def read_once(sums, seen):  # the epoch's one read of its sums: a sync by nature, after the last step
+        torch.cuda.set_sync_debug_mode(0)
+        return real(sums, seen)
+    monkeypatch.setattr(trainer_module, "_summed_over_ranks", read_once)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        trainer.train_one_epoch(1, LoopState())
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def test_a_checkpoint_holds_the_generator_of_the_runs_own_gpu_and_restoring_it_repeats_its_draws():
+    # it held one state per visible GPU: a resume seeing fewer GPUs raised IndexError at every retry
+    from coupled_net import checkpoint
+    device = torch.device("cuda", torch.cuda.device_count() - 1)
+    state = checkpoint.rng_state(device)
+    assert isinstance(state["cuda"], torch.Tensor)
+    first = torch.rand(3, device=device)
+    checkpoint.set_rng_state(state, device)
+    assert torch.equal(torch.rand(3, device=device), first)
+
+
+def test_two_ddp_ranks_on_two_gpus_train_and_keep_the_coupled_layers_identical(tmp_path):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs: NCCL refuses two ranks on one")
+    import subprocess
+    import sys
+
+    from helpers import TRAIN
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(TRAIN), *TINY,
+            "trainer.epochs=1", "trainer.device=cuda", f"dataset.root={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = read_results(tmp_path / "run")
+    assert res["status"] == "done" and res["world_size"] == 2
+    assert len(set(res["coupled_layer_digest_per_rank"])) == 1
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    assert len(last["rng"]) == 2 and not torch.equal(last["rng"][0]["cuda"], last["rng"][1]["cuda"])

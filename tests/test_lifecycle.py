@@ -117,8 +117,8 @@ def test_a_checkpoint_of_another_config_is_not_resumed_and_a_refused_start_chang
     common = ["experiment=quickstart", "dataset.train_per_class=20", "dataset.test_per_class=5", "trainer.epochs=2",
               f"dataset.root={tmp_path}"]
 
-    def stop_after_first_epoch(self, progress, periodic=True):
-        real_save(self, progress, periodic)
+    def stop_after_first_epoch(self, progress, *args, **kwargs):
+        real_save(self, progress, *args, **kwargs)
         raise KeyboardInterrupt  # a kill after the first checkpoint
     real_save = Trainer._save_last
     monkeypatch.setattr(Trainer, "_save_last", stop_after_first_epoch)

@@ -23,7 +23,7 @@ from helpers import compose_cfg, read_results, run_sweep
 QUICK = ["experiment=quickstart", "trainer.limit_batches=2"]
 FAST = [*QUICK, "trainer.epochs=2"]
 ROW_METRICS = ["lr", "train_loss", "train_acc", "val_loss", "val_acc", "ke_val_loss", "ke_val_acc", "epoch_time_s",
-               "ke_time_s", "ke_eval_time_s"]
+               "ke_time_s", "ke_eval_time_s", "checkpoint_time_s"]
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +85,10 @@ def test_a_resumed_run_continues_the_same_tracker_runs_and_shows_an_epoch_traine
     overrides = (*FAST, "logger=[mlflow,wandb,tensorboard]", f"dataset.root={tmp_path}")
     real_save = Trainer._save_last
 
-    def die_before_second_checkpoint(self, progress):
+    def die_before_second_checkpoint(self, progress, *args, **kwargs):
         if progress.epoch == 2:
-            raise KeyboardInterrupt  # like a kill: epoch 2 is logged, its checkpoint is not written
-        real_save(self, progress)
+            raise KeyboardInterrupt  # like a kill: epoch 2 trained, its checkpoint is not written
+        real_save(self, progress, *args, **kwargs)
     monkeypatch.setattr(Trainer, "_save_last", die_before_second_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         execute_run(compose_cfg(*overrides), tmp_path / "run")

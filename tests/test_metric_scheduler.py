@@ -87,8 +87,8 @@ def test_a_reduce_on_plateau_run_killed_and_resumed_keeps_the_best_loss_and_the_
               f"dataset.root={tmp_path}"]
     real_save = Trainer._save_last
 
-    def killed_after_epoch_3(self, progress, periodic=True):
-        real_save(self, progress, periodic)
+    def killed_after_epoch_3(self, progress, *args, **kwargs):
+        real_save(self, progress, *args, **kwargs)
         if progress.epoch == 3:
             raise KeyboardInterrupt
     monkeypatch.setattr(Trainer, "_save_last", killed_after_epoch_3)

@@ -159,17 +159,17 @@ def test_warmup_epochs_is_popped_and_zero_builds_the_configs_own_scheduler():
 def test_a_run_resumed_in_the_middle_of_the_warmup_has_the_same_lr_sequence(tmp_path, monkeypatch):
     common = [*TINY, "scheduler=step", "scheduler.step_size=1", "scheduler.gamma=0.5", "scheduler.warmup_epochs=3",
               "optimizer.lr=0.1", "trainer.epochs=5", "trainer.patience=5", f"dataset.root={tmp_path}"]
-    real_save = Trainer._save_last
+    real_epoch = Trainer._one_epoch
 
-    def killed_after_epoch_2(self, progress, periodic=True):
-        real_save(self, progress, periodic)
+    def killed_after_epoch_2(self, progress):
+        real_epoch(self, progress)
         if progress.epoch == 2:
-            raise KeyboardInterrupt  # a kill after the second checkpoint: 2 of 3 warmup epochs done
-    monkeypatch.setattr(Trainer, "_save_last", killed_after_epoch_2)
+            raise KeyboardInterrupt  # a kill after the second epoch's checkpoint and row: 2 of 3 warmup epochs done
+    monkeypatch.setattr(Trainer, "_one_epoch", killed_after_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         execute_run(compose_cfg(*common), tmp_path / "resumed")
     assert lrs(tmp_path / "resumed") == pytest.approx([0.025, 0.05])
-    monkeypatch.setattr(Trainer, "_save_last", real_save)
+    monkeypatch.setattr(Trainer, "_one_epoch", real_epoch)
     assert execute_run(compose_cfg(*common), tmp_path / "resumed")["status"] == "done"
     expected = [0.025, 0.05, 0.075, 0.1, 0.05]  # warmup 1/4, 2/4, 3/4; StepLR epochs 0, 1 (gamma 0.5)
     assert lrs(tmp_path / "resumed") == pytest.approx(expected)

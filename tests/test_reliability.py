@@ -95,12 +95,23 @@ def test_sigkill_after_the_second_epoch_then_the_same_command_finishes_it(tmp_pa
 def crash_after_epoch(monkeypatch, epoch):
     real_save = Trainer._save_last
 
-    def save_then_die(self, progress):
-        real_save(self, progress)
+    def save_then_die(self, progress, *args, **kwargs):
+        real_save(self, progress, *args, **kwargs)
         if progress.epoch == epoch:
             raise KeyboardInterrupt
     monkeypatch.setattr(Trainer, "_save_last", save_then_die)
     return real_save
+
+
+def kill_after_epoch(monkeypatch, epoch):
+    """A kill once `epoch` is wholly done: its checkpoints and its epochs.csv row are written."""
+    real = Trainer._one_epoch
+
+    def one_epoch_then_die(self, progress):
+        real(self, progress)
+        if progress.epoch == epoch:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(Trainer, "_one_epoch", one_epoch_then_die)
 
 
 @pytest.mark.parametrize("damage", ["last", "all"])
@@ -177,7 +188,27 @@ SMALL = (*FAST, "dataset.train_per_class=12", "dataset.test_per_class=4", "train
 
 def system_rows(run_dir):
     with open(run_dir / "system.csv", newline="") as f:
-        return [(r["epoch"], r["phase"]) for r in csv.DictReader(f)]
+        return list(csv.DictReader(f))
+
+
+def assert_cpu_system_rows(run_dir, whole_epochs):
+    """system.csv of a CPU run: one row an epoch, each the monitor's readings from the epoch's start
+    to its end (at least those two), the GPU's cells empty; an epoch trained in one go (`whole_epochs`)
+    lasted at least its training, validations and equalization (epochs.csv's times)."""
+    rows = system_rows(run_dir)
+    with open(run_dir / "epochs.csv", newline="") as f:
+        epochs = {int(r["epoch"]): r for r in csv.DictReader(f)}
+    assert [int(r["epoch"]) for r in rows] == sorted(epochs)
+    for r in rows:
+        assert int(r["samples"]) >= 2 and float(r["duration_s"]) > 0
+        assert 0 <= float(r["cpu_percent_mean"]) <= 100 and 0 < float(r["ram_percent_max"]) <= 100
+        assert {k: v for k, v in r.items() if k.startswith("gpu_") or k.startswith("peak_")} == {
+            "gpu_util_percent_mean": "", "gpu_util_percent_max": "", "gpu_mem_used_mb_mean": "",
+            "gpu_mem_used_mb_max": "", "gpu_mem_total_mb": "", "gpu_temp_c_max": "", "peak_memory_mb": "",
+            "peak_reserved_mb": ""}
+    for epoch in whole_epochs:
+        e = epochs[epoch]
+        assert float(rows[epoch - 1]["duration_s"]) >= float(e["epoch_time_s"]) + float(e["ke_eval_time_s"]) - 0.002
 
 
 def best_pt(run_dir):
@@ -210,10 +241,10 @@ def sigint_at(monkeypatch, epoch, step):
 def kill_before_last_pt(monkeypatch, epoch):
     real = Trainer._save_last
 
-    def die(self, progress, periodic=True):
+    def die(self, progress, *args, **kwargs):
         if progress.epoch == epoch and not progress.partial:
-            raise KeyboardInterrupt  # the epoch's rows are written, its checkpoint is not
-        real(self, progress, periodic)
+            raise KeyboardInterrupt  # the epoch trained, its checkpoint (and so its epochs.csv row) is not written
+        real(self, progress, *args, **kwargs)
     monkeypatch.setattr(Trainer, "_save_last", die)
 
 
@@ -226,7 +257,7 @@ def small_whole(tmp_path_factory):
 
 @pytest.mark.parametrize("kill", ["before last.pt of epoch 2", "after last.pt of epoch 2",
                                   "SIGINT at step 3 of epoch 2"])
-def test_system_csv_has_one_start_and_one_end_row_per_epoch_after_a_resume(tmp_path, monkeypatch, small_whole, kill):
+def test_system_csv_has_one_row_per_epoch_after_a_resume(tmp_path, monkeypatch, small_whole, kill):
     cfg = compose_cfg(*SMALL, f"dataset.root={tmp_path}")
     with monkeypatch.context() as m:
         if kill.startswith("SIGINT"):
@@ -242,8 +273,9 @@ def test_system_csv_has_one_start_and_one_end_row_per_epoch_after_a_resume(tmp_p
             "step"] == 3
     res = execute_run(cfg, tmp_path / "run")
     assert (res["status"], res["resumes"]) == ("done", 1)
-    assert system_rows(tmp_path / "run") == [("1", "start"), ("1", "end"), ("2", "start"), ("2", "end"),
-                                             ("3", "start"), ("3", "end")]
+    assert [r["epoch"] for r in system_rows(tmp_path / "run")] == ["1", "2", "3"]
+    assert_cpu_system_rows(tmp_path / "run", whole_epochs=[1, 3] if kill.startswith("SIGINT") else [1, 2, 3])
+    assert (res["peak_memory_mb"], res["peak_reserved_mb"]) == (None, None)  # no GPU: torch allocated none
     assert epoch_numbers(tmp_path / "run") == [1, 2, 3]
     whole_dir, whole = small_whole
     pd.testing.assert_frame_equal(metric_table(tmp_path / "run"), metric_table(whole_dir))
@@ -258,10 +290,10 @@ def test_a_kill_between_last_pt_and_best_pt_leaves_best_pt_of_the_best_epoch(tmp
     assert whole["best_epoch"] == 3  # this setup improves every epoch: epoch 3 writes best.pt
     real = Trainer._save_best
 
-    def die_at_epoch_3(self, epoch):
+    def die_at_epoch_3(self, epoch, *args, **kwargs):
         if epoch == 3:
             raise KeyboardInterrupt  # last.pt of epoch 3 is written; best.pt still holds epoch 2
-        real(self, epoch)
+        real(self, epoch, *args, **kwargs)
     with monkeypatch.context() as m:
         m.setattr(Trainer, "_save_best", die_at_epoch_3)
         with pytest.raises(KeyboardInterrupt):
@@ -343,7 +375,7 @@ def test_a_garbage_line_in_epochs_csv_is_dropped_with_a_warning_and_the_run_fini
                                                                                     small_whole, garbage):
     cfg = compose_cfg(*SMALL, f"dataset.root={tmp_path}")
     with monkeypatch.context() as m:
-        crash_after_epoch(m, 2)
+        kill_after_epoch(m, 2)
         with pytest.raises(KeyboardInterrupt):
             execute_run(cfg, tmp_path / "run")
     with open(tmp_path / "run" / "epochs.csv", "a") as f:
@@ -426,17 +458,24 @@ def test_a_row_appended_after_a_line_cut_short_is_not_glued_to_it(tmp_path):
     assert read_csv(path) == [["epoch", "loss"], ["1", "0.5"], ["2", "0.25"]]
 
 
-def test_system_csv_continued_on_a_host_with_more_gpus_keeps_every_value_under_its_header(tmp_path):
+def test_system_csv_of_an_earlier_version_continued_by_this_one_keeps_every_value_under_its_header(tmp_path):
     from coupled_net.epochlog import CsvLog
+    from coupled_net.monitor import COLUMNS
 
     path = tmp_path / "system.csv"
-    one = ["epoch", "phase", "time", "cpu_percent", "gpu0_util_percent"]
-    CsvLog(path, one, numeric=["epoch"]).append({"epoch": 1, "phase": "start", "time": 10, "cpu_percent": 5,
+    old = ["epoch", "phase", "time", "cpu_percent", "gpu0_util_percent"]  # a start and an end row an epoch
+    CsvLog(path, old, numeric=["epoch"]).append({"epoch": 1, "phase": "start", "time": 10, "cpu_percent": 5,
                                                  "gpu0_util_percent": 70})
-    two = one + ["gpu1_util_percent"]
-    CsvLog(path, two, numeric=["epoch"]).append({"epoch": 1, "phase": "end", "time": 20, "cpu_percent": 6,
-                                                 "gpu0_util_percent": 80, "gpu1_util_percent": 90})
-    assert read_csv(path) == [two, ["1", "start", "10", "5", "70", ""], ["1", "end", "20", "6", "80", "90"]]
+    new = CsvLog(path, ["epoch", "time"] + COLUMNS, numeric=["epoch", "time"])  # as coupled_net.trainer writes it
+    new.append({"epoch": 2, "time": 20, **dict.fromkeys(COLUMNS, ""), "samples": 3, "gpu_util_percent_max": 90})
+    header = old + COLUMNS
+    cells = dict.fromkeys(header, "")
+    assert read_csv(path) == [header, list({**cells, "epoch": "1", "phase": "start", "time": "10", "cpu_percent": "5",
+                                            "gpu0_util_percent": "70"}.values()),
+                              list({**cells, "epoch": "2", "time": "20", "samples": "3",
+                                    "gpu_util_percent_max": "90"}.values())]
+    new.keep_epochs_upto(2)  # a resume keeps both: each is a whole row
+    assert [r["epoch"] for r in new.rows()] == ["1", "2"]
 
 
 def test_a_rank_the_requeue_signal_has_not_reached_yet_hands_it_to_submitit_all_the_same(monkeypatch):

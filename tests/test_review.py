@@ -379,3 +379,20 @@ def test_the_delta_keeps_its_sign_in_every_format_written(tmp_path):
     # the delta plot's points
     delta = delta_plot_frame(s.deltas, s.keys, s.groups)
     assert sorted(zip(delta["alpha"], delta["mean"])) == [(2, pytest.approx(1.5)), (4, pytest.approx(-2.5))]
+
+
+def test_checkpoint_time_is_a_timing_of_the_review_averaged_over_the_epochs_that_recorded_it(tmp_path):
+    # run 1: 0.5 s, 1.5 s and an epoch restored after a kill (unknown); run 2: 2.0 s
+    make_run(tmp_path / "s" / "a", epochs=((50.0, 49.0, 10.0, 1.0, 0.5), (60.0, 58.0, 10.0, 1.0, 1.5),
+                                          (61.0, 60.0, 10.0, 1.0, None)), best_epoch=2, seed=1)
+    make_run(tmp_path / "s" / "b", epochs=((50.0, 49.0, 10.0, 1.0, 2.0),), best_epoch=1, seed=2)
+    runs = review.runs(tmp_path / "s")
+    assert sorted(runs["checkpoint_time_s_mean"]) == [pytest.approx(1.0), pytest.approx(2.0)]
+    group = review.summarize(runs).iloc[0]
+    assert group["checkpoint_time_s_mean_mean"] == pytest.approx(1.5)
+    write_summary([tmp_path / "s"], tmp_path / "out")
+    table = (tmp_path / "out" / "summary.md").read_text()
+    header = next(line for line in table.splitlines() if "ckpt s" in line)
+    cells = [c.strip() for c in header.strip("|").split("|")]
+    values = next(line for line in table.splitlines()[table.splitlines().index(header) + 2:])
+    assert [c.strip() for c in values.strip("|").split("|")][cells.index("ckpt s")] == "1.50"

@@ -14,13 +14,15 @@ from coupled_net.identify import identity_of
 from coupled_net.epochlog import EPOCH_COLUMNS
 from coupled_net.errors import RunRefused
 from coupled_net.lifecycle import execute_run
+from coupled_net.monitor import COLUMNS
 from coupled_net.trainer import Trainer
 from helpers import compose_cfg, run_cli, run_sweep
 
 FAST = ["experiment=quickstart", "dataset.train_per_class=40", "dataset.test_per_class=10"]
 RESULT_KEYS = {"status", "stopped_early", "epochs_run", "best_epoch", "resumes", "model", "dataset", "alpha",
                "coupling_mode", "coupling_schedule", "seed", "metrics", "ke_time_s_mean", "epoch_time_s_mean",
-               "total_time_s", "error", "provenance", "fingerprint", "identity", "labels", "owner", "heartbeat_at"}
+               "total_time_s", "error", "provenance", "fingerprint", "identity", "labels", "owner", "heartbeat_at",
+               "peak_memory_mb", "peak_reserved_mb"}
 PROVENANCE_KEYS = {"git_commit", "git_dirty", "python", "torch", "torchvision", "device", "host", "slurm_job_id"}
 
 
@@ -73,8 +75,11 @@ def test_quickstart_sweep_through_the_cli(tmp_path):
             m = res["metrics"][split]
             assert 0 <= m["top1"] <= m["top5"] <= 100 and m["loss"] > 0
         system = read_rows(run_dir / "system.csv")
-        assert [r[:2] for r in system[1:]] == [["1", "start"], ["1", "end"], ["2", "start"], ["2", "end"]]
-        assert system[1][system[0].index("gpu0_util_percent")] == ""  # no GPU here: an empty cell
+        assert system[0] == ["epoch", "time"] + COLUMNS and [r[0] for r in system[1:]] == ["1", "2"]  # one row an epoch
+        for row in (dict(zip(system[0], r)) for r in system[1:]):
+            assert int(row["samples"]) >= 2 and 0 <= float(row["cpu_percent_mean"]) <= 100
+            assert row["gpu_util_percent_max"] == row["peak_memory_mb"] == ""  # no GPU here: empty cells
+        assert (res["peak_memory_mb"], res["provenance"]["gpu"]) == (None, None)
         summary = (run_dir / "model_summary.txt").read_text()
         assert "Total params" in summary and f"alpha={alpha}" in summary
         assert "epoch 2/2" in (run_dir / "train.log").read_text()
@@ -116,8 +121,8 @@ def test_an_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
 
     real_save = Trainer._save_last
 
-    def save_then_die(self, progress):
-        real_save(self, progress)
+    def save_then_die(self, progress, *args, **kwargs):
+        real_save(self, progress, *args, **kwargs)
         if progress.epoch == 2:
             raise KeyboardInterrupt  # like a kill: not caught by the run
     monkeypatch.setattr(Trainer, "_save_last", save_then_die)
@@ -137,21 +142,26 @@ def test_an_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
 
 
 def test_rows_written_after_the_last_checkpoint_are_dropped_on_resume(tmp_path, monkeypatch):
-    overrides = (*FAST, "trainer.epochs=2", f"dataset.root={tmp_path}")
+    # last.pt every 2 epochs: epoch 3's row is written with no checkpoint after epoch 2's
+    overrides = (*FAST, "trainer.epochs=4", "trainer.last_every=2", "trainer.checkpoint_every=null",
+                 f"dataset.root={tmp_path}")
     real_save = Trainer._save_last
+    saved = []
 
-    def die_before_second_checkpoint(self, progress):
-        if progress.epoch == 2:
-            raise KeyboardInterrupt  # epoch 2's row is written, its checkpoint is not
-        real_save(self, progress)
-    monkeypatch.setattr(Trainer, "_save_last", die_before_second_checkpoint)
+    def die_before_fourth_checkpoint(self, progress, *args, **kwargs):
+        if progress.epoch == 4:
+            raise KeyboardInterrupt  # epoch 3's row is on disk, no checkpoint of epoch 3 or 4 is
+        saved.append(progress.epoch)
+        real_save(self, progress, *args, **kwargs)
+    monkeypatch.setattr(Trainer, "_save_last", die_before_fourth_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         execute_run(compose_cfg(*overrides), tmp_path / "run")
-    assert [r[0] for r in read_rows(tmp_path / "run" / "epochs.csv")[1:]] == ["1", "2"]
+    assert saved == [2]  # last.pt at the last_every-th epoch only
+    assert [r[0] for r in read_rows(tmp_path / "run" / "epochs.csv")[1:]] == ["1", "2", "3"]
     monkeypatch.setattr(Trainer, "_save_last", real_save)
     res = execute_run(compose_cfg(*overrides), tmp_path / "run")
-    assert (res["status"], res["resumes"]) == ("done", 1)
-    assert [r[0] for r in read_rows(tmp_path / "run" / "epochs.csv")[1:]] == ["1", "2"]
+    assert (res["status"], res["resumes"], res["epochs_run"]) == ("done", 1, 4)
+    assert [r[0] for r in read_rows(tmp_path / "run" / "epochs.csv")[1:]] == ["1", "2", "3", "4"]  # 3 once: replayed
 
 
 def test_a_dataset_that_cannot_be_downloaded_fails_at_once_with_the_ways_out(tmp_path):
@@ -184,7 +194,7 @@ def test_a_directory_whose_run_failed_before_training_is_taken_over_by_another_c
     assert (fixed["status"], fixed["resumes"], fixed["identity"]["model.width"]) == ("done", 0, 16)
     params = sum(p.numel() for p in SmallCNN(1, 26, 16).parameters())
     assert f"Total params: {params:,}" in (tmp_path / "run" / "model_summary.txt").read_text()  # its own summary
-    assert [r[:2] for r in read_rows(tmp_path / "run" / "system.csv")[1:]] == [["1", "start"], ["1", "end"]]
+    assert [r[0] for r in read_rows(tmp_path / "run" / "system.csv")[1:]] == ["1"]  # the fixed run's epoch (the failed start wrote none)
     with pytest.raises(RunRefused, match="coupling.alpha: 2 → 3"):  # but a trained run is never taken over
         execute_run(compose_cfg(*FAST, "coupling.alpha=3", "trainer.epochs=1", f"dataset.root={tmp_path}"), tmp_path / "run")
 

@@ -91,6 +91,7 @@ def test_cuda_visible_devices_3_5_means_physical_gpus_3_and_5_in_that_order():
 def test_a_run_sees_only_its_slots_gpu():
     gpu_slot, cpu_slot = plan(gpus=[5], present=[5]) + plan()
     assert slot_environment(gpu_slot, SIX[5])["CUDA_VISIBLE_DEVICES"] == "5"
+    assert slot_environment(gpu_slot, SIX[5])["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"  # "5" means NVML's GPU 5
     assert '"gpu_uuid": "GPU-u5"' in slot_environment(gpu_slot, SIX[5])["COUPLED_NET_SLOT"]
     assert slot_environment(cpu_slot)["CUDA_VISIBLE_DEVICES"] == ""  # a CPU run cannot wander onto a GPU
 

@@ -120,7 +120,7 @@ BAD = [
     (["~trainer.patience"], "trainer.patience=(absent): is required here: only optional keys may be left out"),
     # a key another option of the group has is not this option's
     ([*QUICK, "+optimizer.betas=[0.9,0.99]"], "optimizer.betas=[0.9, 0.99]: not a key of optimizer "
-     "torch.optim.SGD (its keys: dampening, lr, momentum, nesterov, weight_decay)"),
+     "torch.optim.SGD (its keys: dampening, fused, lr, momentum, nesterov, weight_decay)"),
     (["+model.width=64"], "model.width=64: not a key of model alexnet (its keys: in_channels, input_size, name, "
      "num_classes)"),
     # the research-surface keys (issue 12): off by default, checked like the rest

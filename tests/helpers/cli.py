@@ -63,7 +63,9 @@ def metric_table(run_dir: Path):
     """epochs.csv without its timing columns: what two equivalent runs must share exactly."""
     import pandas as pd
 
-    return pd.read_csv(Path(run_dir) / "epochs.csv").drop(columns=["epoch_time_s", "ke_time_s", "ke_eval_time_s"])
+    timings = ["epoch_time_s", "ke_time_s", "ke_eval_time_s", "checkpoint_time_s"]
+    frame = pd.read_csv(Path(run_dir) / "epochs.csv")
+    return frame.drop(columns=[c for c in timings if c in frame.columns])
 
 
 def wait_for(predicate, timeout: float = 300, every: float = 0.05, what: str = "condition"):

@@ -18,13 +18,17 @@ def make_run(run_dir: Path, *, status: str = "done", test_top1: float | None = 5
              **identity) -> Path:
     """results.json and epochs.csv of one run. `identity`: config keys by their dotted names with `.`
     spelt `__` (coupling__alpha=4), over BASE. `epochs`: (val_acc, ke_val_acc, epoch_time_s,
-    ke_eval_time_s) per epoch. `results`: more results.json keys (owner, heartbeat_at …)."""
+    ke_eval_time_s[, checkpoint_time_s]) per epoch (with a fifth number the file has that column: None
+    writes an empty cell). `results`: more results.json keys (owner, heartbeat_at …)."""
     keys = {**BASE, **{k.replace("__", "."): v for k, v in identity.items()}}
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True)
-    lines = [",".join(EPOCH_COLUMNS)]
-    for i, (val, ke_val, epoch_s, ke_eval_s) in enumerate(epochs, start=1):
+    timed = any(len(e) > 4 for e in epochs)
+    lines = [",".join(EPOCH_COLUMNS + ["checkpoint_time_s"] * timed)]
+    for i, (val, ke_val, epoch_s, ke_eval_s, *ckpt) in enumerate(epochs, start=1):
         row = [i, 0.1, 1.0, 50.0, 1.0, val, 1.1, ke_val, epoch_s, ke_eval_s / 1000, ke_eval_s]
+        if timed:
+            row.append("" if not ckpt or ckpt[0] is None else ckpt[0])
         lines.append(",".join(map(str, row)))
     (run_dir / "epochs.csv").write_text("\n".join(lines) + "\n")
     metrics = {"val": {"top1": val_top1, "top5": 90.0, "loss": 1.0},
