@@ -131,9 +131,10 @@ def resolve(cfg: DictConfig, world: World | None = None) -> RunSpec:
     world = world or init_world(cfg.trainer.device)
     if not world.is_main:  # one voice in the log: rank 0's
         logging.getLogger("coupled_net").setLevel(logging.WARNING)
-    if device.type == "cuda" and device.index is not None and world.active and ranks_sharing_cpus() > 1:
+    local_ranks = ranks_sharing_cpus() if world.active else 1  # the run's processes on this node
+    if device.type == "cuda" and device.index is not None and local_ranks > 1:
         raise ConfigError("trainer.device", cfg.trainer.device,
-                          f"names one GPU for the {ranks_sharing_cpus()} processes of this run on this node; use cuda "
+                          f"names one GPU for the {local_ranks} processes of this run on this node; use cuda "
                           "(each process takes the GPU of its LOCAL_RANK)")
     device = select_device(device)  # a GPU: this rank's, made current (the pil loader's pinning thread uses it)
     if cfg.trainer.batch_size % world.size:

@@ -67,20 +67,23 @@ def rank_rng(saved, rank: int) -> dict | None:
     return saved[rank] if rank < len(saved) else None
 
 
+def _state_dict_like(state: dict, items) -> dict:
+    """`items` as a state_dict of `state`'s type, with its own copy of `state`'s `_metadata`."""
+    out = type(state)(items)
+    out._metadata = dict(getattr(state, "_metadata", {}))
+    return out
+
+
 def host_weights(model: torch.nn.Module) -> dict:
     """The model's state_dict copied to the host once (its `_metadata` kept): what last.pt and best.pt
     are both written from."""
     state = model.state_dict()
-    out = type(state)((k, v.detach().to("cpu")) for k, v in state.items())
-    out._metadata = dict(getattr(state, "_metadata", {}))
-    return out
+    return _state_dict_like(state, ((k, v.detach().to("cpu")) for k, v in state.items()))
 
 
 def shallow_copy(state: dict) -> dict:
     """A state_dict sharing `state`'s tensors, with its own `_metadata` (best.pt stamps it)."""
-    out = type(state)(state)
-    out._metadata = dict(getattr(state, "_metadata", {}))
-    return out
+    return _state_dict_like(state, state)
 
 
 def training_state(*, model, optimizer, scheduler, scaler, progress: dict, stamp: dict, rng: list[dict],

@@ -165,7 +165,6 @@ class Trainer:
         self._started, self._carried = time.perf_counter(), 0.0
         self._agreed_signal = 0  # the signal the ranks last agreed to stop on (0: none)
         self._saved_row: dict | None = None  # the epochs.csv row stored in the checkpoint a resume loaded
-        self._saved_epoch: int | None = None  # the epoch whose end last.pt holds (None: none this attempt)
 
     # ---- one pass over the data ----------------------------------------------------------------
 
@@ -298,7 +297,6 @@ class Trainer:
                    row: dict | None = None) -> None:
         """last.pt (rank 0) with every rank's generators: a collective, every rank calls it."""
         rng = all_gather_on_host(checkpoint.rng_state(self.device))
-        self._saved_epoch = None if progress.partial else progress.epoch
         if not self.writes:
             return
         checkpoint.save_torch(self.files.last, self.state(progress, rng, weights, row))
@@ -409,7 +407,7 @@ class Trainer:
             while progress.epoch < self.epochs and not progress.stopped_early and progress.diverged_at is None:
                 self._one_epoch(progress)
                 if self._signal_on_any_rank():  # a signal after the last step check, or during validation
-                    if self._saved_epoch != progress.epoch:  # trainer.last_every skipped this epoch's last.pt
+                    if not self._last_due(progress):  # trainer.last_every skipped this epoch's last.pt
                         self._save_last(progress)
                     self._act_on_stop(f"after epoch {progress.epoch}")
         return progress
