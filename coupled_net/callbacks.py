@@ -18,6 +18,7 @@ from .results import FINISHED, RunFiles
 from .rundir import RunLock, describe_owner
 from .storage import disk_full
 from .sweep import STUDY_FILE, best_trial, launched, not_started, searching
+from .sweepfiles import read_fail_fast
 from .validation import check_config, validate
 
 log = logging.getLogger("coupled_net")
@@ -112,7 +113,7 @@ def verdict(df, planned, sweep_dir: Path) -> list[str]:
     """The lines that say this launch's runs did not all finish (none: they did): those that failed
     or never started, and those still running in another process (a second launch into the sweep),
     naming who runs them."""
-    bad = unfinished(df, planned)
+    bad = unfinished(df, planned, sweep_dir)
     total = len(planned) if planned else len(df)
     running = bad["status"] == "running"
     lines = []
@@ -136,16 +137,18 @@ def say_best_trial(config: DictConfig, sweep_dir: Path) -> None:
           f"{run_dir or 'run directory not found'} (all trials: {sweep_dir / STUDY_FILE})", flush=True)
 
 
-def unfinished(df, planned=None):
+def unfinished(df, planned=None, sweep_dir: Path | None = None):
     """The runs of this launch (`planned`; all of `df` without a plan) that did not finish, with what
-    stopped them: their error, or who holds a run still in progress."""
+    stopped them: their error, or who holds a run still in progress (never started: why, the
+    fail-fast reason of `sweep_dir`'s fail_fast.json if it has one)."""
     import pandas as pd  # only where a sweep ends: Hydra instantiates these callbacks before every run
 
     if planned is not None:
         mine = {str(job.done_in or job.run_dir) for job in planned}
         missing = sorted(mine - set(df["run_dir"]))  # never started: no directory to collect
+        stopped = (read_fail_fast(sweep_dir) or {}).get("reason") if sweep_dir is not None else None
         df = pd.concat([df[df["run_dir"].isin(mine)], pd.DataFrame(
-            {"run_dir": missing, "status": "not started", "error": [not_started.get(r) for r in missing]})])
+            {"run_dir": missing, "status": "not_started", "error": [not_started.get(r) or stopped for r in missing]})])
     bad = df[~df["status"].isin(FINISHED)].copy()
     now = {run_dir: RunFiles(run_dir).read_results() or {} for run_dir in bad["run_dir"]}
     still = pd.Series([now[r].get("status") not in FINISHED for r in bad["run_dir"]], index=bad.index, dtype=bool)

@@ -5,6 +5,7 @@ run; a sweep's job) and of prepare.py. These are entry points: they end the proc
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from pathlib import Path
 
@@ -12,11 +13,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from . import commandline, data, sweep
+from . import commandline, data, failfast, sweep
 from .errors import ConfigError, DatasetUnavailable, RunFault, RunRefused, fail
 from .lifecycle import describe_fault, execute_run
 from .logs import CONSOLE_ONLY, FILE_ONLY
 from .objectives import objective
+from .results import RunFiles
 from .signals import RunInterrupted
 
 log = logging.getLogger("coupled_net")
@@ -58,26 +60,48 @@ def train_task(cfg: DictConfig) -> float:
         log.error("%s: not started: its dataset is unavailable (an earlier run of this sweep found it so)",
                   run_dir.name, extra=CONSOLE_ONLY)
         return _returned(hc, run_dir, metric, None)
+    limit = None if single else failfast.fail_fast_limit(hc.sweeper)
+    stop = failfast.fail_fast_stop(Path(hc.sweep.dir), limit, run_dir, sweep.launched())
+    if stop:  # this launch has hydra.sweeper.fail_fast failed runs already
+        sweep.not_started[str(run_dir)] = stop
+        log.error("%s: not started: fail-fast (%d failed runs in this launch)", run_dir.name, limit,
+                  extra=CONSOLE_ONLY)
+        return _returned(hc, run_dir, metric, None)
+    failfast.note_started(run_dir)
+    started = time.monotonic()
+    value, status = _run(cfg, hc, run_dir, metric, dataset, limit)
+    line = None if single else sweep.ended_line(run_dir, status, time.monotonic() - started)
+    if line:  # the basic launcher's sweep, in this process (the local launcher says it for its runs)
+        log.info("%s", line, extra=CONSOLE_ONLY)
+    return value
+
+
+def _run(cfg: DictConfig, hc, run_dir: Path, metric: str, dataset: str | None, limit: int | None) -> tuple[float, str]:
+    """train_task once the run may start: its value and how it ended (results.json's status, or refused)."""
+    single = hc.mode == RunMode.RUN
     try:
         outcome = execute_run(cfg, run_dir, hydra_files=hydra_files(cfg))
     except RunRefused as e:
         if single:
             fail(str(e))
         log.error("refused: %s", e)
-        return _returned(hc, run_dir, metric, None)
+        return _returned(hc, run_dir, metric, None), "refused"
     except (ConfigError, DatasetUnavailable, RunFault) as e:  # recorded in the run dir and its train.log
         if single:
             fail(str(e), code=1 if isinstance(e, RunFault) else 2, to_file=False)
         if isinstance(e, DatasetUnavailable) and dataset:
             sweep.note_unavailable(Path(hc.sweep.dir), dataset, str(e))
+        status = (RunFiles(run_dir).read_results() or {}).get("status") or "failed before it started"
+        if limit and status == "failed":  # not if the directory was never claimed
+            failfast.note_failure(Path(hc.sweep.dir), run_dir, str(e))
         log.error("%s: %s", run_dir.name, e, extra=CONSOLE_ONLY)
-        return _returned(hc, run_dir, metric, None)
+        return _returned(hc, run_dir, metric, None), status
     except Exception as e:  # noqa: BLE001 - the directory could not even be claimed (unwritable, ...)
         log.error("run failed before it started:\n%s", traceback.format_exc(), extra=FILE_ONLY)
         if single:
             fail(f"run failed: {describe_fault(e)}", code=1, to_file=False)
         log.error("%s: run failed before it started: %s", run_dir.name, describe_fault(e), extra=CONSOLE_ONLY)
-        return _returned(hc, run_dir, metric, None)
+        return _returned(hc, run_dir, metric, None), "failed before it started"
     except RunInterrupted as e:
         again = "hydra.run.dir" if single else "hydra.sweep.dir"
         where = run_dir if single else hc.sweep.dir
@@ -88,7 +112,9 @@ def train_task(cfg: DictConfig) -> float:
         if single:
             fail(line, code=1, to_file=False)
         log.error("%s: %s", run_dir.name, line, extra=CONSOLE_ONLY)
-    return _returned(hc, run_dir, metric, outcome)
+        if limit:
+            failfast.note_failure(Path(hc.sweep.dir), run_dir, outcome["error"])
+    return _returned(hc, run_dir, metric, outcome), outcome["status"]
 
 
 def _returned(hc, run_dir: Path, metric: str, results: dict | None) -> float:

@@ -80,6 +80,11 @@ class Pool:
     timeout_s: Optional[float] = None
     stop_requested: Optional[int] = None  # a signal number: start nothing more, pass it on to the runs
     running: dict[int, _Running] = field(default_factory=dict)
+    # called as each run ends: a reason (fail-fast) makes the pool start nothing more, running runs
+    # left to finish (unlike a stop signal); on_stop then gets the reason and the jobs it will not start
+    should_stop: Optional[Callable[[Outcome], Optional[str]]] = None
+    on_stop: Optional[Callable[[str, list[PoolJob]], None]] = None
+    stopped_by: Optional[str] = None
 
     def run(self, jobs: Sequence[PoolJob]) -> list[Outcome]:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -96,6 +101,7 @@ class Pool:
                     done[ended.num] = ended
                     free.append(ended.slot)
                     free.sort(key=lambda s: s.number)
+                    self._check(ended, queue)
         except KeyboardInterrupt:
             log.warning("stopping the %d running run(s): each saves a checkpoint at the end of its step and records "
                         "`interrupted`; %d not started", len(self.running), len(queue))
@@ -103,6 +109,15 @@ class Pool:
             self._wait_all(done)
             raise
         return [done[j.num] for j in jobs if j.num in done]
+
+    def _check(self, ended: Outcome, queue: deque) -> None:
+        why = self.should_stop(ended) if self.should_stop is not None else None
+        if why and self.stopped_by is None:
+            self.stopped_by = why
+            left = list(queue)
+            queue.clear()
+            if self.on_stop is not None:
+                self.on_stop(why, left)
 
     def stop(self, signum: int) -> None:
         """Start nothing more; each running run gets `signum` once (again: once more)."""

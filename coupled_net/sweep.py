@@ -9,6 +9,7 @@ directory's lock), so a race between two launches is still caught. Also: whether
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -45,6 +46,7 @@ _launch: list[PlannedJob] | None = None  # the jobs of this process's current la
 def remember(planned: list[PlannedJob]) -> None:
     global _launch
     _launch = planned
+    _durations.clear()
 
 
 def launched() -> list[PlannedJob] | None:
@@ -84,6 +86,42 @@ def unavailable(sweep_dir: Path, dataset: str) -> str | None:
         return _unavailable[dataset]
     path = _unavailable_file(sweep_dir)
     return (read_json(path) or {}).get(dataset) if path is not None and path.is_file() else None
+
+
+# ---- progress of this process's launch (the basic launcher's console) ---------------------------------
+
+_durations: list[float] = []  # seconds each run of this process's launch took (the basic launcher's ETA)
+
+
+def eta_s(durations: Sequence[float], remaining: int, parallel: int) -> float | None:
+    """Seconds until the last of `remaining` runs ends, `parallel` at a time, each taking as long as the
+    mean of those ended (`durations`); None before any has ended."""
+    if remaining <= 0:
+        return 0.0
+    if not durations:
+        return None
+    return sum(durations) / len(durations) * math.ceil(remaining / max(1, parallel))
+
+
+def hms(seconds: float | None) -> str:
+    """HH:MM:SS (hours past 99 as they come); `?` when unknown."""
+    if seconds is None:
+        return "?"
+    s = int(round(seconds))
+    return f"{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def ended_line(run_dir: Path, status: str, took: float) -> str | None:
+    """The basic launcher's line when a run of this process's launch ends: `run k/N ended …` (k: its
+    place among the launched jobs in their planned order) with an ETA; None outside such a launch."""
+    todo = [job for job in _launch or () if job.done_in is None]
+    k = next((i for i, job in enumerate(todo, start=1) if str(job.run_dir) == str(run_dir)), None)
+    if k is None:
+        return None
+    _durations.append(took)
+    left = len(todo) - k
+    return (f"run {k}/{len(todo)} ended (#{todo[k - 1].num}, {status}) after {took:.0f} s; ETA ~ "
+            f"{hms(eta_s(_durations, left, 1))} ({left} left, 1 at once)")
 
 
 def planned_num(overrides, default: int) -> int:

@@ -94,7 +94,7 @@ def test_a_sweep_stops_trying_a_dataset_that_an_earlier_run_found_unavailable(tm
                 "unavailable (an earlier run of this sweep found it so)") in proc.stdout
     verdict = proc.stderr.strip().splitlines()[-1]
     assert verdict.startswith(f"coupled_net: error: 3 of 3 runs failed in {tmp_path / 'sweep'}: ")
-    assert verdict.count("(not started: its dataset was unavailable to an earlier run of this sweep)") == 2
+    assert verdict.count("(not_started: its dataset was unavailable to an earlier run of this sweep)") == 2
     results = sorted(p.parent.name for p in (tmp_path / "sweep").glob("*/results.json"))
     assert results == ["coupling.alpha=0,dataset=mnist,experiment=quickstart"]  # only the first one ran
 

@@ -58,7 +58,7 @@ def test_failed_runs_and_runs_never_started_are_counted_against_the_launch(tmp_p
     failed = make_run(tmp_path / "s" / "a", status="failed", results={"error": "ValueError: boom"})
     never = tmp_path / "s" / "b"
     lines = verdict(run_statuses(tmp_path / "s"), planned(failed, never), tmp_path / "s")
-    assert lines == [f"2 of 2 runs failed in {tmp_path / 's'}: a (failed: ValueError: boom); b (not started)"]
+    assert lines == [f"2 of 2 runs failed in {tmp_path / 's'}: a (failed: ValueError: boom); b (not_started)"]
 
 
 def test_a_summary_that_cannot_be_written_is_one_line_and_a_non_zero_exit(tmp_path, capsys, monkeypatch):

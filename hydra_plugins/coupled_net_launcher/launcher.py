@@ -51,9 +51,11 @@ import coupled_net.identity  # noqa: F401 - registers the minus and direction re
 # run-name resolver, coupled_net.identify, arrives with the pickled task function: coupled_net.cli)
 from coupled_net.errors import ConfigError, fail
 from coupled_net.storage import read_json, write_json
+from coupled_net.sweepfiles import (FAIL_FAST_FILE, fail_fast_line, fail_fast_reason, read_fail_fast,
+                                    write_fail_fast)
 
 if TYPE_CHECKING:
-    from coupled_net.pool import Outcome
+    from coupled_net.pool import Outcome, PoolJob
     from coupled_net.slots import Slot
 
 log = logging.getLogger(__name__)
@@ -123,6 +125,12 @@ class SweepAwareLauncher(BaseSubmititLauncher):
             choice = config.hydra.runtime.choices.get("experiment")
             self.params["name"] = f"coupled_net:{choice or Path(str(config.hydra.sweep.dir)).name}"
 
+    def parallelism(self) -> int:
+        """How many runs can run at once: local, one per slot; SLURM, array_parallelism tasks of runs_per_task."""
+        if self._EXECUTOR == "local":
+            return max(1, len(self.slots))
+        return int(self.params.get("array_parallelism") or 1) * int(self.own.get("runs_per_task") or 1)
+
     def run_dir(self, overrides: Sequence[str], job_num: int) -> Path:
         """The directory Hydra will give job `job_num` of this sweep."""
         from coupled_net.sweep import job_config  # the planner: only where a sweep is launched (see above)
@@ -162,13 +170,18 @@ class SweepAwareLauncher(BaseSubmititLauncher):
             return []
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        if "mode" in self.config.hydra.sweep:  # as upstream's launch does (hydra.sweep.mode, octal)
+            os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
         if self._EXECUTOR == "local":
             return self._run_here(todo, sweep_dir)
         submitted = self._submit(todo, sweep_dir)
         tasks = list(dict.fromkeys(submitted))  # packed: one job (array task) per runs_per_task runs
         if not self.detach:
+            runs = {}
+            for (_, overrides, run_dir), job in zip(todo, submitted):
+                runs.setdefault(job, []).append((overrides, run_dir))
             try:
-                returns = [job.results()[0] for job in tasks]
+                returns = [_task_result(job, runs[job], sweep_dir) for job in tasks]
             except KeyboardInterrupt:
                 self._interrupted(tasks, sweep_dir)
                 raise
@@ -188,7 +201,12 @@ class SweepAwareLauncher(BaseSubmititLauncher):
                 for num, overrides, _ in todo]
         folder = Path(str(self.params["submitit_folder"]).replace("%j", "local"))
         timeout = self.params.get("timeout_min")
-        pool = Pool(self.slots, folder, gpus=self.gpus, timeout_s=timeout * 60 if timeout else None)
+        from coupled_net.failfast import fail_fast_limit  # torch (machine): only where a sweep is launched (see above)
+
+        progress = LocalProgress(sweep_dir, {num: run_dir for num, _, run_dir in todo}, self.parallelism(),
+                                 fail_fast_limit(self.config.hydra.sweeper))
+        pool = Pool(self.slots, folder, gpus=self.gpus, timeout_s=timeout * 60 if timeout else None,
+                    should_stop=progress.ended, on_stop=progress.stopped)
         gpus = sorted({s.gpu for s in self.slots if s.gpu is not None})
         log.info("%d run(s) over %d slot(s): %s", len(jobs), len(self.slots),
                  f"GPU(s) {', '.join(map(str, gpus))}" if gpus else "CPUs only")
@@ -400,6 +418,64 @@ class Packed:
         import submitit
 
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+class LocalProgress:
+    """hydra/launcher=local's bookkeeping as each run ends (Pool.should_stop): the `run k/N ended` line
+    with an ETA, and fail-fast (hydra.sweeper.fail_fast): at `limit` failed runs, start no more."""
+
+    def __init__(self, sweep_dir: Path, run_dirs: dict[int, Path], parallel: int, limit: Optional[int]) -> None:
+        self.sweep_dir, self.run_dirs, self.parallel, self.limit = sweep_dir, run_dirs, parallel, limit
+        self.durations: list[float] = []
+        self.failures: list[dict] = []
+
+    def ended(self, outcome: Outcome) -> Optional[str]:
+        from coupled_net.results import RunFiles  # pandas (epochlog): only where a sweep is launched (see above)
+        from coupled_net.sweep import eta_s, hms  # the planner: likewise
+
+        run_dir = self.run_dirs.get(outcome.num)
+        results = (RunFiles(run_dir).read_results() if run_dir is not None else None) or {}
+        status = results.get("status") or f"exit {outcome.returncode}"
+        took = outcome.ended - outcome.started
+        self.durations.append(took)
+        k, total = len(self.durations), len(self.run_dirs)
+        remaining = total - k
+        eta = eta_s(self.durations, remaining, self.parallel)
+        log.info("run %d/%d ended (#%d, %s) after %.0f s; ETA ~ %s (%d left, %d at once)", k, total, outcome.num,
+                 status, took, hms(eta), remaining, self.parallel)
+        if status == "failed":
+            self.failures.append({"run_dir": str(run_dir), "error": str(results.get("error"))})
+        if self.limit is not None and len(self.failures) >= self.limit:
+            return fail_fast_reason(self.limit, self.failures)
+        return None
+
+    def stopped(self, reason: str, jobs: Sequence[PoolJob]) -> None:
+        """fail-fast tripped: the pool starts none of `jobs`; say so once, and write fail_fast.json."""
+        log.error("%s", fail_fast_line(self.limit, self.failures))
+        try:
+            write_fail_fast(self.sweep_dir, self.limit, self.failures, [self.run_dirs[j.num] for j in jobs])
+        except OSError as e:
+            log.warning("could not write %s: %s", self.sweep_dir / FAIL_FAST_FILE, e)
+
+
+def _task_result(job, runs: list, sweep_dir: Path) -> Any:
+    """What a SLURM task returned (`runs`: its (overrides, run dir)s); a task cancelled before it ran
+    (fail-fast, `scancel`) returned nothing: a NaN per run, and the sweep's verdict reads the run
+    directories. A cluster without accounting never says a cancelled task has ended (submitit asks
+    sacct): a task whose runs fail-fast lists as not started counts as ended (its value is NaN anyway)."""
+    from submitit.core.utils import UncompletedJobError
+
+    nan = [_finished(overrides, float("nan")) for overrides, _ in runs]
+    while not job.done():
+        skipped = set((read_fail_fast(sweep_dir) or {}).get("not_started") or ())
+        if all(str(run_dir) in skipped for _, run_dir in runs):
+            return nan
+        time.sleep(1)
+    try:
+        return job.results()[0]
+    except UncompletedJobError:
+        log.warning("SLURM task %s ended without a result (cancelled?): %d run(s) not run", job.job_id, len(runs))
+        return nan
 
 
 def _finished(overrides, value) -> JobReturn:
