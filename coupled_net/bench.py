@@ -21,7 +21,10 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -38,6 +41,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from . import data, synthetic
+from .benchtree import make_tree
 from . import trainer as trainer_module
 from .build import build, make_trainer, resolve
 from .checkpoint import save_torch
@@ -60,7 +64,9 @@ EPOCH_REPEATS = 3  # ... and for the rows that are whole epochs (the quickstart'
 SEED_REPEATS = 2   # ... and for the seed-size section (an EMNIST-size epoch of AlexNet@224 a pass, 7 sides)
 WARMUP_BATCHES = 1  # an epoch row's warm-up pass: starts the workers, allocates, runs every op once
 SEED_WORKERS = 16   # the seed notebook's DataLoader: num_workers=16, pin_memory=True (its cells 177, 241-259)
-SECTIONS = ("pipeline", "quickstart", "steps", "seed", "bookkeeping", "sweep")
+SECTIONS = ("pipeline", "quickstart", "steps", "seed", "bookkeeping", "sweep", "collect")
+COLLECT_SIZES = (100, 2_000, 10_000)  # run directories the collect section reviews (issue 21: <= 5 s at 2,000)
+COLLECT = Path(__file__).resolve().parents[1] / "launch" / "collect.py"
 
 # The runs the trainer sections build (the user's overrides are added to each):
 QUICKSTART_TRAIN = ["experiment=quickstart"]  # small_cnn @28 px, 11,050 training images, batch 128
@@ -99,6 +105,10 @@ class Seconds(float):
 
 class Share(float):
     """A fraction of something else's median, printed as a percentage."""
+
+
+class Megabytes(float):
+    """A peak memory, printed in MB."""
 
 
 class Header(NamedTuple):
@@ -661,6 +671,58 @@ def sweep_rows(device, label: str, overrides: list[str], n_runs: int = 8, ks=(2,
     return rows
 
 
+def collect_rows(sizes=COLLECT_SIZES) -> list:
+    """launch/collect.py end to end (every summary file and plot) over N synthetic run directories
+    (coupled_net.benchtree) for each N in `sizes`, each in its own process so that its peak memory is
+    its own: wall seconds (and CPU seconds: a shared host's load inflates the wall time), peak RSS, and the
+    growth: seconds per 1,000 runs more than the previous size (none for the first: its time is mostly the
+    fixed cost of imports and figures). One pass per
+    size: a pass is the whole review, seconds to minutes."""
+    rows = [Header("collect: launch/collect.py, every summary file and plot, synthetic runs (one process per "
+                   "size, one pass)", "seconds", "peak RSS", "s per 1,000 runs more")]
+    previous = None
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in sizes:
+            tree = Path(tmp) / f"runs_{n}"
+            make_tree(tree, n)
+            seconds, cpu, peak_mb = collect_once(tree, Path(tmp) / f"summary_{n}")
+            shutil.rmtree(tree)  # 10,000 runs are ~300 MB of small files
+            growth = None if previous is None else Seconds(1000 * (seconds - previous[1]) / (n - previous[0]))
+            rows.append((f"{n:,} runs (CPU {cpu:.1f} s)", Seconds(seconds), Megabytes(peak_mb),
+                         growth))
+            previous = (n, seconds)
+    return rows
+
+
+# runs launch/collect.py as `python launch/collect.py TREE --out OUT` would, then writes the process's
+# peak RSS (VmHWM, KiB): getrusage's ru_maxrss would carry the bench's own peak across fork and exec
+_PEAK = """import runpy, sys
+tree, out = sys.argv[1:]
+sys.argv = [{collect!r}, tree, "--out", out]
+try:
+    runpy.run_path({collect!r}, run_name="__main__")
+finally:
+    hwm = [line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")]
+    open(out + "/peak_kib", "w").write(hwm[0] if hwm else "nan")
+"""
+
+
+def collect_once(tree: Path, out: Path) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds, peak RSS in MB) of `launch/collect.py tree --out out` in a child process."""
+    out.mkdir(parents=True)
+    with open(out / "collect.log", "wb") as log:
+        start = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-c", _PEAK.format(collect=str(COLLECT)), str(tree), str(out)],
+                                stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"collect bench: launch/collect.py exited {proc.returncode}: "
+                           f"{(out / 'collect.log').read_text()[-2000:]}")
+    return seconds, usage.ru_utime + usage.ru_stime, float((out / "peak_kib").read_text()) / 1024
+
+
 @dataclass
 class Options:
     """What launch/bench.py measures (its command line)."""
@@ -669,6 +731,7 @@ class Options:
     repeats: int | None = None             # timed passes per side; None: each section's default
     overrides: tuple[str, ...] = ()        # Hydra overrides of every run the trainer sections build
     checkpoint_dir: Path | None = None     # where the trainer sections' runs write checkpoints (local disk)
+    collect_sizes: tuple[int, ...] = COLLECT_SIZES  # run directories the collect section reviews
 
 
 def measure(options: Options | None = None) -> tuple[list, dict, dict]:
@@ -708,6 +771,8 @@ def measure(options: Options | None = None) -> tuple[list, dict, dict]:
         rows += sweep_rows(device, "quickstart-size", QUICKSTART_RUN)
         if seed_size:
             rows += sweep_rows(device, "seed-protocol-size (AlexNet@224, 250 steps)", SEED_PROTOCOL_RUN)
+    if "collect" in only:
+        rows += collect_rows(o.collect_sizes)
     settings = {"device": provenance(device)["device"], "cpus": data_workers(), "torch": torch.__version__,
                 "python": platform.python_version(), "size": "seed" if seed_size else "small", "sections": list(only),
                 "pil_workers": workers, "pin_memory": pin, "overrides": extra,
@@ -738,6 +803,8 @@ def _value(v) -> str:
         return f"{100 * v:.2f} %"
     if isinstance(v, Seconds):
         return f"{v:.3f} s"
+    if isinstance(v, Megabytes):
+        return f"{v:,.0f} MB"
     return _cell(v)
 
 
@@ -794,6 +861,17 @@ def _jsonable(v):
     return float(v) if isinstance(v, float) else v
 
 
+def _sizes(text: str) -> tuple[int, ...]:
+    """--collect-sizes: ascending positive run counts."""
+    try:
+        sizes = tuple(int(x.replace("_", "")) for x in text.split(",") if x)
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1 or list(sizes) != sorted(set(sizes)):
+        raise argparse.ArgumentTypeError(f"{text!r}: ascending positive run counts, e.g. 100,2000,10000")
+    return sizes
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="launch/bench.py", description="Side-by-side speed measurements (SPEC §9), printed as Markdown "
@@ -810,6 +888,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint-dir", type=Path, help="where the trainer sections' runs write their "
                         "checkpoints (default: the system's temporary directory; use a local disk)")
     parser.add_argument("--json", type=Path, dest="json_path", help="also write the rows and figures here")
+    parser.add_argument("--collect-sizes", type=_sizes, default=COLLECT_SIZES, metavar="N,N,...",
+                        help="run directories the collect section reviews, one size per pass (default: "
+                        f"{','.join(map(str, COLLECT_SIZES))})")
     parser.add_argument("--sync-check", action="store_true", help="instead: one training pass of the default "
                         "run (tensor pipeline) on CUDA with every per-step host sync an error; prints JSON")
     args = parser.parse_args(argv)
@@ -823,7 +904,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.json_path:
             args.json_path.write_text(json.dumps(result, indent=2) + "\n")
         return 0 if result["passed"] is not False else 1
-    options = Options(args.size, args.only, args.repeats, tuple(args.overrides), args.checkpoint_dir)
+    options = Options(args.size, args.only, args.repeats, tuple(args.overrides), args.checkpoint_dir,
+                      args.collect_sizes)
     rows, summaries, settings = measure(options)
     text = table(rows, resolve_device("auto"), settings["pil_workers"], settings["pin_memory"])
     print(text)

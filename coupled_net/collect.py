@@ -7,19 +7,21 @@ from __future__ import annotations
 
 import logging
 import math
-import socket
-import subprocess
-from datetime import datetime
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
-import psutil
+import yaml
 from omegaconf import OmegaConf
+from omegaconf._utils import get_yaml_loader
 
-from .epochlog import epoch_summary, read_epochs
+from .epochlog import epoch_summary, read_epochs, read_epochs_fast
 from .identity import NEUTRAL, flatten, is_non_identity, model_name, run_key
+from .liveness import owner_gone, squeue_states
 from .results import load_results
 from .storage import read_json
+from .sweepfiles import FAIL_FAST_FILE
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +30,10 @@ LEADING = ["model", "dataset", "alpha", "seed", "status", "epochs_run", "best_ep
            "total_time_s", "device", "run_dir"]
 IDENTITY = ["coupling_mode", "coupling_schedule"]
 # per run, from epochs.csv (SPEC §11): val top-1 lost at each equalization, and what the second
-# validation costs next to an epoch, and the mean time an epoch's checkpoint writes took
-DERIVED = ["ke_drop_mean", "ke_drop_best", "ke_eval_time_s_mean", "ke_overhead", "checkpoint_time_s_mean"]
+# validation costs next to an epoch, and the mean time an epoch's checkpoint writes took (timing means
+# leave the first epoch out, coupled_net.epochlog.epoch_summary; that one's time is first_epoch_time_s)
+DERIVED = ["ke_drop_mean", "ke_drop_best", "ke_eval_time_s_mean", "ke_overhead", "checkpoint_time_s_mean",
+           "first_epoch_time_s"]
 TRAILING = ["last_val_acc", "error"]  # what a run that is not done shows instead of metrics
 # shared_by: how many runs shared the run's GPU (or, without one, ran beside it), from the slot it was
 # started in (coupled_net.slots); 1 for a run alone. Its timings are only compared with runs alike.
@@ -42,18 +46,51 @@ SHOWN = {"model.name": "model", "dataset.name": "dataset", "coupling.alpha": "al
 NUMERIC = ["alpha", "seed", "epochs_run", "best_epoch", "val_top1", "val_top5", "test_top1", "test_top5",
            "best_val_acc", "best_ke_val_acc", "ke_time_s_mean", "epoch_time_s_mean", "total_time_s",
            *DERIVED, "last_val_acc"]
-STALE_AFTER_S = 15 * 60
+# threads reading run directories: the reads wait on the disk (a network file system on a cluster), so more
+# threads than cores pay off; parsing holds the GIL, so many more do not
+READERS = 8
+MARKERS = ("results.json", "epochs.csv")
 
 
 def find_runs(paths) -> list[Path]:
     """Every run directory at or below `paths`: one with a Hydra config, results.json or epochs.csv."""
-    found = set()
-    for root in (Path(p).absolute() for p in paths):
-        for marker in ("results.json", "epochs.csv", ".hydra/config.yaml"):
-            if (root / marker).is_file():
-                found.add(root)
-            found.update(p.parents[marker.count("/")] for p in root.rglob(marker))
-    return sorted(found)
+    return sorted({run for root in paths for run in _walk(Path(root).absolute())[0]})
+
+
+def _walk(root: Path) -> tuple[set[Path], list[Path], list[Path]]:
+    """(the run directories, the manifest.json files, the fail_fast.json files) at or below `root`, in
+    one walk of the tree (os.scandir; symlinked directories are not entered, as Path.rglob does not)."""
+    runs, manifests, stops = set(), [root / "manifest.json"], []
+    if any((root / m).is_file() for m in (*MARKERS, ".hydra/config.yaml")):
+        runs.add(root)
+    stack = [str(root)]
+    while stack:
+        top = stack.pop()
+        try:
+            with os.scandir(top) as it:
+                entries = list(it)
+        except OSError:  # unreadable or gone meanwhile: as rglob, skipped
+            continue
+        names = set()
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                    continue
+            except OSError:
+                continue
+            names.add(entry.name)
+        if FAIL_FAST_FILE in names:
+            stops.append(Path(top, FAIL_FAST_FILE))
+        if top == str(root):
+            continue
+        if not names.isdisjoint(MARKERS):
+            runs.add(Path(top))
+        if "config.yaml" in names and os.path.basename(top) == ".hydra":
+            runs.add(Path(top).parent)
+        if "manifest.json" in names:
+            manifests.append(Path(top, "manifest.json"))
+    return runs, manifests, stops
 
 
 def _flatten(node) -> dict:
@@ -87,70 +124,57 @@ def _run_config(run_dir: Path, res: dict | None) -> dict:
     if not path.is_file():
         return {}
     try:
-        cfg = OmegaConf.load(path)
-        try:
-            plain = OmegaConf.to_container(cfg, resolve=True)
-        except Exception:  # noqa: BLE001 - an interpolation this process cannot resolve
-            plain = OmegaConf.to_container(cfg, resolve=False)
+        plain = _load_config(path)
     except Exception:  # noqa: BLE001
+        return {}
+    if not isinstance(plain, dict):
         return {}
     plain.pop("hydra", None)
     return {k: v for k, v in _flatten(plain).items() if not is_non_identity(k)}
 
 
-# ---- is a `running` run still alive? (SPEC §5) ---------------------------------------------------
+if yaml.__with_libyaml__:
+    class _ConfigLoader(yaml.cyaml.CParser, get_yaml_loader()):
+        """OmegaConf's own YAML rules (its float syntax, no timestamps, duplicate keys refused) on
+        libyaml's parser: the values OmegaConf.load gives, without building a DictConfig."""
 
-def _pid_alive(owner: dict) -> bool:
+        def __init__(self, stream):
+            yaml.cyaml.CParser.__init__(self, stream)
+            yaml.constructor.SafeConstructor.__init__(self)
+            yaml.resolver.Resolver.__init__(self)
+else:
+    _ConfigLoader = get_yaml_loader()
+
+
+def _load_config(path: Path):
+    """A Hydra config.yaml as plain values; one with an interpolation (`${...}`) through OmegaConf, which
+    resolves it (or, one this process cannot resolve, leaves it as written)."""
+    text = path.read_text()
+    if "${" not in text:
+        return yaml.load(text, Loader=_ConfigLoader) or {}
+    cfg = OmegaConf.load(path)
     try:
-        proc = psutil.Process(int(owner["pid"]))
-        started = owner.get("process_started")
-        return started is None or abs(proc.create_time() - float(started)) < 1.0  # not a reused pid
-    except (psutil.Error, ValueError, TypeError):
-        return False
-
-
-def _age_s(iso: str | None) -> float | None:
-    try:
-        return (datetime.now().astimezone() - datetime.strptime(iso, "%Y-%m-%dT%H:%M:%S%z")).total_seconds()
-    except (TypeError, ValueError):
-        return None
-
-
-def owner_gone(res: dict, epochs: list[dict], queue: dict | None) -> str | None:
-    """Why a `running` run's owner is gone (a short reason), or None while it may be alive: the SLURM
-    job is no longer known (when squeue answers), else its pid is dead on this host, else its
-    heartbeat is older than max(15 min, 3 x its mean epoch time)."""
-    owner = res.get("owner") or {}
-    job = owner.get("slurm_job_id")
-    if job and queue is not None:
-        return None if str(job) in queue else f"SLURM job {job} is no longer known"
-    if owner.get("host") == socket.gethostname() and owner.get("pid"):
-        return None if _pid_alive(owner) else f"pid {owner['pid']} on {owner['host']} is gone"
-    age = _age_s(res.get("heartbeat_at"))
-    mean_epoch = epoch_summary(epochs)["epoch_time_s_mean"] or 0.0
-    limit = max(STALE_AFTER_S, 3 * mean_epoch)
-    if age is not None and age > limit:
-        return f"no heartbeat for {age / 60:.0f} min"
-    return None
-
-
-def epoch_rows(run_dir: Path) -> pd.DataFrame:
-    """epochs.csv's whole rows (coupled_net.epochlog.read_epochs) as numbers, one row per epoch."""
-    return pd.DataFrame(read_epochs(run_dir)[0])
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # noqa: BLE001 - an interpolation this process cannot resolve
+        return OmegaConf.to_container(cfg, resolve=False)
 
 
 def run_row(run_dir: Path, cfg: dict, res: dict | None, queue: dict | None = None,
-            problem: str | None = None) -> dict:
-    """One run's row (`problem`: why its results.json cannot be used, coupled_net.results.load_results); a run
-    whose files cannot be read is `unreadable`, with the file and why."""
+            problem: str | None = None, epochs: tuple | Exception | None = None) -> dict:
+    """One run's row (`problem`: why its results.json cannot be used, coupled_net.results.load_results;
+    `epochs`: read_epochs(run_dir) when already read, or what reading it raised); a run whose files cannot
+    be read is `unreadable`, with the file and why."""
     try:
-        return _run_row(run_dir, cfg, res, queue, problem)
+        return _run_row(run_dir, cfg, res, queue, problem, epochs)
     except Exception as e:  # noqa: BLE001 - one bad directory never stops the review of the others
         return {"run_dir": str(run_dir), "status": "unreadable", "error": f"{type(e).__name__}: {e}"[:300]}
 
 
-def _run_row(run_dir: Path, cfg: dict, res: dict | None, queue: dict | None, problem: str | None) -> dict:
-    rows, bad_epochs = read_epochs(run_dir)
+def _run_row(run_dir: Path, cfg: dict, res: dict | None, queue: dict | None, problem: str | None,
+             epochs: tuple | Exception | None) -> dict:
+    if isinstance(epochs, Exception):
+        raise epochs
+    rows, bad_epochs = read_epochs(run_dir) if epochs is None else epochs
     error = None
     if res is None:
         error = problem
@@ -159,7 +183,7 @@ def _run_row(run_dir: Path, cfg: dict, res: dict | None, queue: dict | None, pro
     else:
         status = res.get("status", "unknown")
         if status == "running":
-            gone = owner_gone(res, rows, queue)
+            gone = owner_gone(res, epoch_summary(rows)["epoch_time_s_mean"], queue)
             if gone:
                 status, error = "stale", f"{gone}: it ended without recording why; the same command resumes it"
     if bad_epochs:
@@ -188,30 +212,18 @@ def manifest_jobs(paths) -> dict[str, str]:
     """run_dir -> SLURM job id, from the manifest.json of every sweep at or below `paths`. A run
     directory is taken as a child of the manifest's own directory (so a copied or moved sweep names
     its own runs, not the original's)."""
+    return _jobs(manifest for root in paths for manifest in _walk(Path(root).absolute())[1])
+
+
+def _jobs(manifests) -> dict[str, str]:
     jobs = {}
-    for root in (Path(p).absolute() for p in paths):
-        for manifest in [root / "manifest.json", *root.rglob("*/manifest.json")]:
-            for job in (read_json(manifest) or {}).get("jobs", []):
-                if job.get("executor", "slurm") != "slurm":
-                    continue  # the local executor's job ids are not SLURM's
-                run_dir = manifest.parent / Path(job["run_dir"]).name
-                jobs[str(run_dir)] = job["job_id"]  # a later submission of the same run wins
+    for manifest in manifests:
+        for job in (read_json(manifest) or {}).get("jobs", []):
+            if job.get("executor", "slurm") != "slurm":
+                continue  # the local executor's job ids are not SLURM's
+            run_dir = manifest.parent / Path(job["run_dir"]).name
+            jobs[str(run_dir)] = job["job_id"]  # a later submission of the same run wins
     return jobs
-
-
-def squeue_states() -> dict[str, tuple[str, str]] | None:
-    """job id -> (state, reason) of every job SLURM still knows about; None without SLURM."""
-    try:
-        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T|%r"], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    states = {}
-    for line in out.stdout.splitlines():
-        job_id, state, reason = (line.split("|") + ["", ""])[:3]
-        states[job_id.strip()] = (state.strip(), reason.strip())
-    return states
 
 
 def slurm_state(job_id: str, status: str, queue: dict) -> str:
@@ -229,6 +241,8 @@ def slurm_state(job_id: str, status: str, queue: dict) -> str:
             return "requeued"
         return {"PENDING": "pending", "RUNNING": "running", "COMPLETING": "running",
                 "CONFIGURING": "running", "SUSPENDED": "suspended"}.get(state, state.lower())
+    if status == "not_started":
+        return "cancelled"  # fail-fast cancelled the sweep's pending tasks
     return "pending" if status == "no results" else "failed"  # running, but SLURM no longer has it
 
 
@@ -250,19 +264,59 @@ def duplicates(runs: list[Path], results: list[dict | None]) -> dict[Path, Path]
     return repeats
 
 
+def _stopped(records) -> dict[Path, tuple[str, list[Path]]]:
+    """sweep dir -> (why its launch stopped starting runs, the run dirs it did not start), from each
+    fail_fast.json. A run dir is taken as a child of the record's own directory, as manifest_jobs does."""
+    stopped = {}
+    for path in records:
+        record = read_json(path) or {}
+        named = [path.parent / Path(str(r)).name for r in record.get("not_started") or []]
+        stopped[path.parent] = (str(record.get("reason") or record.get("error") or "fail-fast"), named)
+    return stopped
+
+
+def _not_started(run_dir: Path, stopped: dict) -> str | None:
+    """The fail-fast reason of the nearest stopped sweep at or above `run_dir` (None: none): a run
+    with no results there will not start until the sweep is launched again."""
+    for sweep in sorted(stopped, key=lambda p: len(p.parts), reverse=True):
+        if run_dir == sweep or sweep in run_dir.parents:
+            return stopped[sweep][0]
+    return None
+
+
+def _read_run(run_dir: Path) -> tuple:
+    """What collect() reads of one run, in a reader thread: (results.json, why it cannot be used, its
+    config keys, read_epochs() or what reading it raised)."""
+    res, problem = load_results(run_dir)
+    try:
+        epochs = read_epochs_fast(run_dir)
+    except Exception as e:  # noqa: BLE001 - run_row shows the run as unreadable
+        epochs = e
+    return res, problem, run_config(run_dir, res), epochs
+
+
 def collect(paths) -> pd.DataFrame:
     """One row per run below `paths` (several sweeps at once are fine): RUN_COLUMNS (SPEC §6's
     columns, the derived metrics, what a run that is not done shows, the SLURM state of detached
     sweeps, `duplicate_of`), then every config key of the runs (identity keys and +labels, dotted).
     A run found twice (same fingerprint and labels) is marked `duplicate_of` and warned about."""
-    jobs = manifest_jobs(paths)
-    runs = sorted(set(find_runs(paths)) | {Path(r) for r in jobs})  # submitted runs may not have a dir yet
-    loaded = [load_results(r) for r in runs]
-    results = [res for res, _ in loaded]
-    configs = [run_config(r, res) for r, res in zip(runs, results)]
+    walks = [_walk(Path(p).absolute()) for p in paths]
+    jobs = _jobs(manifest for _, manifests, _ in walks for manifest in manifests)
+    stopped = _stopped(stop for _, _, stops in walks for stop in stops)
+    # submitted runs, and those a fail-fast stop did not start, may not have a dir yet
+    runs = sorted({run for found, _, _ in walks for run in found} | {Path(r) for r in jobs}
+                  | {run for _, named in stopped.values() for run in named})
+    with ThreadPoolExecutor(READERS) as pool:
+        read = list(pool.map(_read_run, runs))
+    results = [res for res, _, _, _ in read]
+    configs = [cfg for _, _, cfg, _ in read]
     owners = [(res or {}).get("owner") or {} for res in results]
     queue = squeue_states() if jobs or any(o.get("slurm_job_id") for o in owners) else None
-    rows = [run_row(r, c, res, queue, problem) for r, c, (res, problem) in zip(runs, configs, loaded)]
+    rows = [run_row(r, cfg, res, queue, problem, epochs) for r, (res, problem, cfg, epochs) in zip(runs, read)]
+    for row in rows:
+        reason = _not_started(Path(row["run_dir"]), stopped) if row["status"] == "no results" else None
+        if reason is not None:
+            row["status"], row["error"] = "not_started", reason
     df = pd.DataFrame(rows, columns=RUN_COLUMNS)
     for column in NUMERIC:
         df[column] = pd.to_numeric(df[column], errors="coerce")
@@ -285,7 +339,19 @@ def config_columns(df: pd.DataFrame) -> list[str]:
 
 def varying(df: pd.DataFrame, columns) -> list[str]:
     """The columns whose value is not the same in every row (None counts as a value)."""
-    return [c for c in columns if len({repr(v) for v in df[c].map(comparable)}) > 1]
+    return [c for c in columns if _distinct(df[c]) > 1]
+
+
+def _distinct(values: pd.Series) -> int:
+    """How many values differ once comparable; the distinct values (by type, so True stays apart from 1)
+    are found first: a column of 10,000 runs holds a handful."""
+    if values.dtype != object:  # numbers or booleans, one type: pandas finds the distinct ones
+        return len({repr(comparable(v)) for v in values.drop_duplicates().tolist()})
+    try:
+        distinct = pd.DataFrame({"type": values.map(type), "value": values}).drop_duplicates()["value"].tolist()
+    except TypeError:  # an unhashable value: compared one by one
+        distinct = values.tolist()
+    return len({repr(comparable(v)) for v in distinct})
 
 
 def comparable(value):

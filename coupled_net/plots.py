@@ -15,6 +15,8 @@ PLOTS = ("summary_test_top1_vs_alpha.png", "summary_delta_vs_alpha.png", "summar
 # An accuracy axis spans at least this many points: autoscaling a 0.3-point spread over the whole
 # height draws noise as an effect (the issue-10 review); 10 points keeps a 1-point effect visible.
 MIN_SPAN = 10.0
+# past 10 groups a line's marker tells it apart too (curve_grid)
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">")
 
 
 def _facet(row) -> str:
@@ -69,8 +71,18 @@ def curve_frame(epochs: pd.DataFrame, groups: pd.DataFrame, keys: list[str]) -> 
     shown = [k for k in table_keys(groups, keys)]
     names = display_names(shown)
     n = {tuple(comparable(g[k]) for k in keys): int(g["n"]) for _, g in groups.iterrows()}
-    label = [f"{_line(r, shown, names)} (n={n.get(tuple(comparable(r[k]) for k in keys), 0)})" for _, r in e.iterrows()]
-    base = pd.DataFrame({"facet": [_facet(r) for _, r in e.iterrows()], "group": label,
+    # a run's facet and label, worked out once per distinct key rather than once per epoch row
+    needed = list(dict.fromkeys(["model.name", "dataset.name", *shown, *keys]))
+    columns = [e[k].tolist() if k in e else [None] * len(e) for k in needed]
+    memo, facet, label = {}, [], []
+    for values in zip(*columns):
+        at = tuple(map(comparable, values))
+        if at not in memo:
+            r = {k: v for k, v in zip(needed, at) if k in e}
+            memo[at] = (_facet(r), f"{_line(r, shown, names)} (n={n.get(tuple(r[k] for k in keys), 0)})")
+        facet.append(memo[at][0])
+        label.append(memo[at][1])
+    base = pd.DataFrame({"facet": facet, "group": label,
                          "alpha": e["coupling.alpha"].to_numpy(), "epoch": e["epoch"].to_numpy()})
     before = base.assign(when="before KE", top1=e["val_acc"].to_numpy())
     after = base.assign(when="after KE", top1=e["ke_val_acc"].to_numpy())
@@ -99,8 +111,9 @@ def _draw_points(frame: pd.DataFrame, path: Path, ylabel: str, title: str, zero_
 
     single = int(frame["n"].max()) <= 1
     facets = list(dict.fromkeys(frame["facet"]))
-    grid = sns.FacetGrid(frame, col="facet", hue="label", col_wrap=min(3, len(facets)), sharey=False,
-                         height=3.6, aspect=1.35, col_order=facets)
+    labels = list(dict.fromkeys(frame["label"]))
+    grid = sns.FacetGrid(frame, col="facet", hue="label", hue_order=labels, palette=palette(len(labels)),
+                         col_wrap=min(3, len(facets)), sharey=False, height=3.6, aspect=1.35, col_order=facets)
     grid.map_dataframe(_errorbars, bars=not single)
     for ax in grid.axes.flat:
         if zero_line:
@@ -121,22 +134,56 @@ def _integer_ticks():
     return MaxNLocator(integer=True)
 
 
-def _draw_curves(frame: pd.DataFrame, path: Path, single: bool) -> Path:
+def palette(n: int) -> list:
+    """`n` colours every pair of which tells apart: tab10's up to 10 groups, tab20's (five hues more,
+    and each hue light and dark) up to 20, then husl's evenly spaced hues. viridis's neighbours, the
+    earlier palette, differed by a shade the eye loses on a line."""
+    import seaborn as sns
+
+    return sns.color_palette("tab10" if n <= 10 else "tab20" if n <= 20 else "husl", n)
+
+
+def curve_grid(frame: pd.DataFrame, single: bool):
+    """The learning curves' seaborn grid, drawn but not saved: a line colour per group and, past 10
+    groups (where colours alone get close), a marker per group too."""
     import seaborn as sns
 
     facets = list(dict.fromkeys(frame["facet"]))
-    grid = sns.relplot(data=frame, kind="line", x="epoch", y="top1", hue="group", style="when",
+    groups = list(dict.fromkeys(frame["group"]))
+    colours = dict(zip(groups, palette(len(groups))))
+    grid = sns.relplot(data=frame, kind="line", x="epoch", y="top1", hue="group", hue_order=groups, style="when",
                        style_order=["before KE", "after KE"], col="facet", col_order=facets,
                        col_wrap=min(3, len(facets)), errorbar=None if single else review.ci_interval,
-                       height=3.6, aspect=1.35, facet_kws={"sharey": False}, palette="viridis")
+                       height=3.6, aspect=1.35, facet_kws={"sharey": False}, palette=colours)
+    if len(groups) > 10:
+        _mark_groups(grid, list(colours.values()))
     for ax in grid.axes.flat:
         _min_span(ax)
         ax.xaxis.set_major_locator(_integer_ticks())
         ax.grid(alpha=0.3)
     grid.set_axis_labels("epoch", "val top-1 (%)")
     grid.set_titles("{col_name}")
+    return grid
+
+
+def _mark_groups(grid, colours: list) -> None:
+    """Give each group's lines, and its legend entry, the marker of its colour's position: seaborn's
+    `style` already says before/after KE, so the group's marker is set on the drawn lines."""
+    from matplotlib.colors import to_hex
+
+    marker = {to_hex(c): MARKERS[i % len(MARKERS)] for i, c in enumerate(colours)}
+    legend = grid.legend
+    handles = list(getattr(legend, "legend_handles", None) or getattr(legend, "legendHandles", [])) if legend else []
+    for line in [*(line for ax in grid.axes.flat for line in ax.lines), *handles]:
+        m = marker.get(to_hex(line.get_color())) if hasattr(line, "get_color") else None
+        if m:
+            line.set_marker(m)
+            line.set_markersize(4)
+
+
+def _draw_curves(frame: pd.DataFrame, path: Path, single: bool) -> Path:
     note = "single seed: one run per line" if single else "mean over seeds, band: 95 % t-CI"
-    return _save(grid, path, f"Validation top-1 before (solid) and after KE (dashed); {note}")
+    return _save(curve_grid(frame, single), path, f"Validation top-1 before (solid) and after KE (dashed); {note}")
 
 
 def _save(grid, path: Path, title: str) -> Path:

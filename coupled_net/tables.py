@@ -148,7 +148,9 @@ def _plural(n: int, noun: str) -> str:
 LEGEND = [
     "test top-1: %, mean ± std over seeds. Δ: test top-1 paired by seed against the baseline, mean and",
     "t-based 95 % CI; p: paired t-test. KE drop: val top-1 points lost at an equalization (mean over epochs).",
-    "epoch s: train + validation; KE cost: equalization + second validation, as a share of an epoch.",
+    "epoch s: train + validation, mean over the epochs after the first (the first carries the process's",
+    "warm-up: its time is first_epoch_time_s in summary.csv); KE cost: equalization + second validation, as",
+    "a share of an epoch.",
 ]
 
 
@@ -169,7 +171,8 @@ def _full_groups(groups, keys) -> pd.DataFrame:
         "val top-1": _pm(g, "val_top1"), "test top-1": _pm(g, "test_top1"), "test top-5": _pm(g, "test_top5"),
         "KE drop": _pm(g, "ke_drop_mean"), "KE drop (best)": _pm(g, "ke_drop_best"),
         "epochs": _pm(g, "epochs_run", ".1f"), "epoch s": _seconds(g["epoch_time_s_mean_mean"]),
-        "KE s": _num(g["ke_time_s_mean_mean"], ".2g"), "KE+val s": _seconds(g["ke_eval_time_s_mean_mean"]),
+        "1st epoch s": _seconds(g["first_epoch_time_s_mean"]), "KE s": _num(g["ke_time_s_mean_mean"], ".2g"),
+        "KE+val s": _seconds(g["ke_eval_time_s_mean_mean"]),
         "KE cost": _share(g["ke_overhead_mean"]), "ckpt s": _seconds(g["checkpoint_time_s_mean_mean"]),
         "device": "mixed" if pd.isna(g["device"]) else g["device"],
     } for _, g in groups.iterrows()])
@@ -258,6 +261,7 @@ def latex(s: Summary, baseline: dict) -> str:
     caption = (f"What coupling costs ({_tex(_constants(s.groups, s.runs))}). Test top-1 in \\%, mean $\\pm$ std "
                f"over seeds; $\\Delta$: paired by seed against {_tex(baseline_text(baseline))}, mean and t-based "
                "95\\,\\% CI; p: paired t-test; KE drop: validation top-1 points lost at an equalization; "
+               "epoch s: mean over the epochs after the first (its warm-up); "
                "KE cost: equalization and second validation as a share of an epoch.")
     styler = frame.style.hide(axis="index")
     return styler.to_latex(hrules=True, caption=caption, label="tab:coupled-net-summary",

@@ -186,10 +186,10 @@ def test_a_running_run_whose_process_is_gone_is_stale_not_running(tmp_path):
 
 
 def test_a_running_slurm_run_is_stale_once_slurm_no_longer_knows_its_job():
-    from coupled_net.collect import owner_gone
+    from coupled_net.liveness import owner_gone
 
     res = {"status": "running", "owner": {"host": "node-3", "pid": 1, "slurm_job_id": "41_2"}, "heartbeat_at": iso(3600)}
-    none = []  # no epoch rows
+    none = None  # no epoch yet
     assert owner_gone(res, none, {"41_2": ("PENDING", "BeginTime")}) is None  # requeued, waiting: alive
     assert owner_gone(res, none, {"41_3": ("RUNNING", "None")}) == "SLURM job 41_2 is no longer known"
     assert owner_gone(res, none, None) == "no heartbeat for 60 min"  # no squeue here: the heartbeat decides

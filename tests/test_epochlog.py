@@ -37,11 +37,12 @@ def test_the_whole_rows_are_read_as_numbers_and_the_others_are_named_by_line(run
 
 def test_the_per_run_numbers_are_computed_from_the_whole_rows_only(run_dir):
     summary = epoch_summary(read_epochs(run_dir)[0], best_epoch=2)
+    # timings: the whole rows after the first (epochs 2 and 4); the first epoch's time on its own
     assert summary == {
-        "ke_time_s_mean": pytest.approx((0.1 + 0.3 + 0.2) / 3), "epoch_time_s_mean": pytest.approx(11.0),
-        "ke_eval_time_s_mean": pytest.approx(1.2), "checkpoint_time_s_mean": pytest.approx((0.5 + 0.25) / 2),
-        "ke_drop_mean": pytest.approx((2.0 + 1.0 - 1.0) / 3),
-        "ke_drop_best": pytest.approx(1.0), "ke_overhead": pytest.approx(1.2 / 11.0),
+        "ke_time_s_mean": pytest.approx((0.3 + 0.2) / 2), "epoch_time_s_mean": pytest.approx((12.0 + 11.0) / 2),
+        "ke_eval_time_s_mean": pytest.approx((1.4 + 1.2) / 2), "checkpoint_time_s_mean": pytest.approx(0.25),
+        "first_epoch_time_s": 10.0, "ke_drop_mean": pytest.approx((2.0 + 1.0 - 1.0) / 3),
+        "ke_drop_best": pytest.approx(1.0), "ke_overhead": pytest.approx(1.3 / 11.5),
         "best_val_acc": 70.0, "best_ke_val_acc": 69.0, "last_val_acc": 65.0}
 
 
@@ -53,8 +54,23 @@ def test_a_best_epoch_without_a_whole_row_has_no_ke_drop(run_dir):
 
 
 def test_results_json_takes_its_epoch_numbers_from_the_same_aggregate(run_dir):
-    assert epoch_fields(run_dir) == {"ke_time_s_mean": pytest.approx(0.2), "epoch_time_s_mean": pytest.approx(11.0),
+    assert epoch_fields(run_dir) == {"ke_time_s_mean": pytest.approx(0.25), "epoch_time_s_mean": pytest.approx(11.5),
                                      "best_val_acc": 70.0, "best_ke_val_acc": 69.0}
+
+
+def test_a_warm_up_first_epoch_does_not_enter_the_timing_means_but_is_kept():
+    def row(epoch, seconds):
+        return {"epoch": epoch, "val_acc": 50.0, "ke_val_acc": 49.0, "epoch_time_s": seconds, "ke_time_s": 0.01,
+                "ke_eval_time_s": seconds / 10, "checkpoint_time_s": math.nan}
+
+    warm, equal = epoch_summary([row(1, 14.3), row(2, 6.0), row(3, 5.0)]), epoch_summary([row(1, 5.5), row(2, 6.0),
+                                                                                            row(3, 5.0)])
+    assert warm["epoch_time_s_mean"] == equal["epoch_time_s_mean"] == pytest.approx(5.5)
+    assert warm["ke_overhead"] == equal["ke_overhead"] == pytest.approx(0.1)
+    assert (warm["first_epoch_time_s"], equal["first_epoch_time_s"]) == (14.3, 5.5)
+    one = epoch_summary([row(1, 14.3)])  # a single epoch is all there is: its own time
+    assert one["epoch_time_s_mean"] == one["first_epoch_time_s"] == 14.3
+    assert one["checkpoint_time_s_mean"] is None  # nothing recorded in any epoch
 
 
 def test_a_blank_line_is_no_row_and_no_problem(tmp_path):

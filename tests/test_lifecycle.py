@@ -220,7 +220,9 @@ def test_ctrl_c_stops_a_whole_sweep_and_relaunching_finishes_it(tmp_path):
 
 def test_ctrl_c_on_a_local_launcher_sweep_stops_its_jobs_too_and_the_same_command_finishes_them(tmp_path):
     sweep = tmp_path / "sweep"
-    args = ["-m", "hydra/launcher=local", "hydra.launcher.gpus=[]", "hydra.launcher.cpus_per_run=1", *LONGER,
+    # two epochs are enough: the signal comes once both runs have one, with a whole epoch to spare
+    shorter = [*LONGER, "dataset.train_per_class=200", "trainer.epochs=2"]
+    args = ["-m", "hydra/launcher=local", "hydra.launcher.gpus=[]", "hydra.launcher.cpus_per_run=1", *shorter,
             "coupling.alpha=0,2,4", f"hydra.sweep.dir={sweep}", f"dataset.root={tmp_path}"]
     proc = start(*args, cwd=tmp_path)
     wait_for(lambda: sum((p / "epochs.csv").exists() for p in run_dirs(sweep)) == 2, what="two first epochs")

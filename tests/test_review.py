@@ -67,9 +67,10 @@ def test_ke_drop_and_ke_overhead_per_run_match_the_epochs_by_hand(sweep):
     drops = [50.0 - 49.0, 60.0 - (58.0 - 3), 70.0 - 70.5]  # val_acc - ke_val_acc per epoch
     assert r["ke_drop_mean"] == pytest.approx(sum(drops) / 3)
     assert r["ke_drop_best"] == pytest.approx(5.0)  # epoch 2, the best one
-    assert r["ke_overhead"] == pytest.approx(((1 + 1 + 2) / 3) / ((10 + 10 + 20) / 3))
-    assert r["epoch_time_s_mean"] == pytest.approx(40 / 3)
-    assert r["ke_eval_time_s_mean"] == pytest.approx(4 / 3)
+    # timings: epochs 2 and 3 (the first carries the warm-up); the first on its own
+    assert r["ke_overhead"] == pytest.approx(((1 + 2) / 2) / ((10 + 20) / 2))
+    assert r["epoch_time_s_mean"] == pytest.approx(30 / 2) and r["first_epoch_time_s"] == 10
+    assert r["ke_eval_time_s_mean"] == pytest.approx(3 / 2)
 
 
 def test_summarize_gives_mean_sample_std_n_and_the_t_ci_per_group(sweep):
@@ -239,7 +240,7 @@ def test_the_summary_files_hold_the_frames_and_a_headline_under_120_characters(s
     cells = [c.strip() for c in table[3].strip("|").split("|")]
     assert cells == ["4", "4", f"81.88 ± {statistics.stdev([79.0, 81.5, 77.0, 90.0]):.2f}",
                      f"-1.00 [{lo:+.2f}, {hi:+.2f}]", f"{p:.3f}",
-                     f"{statistics.mean(drops):.2f} ± {statistics.stdev(drops):.2f}", "13.3", "10.0 %"]
+                     f"{statistics.mean(drops):.2f} ± {statistics.stdev(drops):.2f}", "15.0", "10.0 %"]  # (10 + 20) / 2
     assert max(len(line) for line in headline.splitlines()) <= 120
     assert "## Runs not in the aggregate" in s.markdown and str(root / "failed") in s.markdown
     assert f"not in the table: {root / 'failed'} (failed)" in s.headline
@@ -382,8 +383,10 @@ def test_the_delta_keeps_its_sign_in_every_format_written(tmp_path):
 
 
 def test_checkpoint_time_is_a_timing_of_the_review_averaged_over_the_epochs_that_recorded_it(tmp_path):
-    # run 1: 0.5 s, 1.5 s and an epoch restored after a kill (unknown); run 2: 2.0 s
-    make_run(tmp_path / "s" / "a", epochs=((50.0, 49.0, 10.0, 1.0, 0.5), (60.0, 58.0, 10.0, 1.0, 1.5),
+    # run 1: a first epoch (9 s: its warm-up, not in the mean), 0.5 s, 1.5 s and an epoch restored after a
+    # kill (unknown); run 2: one epoch, 2.0 s
+    make_run(tmp_path / "s" / "a", epochs=((50.0, 49.0, 10.0, 1.0, 9.0), (50.0, 49.0, 10.0, 1.0, 0.5),
+                                          (60.0, 58.0, 10.0, 1.0, 1.5),
                                           (61.0, 60.0, 10.0, 1.0, None)), best_epoch=2, seed=1)
     make_run(tmp_path / "s" / "b", epochs=((50.0, 49.0, 10.0, 1.0, 2.0),), best_epoch=1, seed=2)
     runs = review.runs(tmp_path / "s")
@@ -396,3 +399,37 @@ def test_checkpoint_time_is_a_timing_of_the_review_averaged_over_the_epochs_that
     cells = [c.strip() for c in header.strip("|").split("|")]
     values = next(line for line in table.splitlines()[table.splitlines().index(header) + 2:])
     assert [c.strip() for c in values.strip("|").split("|")][cells.index("ckpt s")] == "1.50"
+
+
+def test_the_first_run_of_a_process_paying_the_warm_up_shows_the_same_epoch_time_as_equal_runs(tmp_path):
+    # README line 1's sweep runs in one process: only its first run's first epoch carries the warm-up
+    # (14.3 s against 6.0 and 5.0 s); every run's other epochs took the same time
+    for alpha in (0, 2, 4):
+        for seed in (1, 2):
+            first = 14.3 if (alpha, seed) == (0, 1) else 6.5
+            make_run(tmp_path / "s" / f"a{alpha}_s{seed}", epochs=((50.0, 49.0, first, 0.5), (60.0, 58.0, 6.0, 0.5),
+                                                                   (61.0, 60.0, 5.0, 0.5)),
+                     best_epoch=3, coupling__alpha=alpha, seed=seed, test_top1=50.0 + seed)
+    s = write_summary([tmp_path / "s"], tmp_path / "out")
+    headline = s.markdown.split("\n\n## ")[0]
+    table = [[c.strip() for c in line.strip("|").split("|")] for line in headline.splitlines() if line.startswith("|")]
+    epoch_s, cost = table[0].index("epoch s"), table[0].index("KE cost")
+    assert [(r[0], r[epoch_s], r[cost]) for r in table[2:]] == [("0", "5.50", "9.1 %"), ("2", "5.50", "9.1 %"),
+                                                                ("4", "5.50", "9.1 %")]  # 0.5 / 5.5
+    runs = pd.read_csv(tmp_path / "out" / "summary.csv")
+    assert sorted(runs["first_epoch_time_s"]) == [6.5] * 5 + [14.3]  # the warm-up is recorded, not hidden
+    groups = md_rows(s.markdown, "## Groups (mean ± std over seeds; CIs in summary_groups.csv)")
+    assert [g["1st epoch s"] for g in groups] == [f"{(14.3 + 6.5) / 2:.1f}", "6.50", "6.50"]
+
+
+def test_a_sweep_whose_runs_are_only_submitted_gets_its_summary_listing_them(tmp_path):
+    # a detached SLURM sweep's end: manifest.json names the runs, none has a directory yet
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    jobs = [{"job_id": f"99_{i}", "job_num": i, "overrides": [f"coupling.alpha={a}"], "executor": "slurm",
+             "run_dir": str(sweep / f"coupling.alpha={a}"), "submitted_at": "2026-12-03T15:00:00+0000",
+             "runs_per_task": 1} for i, a in enumerate((0, 2))]
+    (sweep / "manifest.json").write_text(json.dumps({"sweep_dir": str(sweep), "jobs": jobs}))
+    s = write_summary([sweep])
+    assert s.groups.empty and sorted(s.runs["status"]) == ["no results", "no results"]
+    assert "_no finished runs_" in (sweep / "summary.md").read_text()
