@@ -7,6 +7,8 @@ local sweep, from coupled_net.review's frames — numbers are formatted only her
     summary.md           the headline table, then the full tables and the runs not in them
     summary.tex          the headline table for a paper (booktabs, caption, label)
     summary_*.png        test top-1 vs alpha, delta vs alpha, learning curves (seaborn)
+    summary.html         all of it in one self-contained page: the tables, the plots inline, the
+                         runs left out and the sweep's provenance (coupled_net.htmlreport)
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import review
+from .htmlreport import write_html
 from .plots import plots
 from .storage import atomic_write
 from .tables import DELTA_METRICS, Summary, latex, markdown, summary_frame, terminal
@@ -50,7 +53,7 @@ def write_summary(paths, out: Path | None = None, baseline: dict | None = None) 
              "summary.tex": latex(s, baseline).encode()}
     for name, blob in files.items():
         atomic_write(out / name, lambda f, blob=blob: f.write(blob))
-    plots(s, out)
+    write_html(s, baseline, paths, out, plots(s, out))
     return s
 
 
