@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torchinfo import summary
 
 from . import checkpoint
@@ -69,6 +69,14 @@ def write_model_summary(model: torch.nn.Module, channels: int, size: int, coupli
     write_text(path, text)
 
 
+def log_config(cfg: DictConfig, resume: int) -> None:
+    """The whole resolved config (after validation filled what follows from the data) into train.log at
+    every start, so the log alone says what ran; a resume's under its own header. Not on the terminal:
+    the run's one-line summary is there, `--cfg job` prints the tree."""
+    header = f"resumed from a checkpoint (resume #{resume})" if resume else "started"
+    log.info("run %s; resolved config:\n%s", header, OmegaConf.to_yaml(cfg, resolve=True).rstrip(), extra=FILE_ONLY)
+
+
 def gather_digests(coupling: Coupling) -> list[str]:
     digest = hashlib.sha256()
     for _, conv in coupling.layers:
@@ -102,13 +110,16 @@ def _train(cfg: DictConfig, rd: RunDirectory, verdict: Verdict, guard: StopGuard
         else {}
     resumes = int(previous.get("resumes") or 0) + (ckpt is not None)
     results = new_results(cfg, rd.identity, owner=owner_record(), resumes=resumes, world_size=world.size,
-                          provenance=provenance(None))
+                          provenance=provenance(None, run_dir=files.dir if world.is_main else None))
     rd.start({**results, "epochs_run": progress.epoch, "best_epoch": progress.best_epoch})
     monitor, trainer, logger = None, None, None
     try:
         spec = resolve(cfg, world)
+        if world.is_main:
+            log_config(cfg, resumes if ckpt is not None else 0)
         parts = build(spec)
-        rd.write(coupled_layers=parts.coupling.layer_paths, provenance=provenance(spec.device))
+        rd.write(coupled_layers=parts.coupling.layer_paths,  # git_diff: saved once per start, above
+                 provenance={**rd.results["provenance"], **provenance(spec.device)})
         monitor = SystemMonitor(spec.device)  # this rank's GPU (by its UUID), or none
         bars = {"auto": os.isatty(2)}.get(str(cfg.trainer.progress).lower(), bool(cfg.trainer.progress))
         logger = build_trackers(cfg, files.dir, rd.identity) if world.is_main else None

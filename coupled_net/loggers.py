@@ -29,10 +29,14 @@ import json
 import logging
 import numbers
 import os
+import re
 import threading
 import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
+
+from filelock import FileLock
 
 from .errors import ConfigError, one_line
 from .extras import missing_extra
@@ -107,6 +111,16 @@ def server_silence(url: str, seconds: float = SERVER_ANSWER_S) -> str | None:
     asking.start()
     asking.join(seconds)
     return verdict[0] if verdict else f"no answer within {seconds:g} s"
+
+
+def sweep_label(sweep_dir: Path) -> str:
+    """A sweep's name in a tracker (W&B group, MLflow parent run): its directory's name; Hydra's default
+    `multirun/<date>/<time>` keeps its date (`2026-11-25/10-00-00`), else every day's 10 o'clock sweep
+    would share one group."""
+    sweep_dir = Path(sweep_dir).resolve()
+    if re.fullmatch(r"\d\d-\d\d-\d\d", sweep_dir.name) and re.fullmatch(r"\d{4}-\d\d-\d\d", sweep_dir.parent.name):
+        return f"{sweep_dir.parent.name}/{sweep_dir.name}"
+    return sweep_dir.name
 
 
 def final_metrics(results: dict) -> dict:
@@ -279,13 +293,16 @@ class MLflowLogger:
     """One MLflow run per coupled_net run, named after the run directory and tagged with its fingerprint
     and path: params = the hyperparameters, per-epoch metrics (epochs.csv's columns, step = epoch),
     `final/val_top1` … at the end. Without `tracking_uri`, a file store beside the runs: the sweep's
-    `<sweep dir>/mlruns` (a single run: `<run dir>/mlruns`). The MLflow run id is kept in
-    `<run dir>/mlflow_run.json`, so a resumed run continues the same MLflow run (epochs it logged
+    `<sweep dir>/mlruns` (a single run: `<run dir>/mlruns`). In a sweep each run is nested under one
+    parent run per sweep (`mlflow.parentRunId`; the parent is tagged `coupled_net.sweep`). The MLflow
+    run id is kept in `<run dir>/mlflow_run.json`, so a resumed run continues the same MLflow run (epochs it logged
     before are not logged twice). Explicit run ids throughout (MlflowClient): no global active run
     leaks from one run of an in-process sweep into the next."""
 
     name = "mlflow"
     STATE = "mlflow_run.json"
+    SWEEP_TAG = "coupled_net.sweep"  # on a sweep's parent run: the sweep directory
+    SWEEP_LOCK = ".mlflow.lock"
     MAX_PARAM = 500  # the length every MLflow store accepts for a param value
 
     def __init__(self, run_dir: Path, tracking_uri: str | None = None, experiment_name: str = "coupled_net",
@@ -316,10 +333,11 @@ class MLflowLogger:
         self.client, self.state_path = MlflowClient(tracking_uri), run_dir / self.STATE
         # closed without a final word: the run ended as a kill would end it
         self.tracking_uri, self.status = tracking_uri, "KILLED"
-        self._open(run_dir, experiment_name, run_name, fingerprint)
+        self._open(run_dir, experiment_name, run_name, fingerprint, sweep_dir)
 
     @_server_calls
-    def _open(self, run_dir: Path, experiment_name: str, run_name: str | None, fingerprint: str | None) -> None:
+    def _open(self, run_dir: Path, experiment_name: str, run_name: str | None, fingerprint: str | None,
+              sweep_dir: Path | None) -> None:
         tracking_uri = self.tracking_uri
         state = read_json(self.state_path) or {}
         self.run_id, self.logged_steps = None, set()
@@ -336,13 +354,34 @@ class MLflowLogger:
             self.client.update_run(self.run_id, status="RUNNING")
             self.logged_steps = {m.step for m in self.client.get_metric_history(self.run_id, "val_acc")}
         else:
-            experiment = self._experiment(experiment_name)
             tags = {"run_dir": str(run_dir), **({"fingerprint": fingerprint} if fingerprint else {})}
+            sweep_dir = Path(sweep_dir).resolve() if sweep_dir is not None else None
+            # A lock file in the sweep directory (shared by its SLURM tasks too) makes get-or-create
+            # atomic: concurrent tasks each created an experiment of the same name in a file store,
+            # and each a parent run
+            with FileLock(str(sweep_dir / self.SWEEP_LOCK)) if sweep_dir is not None else nullcontext():
+                experiment = self._experiment(experiment_name)
+                if sweep_dir is not None:  # nested under the sweep's run (MLflow's own parent tag)
+                    tags["mlflow.parentRunId"] = self._sweep_parent(experiment, sweep_dir)
             run = self.client.create_run(experiment, run_name=run_name or run_dir.name, tags=tags)
             self.run_id = run.info.run_id
             write_json(self.state_path, {"tracking_uri": tracking_uri, "experiment_id": experiment,
                                          "run_id": self.run_id}, indent=1)
         self.where = f"{tracking_uri}, run {self.run_id}"
+
+    def _sweep_parent(self, experiment: str, sweep_dir: Path) -> str:
+        """The id of the sweep's parent run, created by whichever run of the sweep comes first (the
+        caller holds the sweep's lock). Found by its tag, compared here: a path in a filter string
+        would need quoting MLflow does not offer."""
+        for run in self.client.search_runs([experiment], filter_string=f"tags.`{self.SWEEP_TAG}` != ''"):
+            if run.data.tags.get(self.SWEEP_TAG) == str(sweep_dir):
+                return run.info.run_id
+        parent = self.client.create_run(experiment, run_name=sweep_label(sweep_dir),
+                                        tags={self.SWEEP_TAG: str(sweep_dir)})
+        # it logs nothing itself and no process knows when the sweep ends: it is finished at once, its
+        # nested runs carry their own status
+        self.client.set_terminated(parent.info.run_id, status="FINISHED")
+        return parent.info.run_id
 
     def _experiment(self, name: str) -> str:
         found = self.client.get_experiment_by_name(name)
@@ -397,15 +436,17 @@ class MLflowLogger:
 class WandbLogger:
     """A Weights & Biases run per coupled_net run, offline by default (no network, no API key, no
     prompt): its files go to `<run dir>/wandb`, to be uploaded with `wandb sync`. Named after the run
-    directory, config = the hyperparameters, history = epochs.csv's columns (step = epoch), summary =
-    the final metrics. Its id is kept in `<run dir>/wandb_run.json`, so a resumed run continues it."""
+    directory, grouped by sweep (`group` = sweep_label), config = the hyperparameters, history =
+    epochs.csv's columns (step = epoch), summary = the final metrics. Its id is kept in
+    `<run dir>/wandb_run.json`, so a resumed run continues it."""
 
     name = "wandb"
     STATE = "wandb_run.json"
     exit_code = 1  # closed without a final word: the run ended as a kill would end it
 
     def __init__(self, run_dir: Path, project: str = "coupled_net", mode: str = "offline", entity: str | None = None,
-                 run_name: str | None = None, fingerprint: str | None = None, **context):
+                 run_name: str | None = None, fingerprint: str | None = None, sweep_dir: Path | None = None,
+                 **context):
         _require("coupled_net.loggers.WandbLogger", self.name)
         for key, value in {"WANDB_SILENT": "true", "WANDB_CONSOLE": "off", "WANDB_DISABLE_GIT": "true"}.items():
             os.environ.setdefault(key, value)
@@ -423,6 +464,7 @@ class WandbLogger:
                   "finish_timeout_raises": True} if mode == "online" else {}
         self.run = wandb.init(dir=str(run_dir), mode=mode, project=project, entity=entity,
                               name=run_name or run_dir.name, id=run_id, resume="allow", reinit="create_new",
+                              group=sweep_label(sweep_dir) if sweep_dir else None,
                               tags=[fingerprint] if fingerprint else None, notes=str(run_dir),
                               settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, **online))
         self.where = f"{mode}, {Path(self.run.dir).parent}"

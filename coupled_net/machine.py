@@ -20,6 +20,7 @@ import torchvision
 from .cudavisible import parse_cuda_visible
 from .errors import ConfigError
 from .monitor import gpu_facts
+from .storage import write_text
 
 DEVICES = "allowed: auto, cpu, cuda, cuda:N"
 SLOT_ENV = "COUPLED_NET_SLOT"  # the slot a scheduler started this process in (coupled_net.slots writes it)
@@ -136,14 +137,35 @@ def slurm_job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
 
 
+GIT_DIFF = "git.diff"  # a dirty tree's changes, in the run directory (provenance.git_diff names it)
+
+
 @functools.lru_cache(maxsize=None)  # the code this process runs was loaded when it started
-def _git(*args: str) -> str | None:
+def _git(*args: str, repo: Path | None = None, strip: bool = True) -> str | None:
+    """git's output in `repo` (default: the checkout this package runs from); None outside one."""
     try:
-        out = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True,
+        out = subprocess.run(["git", *args], cwd=repo or Path(__file__).resolve().parent, capture_output=True,
                              text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() if out.returncode == 0 else None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() if strip else out.stdout
+
+
+def save_git_diff(run_dir: Path, repo: Path | None = None) -> str | None:
+    """A dirty tree's commit alone does not say what ran: `git diff HEAD` goes to `<run_dir>/git.diff`
+    (atomic), after a header naming the untracked files (names only: data or outputs can be huge;
+    `git apply` skips the header). Returns the file's name, None when there is nothing to save."""
+    diff = _git("diff", "HEAD", repo=repo, strip=False)
+    if not diff:
+        return None
+    untracked = _git("ls-files", "--others", "--exclude-standard", "--full-name", "--", ":/", repo=repo) or ""
+    names = [f"#   {name}\n" for name in untracked.splitlines() if name]
+    header = (f"# git diff HEAD of {_git('rev-parse', 'HEAD', repo=repo)}\n"
+              + (f"# untracked files (not in the diff):\n{''.join(names)}" if names else "") + "\n")
+    write_text(Path(run_dir) / GIT_DIFF, header + diff)
+    return GIT_DIFF
 
 
 def _cpu_name() -> str:
@@ -190,9 +212,11 @@ def sharing() -> dict:
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
 
-def provenance(device: torch.device | None) -> dict:
-    """Where and with what a run executes; `device` None: not chosen yet."""
-    status = _git("status", "--porcelain", "--untracked-files=no")
+def provenance(device: torch.device | None, run_dir: Path | None = None, repo: Path | None = None) -> dict:
+    """Where and with what a run executes; `device` None: not chosen yet. With `run_dir` (once per
+    start, by the directory's owner) a dirty tree's diff is saved there and `git_diff` names it (None:
+    clean). `repo`: the checkout to describe, default this package's."""
+    status = _git("status", "--porcelain", "--untracked-files=no", repo=repo)
     if device is None:
         shown = None
     elif device.type == "cuda":
@@ -200,8 +224,9 @@ def provenance(device: torch.device | None) -> dict:
     else:
         shown = f"cpu ({_cpu_name()})"
     return {
-        "git_commit": _git("rev-parse", "HEAD"),
+        "git_commit": _git("rev-parse", "HEAD", repo=repo),
         "git_dirty": None if status is None else bool(status),
+        **({"git_diff": save_git_diff(run_dir, repo) if status else None} if run_dir is not None else {}),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,

@@ -7,6 +7,7 @@ import json
 import logging
 import struct
 import sys
+import threading
 
 import pandas as pd
 import pytest
@@ -112,17 +113,52 @@ def test_a_resumed_run_continues_the_same_tracker_runs_and_shows_an_epoch_traine
     assert len(list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))) == 2
 
 
-def test_mlflow_runs_of_a_sweep_share_the_sweep_store_one_run_each(tmp_path):
+def test_runs_of_a_sweep_nest_under_one_mlflow_parent_in_the_sweep_store_and_share_a_wandb_group(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    proc, sweep, dirs = run_sweep(tmp_path, *QUICK, "trainer.epochs=1", "seed=1,2", "logger=mlflow", timeout=300)
+    proc, sweep, dirs = run_sweep(tmp_path, *QUICK, "trainer.epochs=1", "seed=1,2", "logger=[mlflow,wandb]",
+                                  timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     dirs = [d for d in dirs if d.name != "mlruns"]  # the store sits beside the run directories
     client = MlflowClient((sweep / "mlruns").resolve().as_uri())
     experiment = client.get_experiment_by_name("coupled_net")
-    names = sorted(r.info.run_name for r in client.search_runs([experiment.experiment_id]))
-    assert names == sorted(d.name for d in dirs) and len(names) == 2
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert (parent.info.run_name, parent.data.tags["coupled_net.sweep"]) == ("sweep", str(sweep.resolve()))
+    children = [r for r in runs if r is not parent]
+    assert sorted(r.info.run_name for r in children) == sorted(d.name for d in dirs) and len(children) == 2
+    assert [r.data.tags["mlflow.parentRunId"] for r in children] == [parent.info.run_id] * 2
+    assert all(r.info.status == "FINISHED" for r in runs)
     assert not any((d / "mlruns").exists() for d in dirs)
+    for d in dirs:  # W&B: group = the sweep directory's name, read from the offline run's own records
+        (path,) = (d / "wandb").glob("offline-run-*/run-*.wandb")
+        (info,) = [r.run for r in wandb_records(path) if r.WhichOneof("record_type") == "run"]
+        assert (info.run_group, info.display_name) == ("sweep", d.name)
+
+
+def test_concurrent_runs_of_a_sweep_create_one_mlflow_parent_named_after_the_sweep(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    sweep = tmp_path / "multirun" / "2026-11-25" / "10-00-00"  # Hydra's default layout keeps the date
+    sweep.mkdir(parents=True)
+    started, barrier = {}, threading.Barrier(4)
+
+    def start(i: int) -> None:  # as SLURM tasks starting together: each its own lock file descriptor
+        barrier.wait()
+        started[i] = loggers.MLflowLogger(sweep / f"run{i}", sweep_dir=sweep)
+    threads = [threading.Thread(target=start, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for logger in started.values():
+        logger.close()
+    client = MlflowClient((sweep / "mlruns").resolve().as_uri())
+    runs = client.search_runs([client.get_experiment_by_name("coupled_net").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("coupled_net.sweep") == str(sweep.resolve())]
+    assert parent.info.run_name == "2026-11-25/10-00-00" and len(runs) == 5
+    assert sorted((r.info.run_name, r.data.tags["mlflow.parentRunId"]) for r in runs if r is not parent) == [
+        (f"run{i}", parent.info.run_id) for i in range(4)]
 
 
 # ---- Weights & Biases (offline) ----------------------------------------------------------------------
@@ -158,7 +194,7 @@ def test_wandb_offline_holds_the_epochs_csv_columns_as_history_the_config_and_th
     (path,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
     records = list(wandb_records(path))
     (info,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
-    assert info.display_name == "run" and info.project == "coupled_net"
+    assert info.display_name == "run" and info.project == "coupled_net" and info.run_group == ""  # no sweep
     assert info.run_id == json.loads((run_dir / "wandb_run.json").read_text())["id"]
     history = [(r.history.step.num, items(r.history.item)) for r in records if r.WhichOneof("record_type") == "history"]
     assert [step for step, _ in history] == [1, 2]
