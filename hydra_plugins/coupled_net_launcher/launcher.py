@@ -51,7 +51,7 @@ import coupled_net.identity  # noqa: F401 - registers the minus and direction re
 # run-name resolver, coupled_net.identify, arrives with the pickled task function: coupled_net.cli)
 from coupled_net.errors import ConfigError, fail
 from coupled_net.storage import read_json, write_json
-from coupled_net.sweepfiles import (FAIL_FAST_FILE, fail_fast_line, fail_fast_reason, read_fail_fast,
+from coupled_net.sweepfiles import (FAIL_FAST_FILE, LAUNCH_FILE, fail_fast_line, fail_fast_reason, read_fail_fast,
                                     write_fail_fast)
 
 if TYPE_CHECKING:
@@ -263,6 +263,8 @@ class SweepAwareLauncher(BaseSubmititLauncher):
             if not existed:
                 with contextlib.suppress(OSError):
                     folder.rmdir()
+            if not arrays:  # nothing of this launch was submitted: no launch to describe (the sweeper wrote it)
+                (Path(str(self.config.hydra.sweep.dir)) / LAUNCH_FILE).unlink(missing_ok=True)
             what = f"job #{chunk[0][0]}" if len(chunk) == 1 else f"jobs #{chunk[0][0]}-#{chunk[-1][0]}"
             if n_chunks > 1:
                 what += f" (array {k + 1} of {n_chunks})"
