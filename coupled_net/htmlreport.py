@@ -17,9 +17,23 @@ import pandas as pd
 from markupsafe import Markup
 
 from . import review
+from .collect import READERS
 from .storage import atomic_write, read_json
-from .tables import (LEGEND, Summary, _constants, _full_deltas, _num, _seconds, _share, baseline_text, cell,
-                     display_names, headline_frame, not_aggregated, table_keys)
+from .tables import (
+    LEGEND,
+    Summary,
+    _constants,
+    _full_deltas,
+    _num,
+    _seconds,
+    _share,
+    baseline_text,
+    cell,
+    display_names,
+    headline_frame,
+    not_aggregated,
+    table_keys,
+)
 
 NAME = "summary.html"
 # the groups table: per metric its mean and t-based 95 % CI, as summary_groups.csv holds them
@@ -34,7 +48,6 @@ PROVENANCE = {"python": "python", "torch": "torch", "torchvision": "torchvision"
               "host": "hosts"}
 DIRTY = {True: " (dirty tree)", False: " (clean)", None: " (dirty: unknown)"}  # provenance.git_dirty
 MAX_LISTED = 12  # distinct values listed per provenance field; the rest counted
-READERS = 8  # results.json reads in flight: the I/O waits, not the CPU
 
 TEMPLATE = """<!DOCTYPE html>
 <html lang="en">
