@@ -67,7 +67,7 @@ class SweepReport(Callback):
         """The summary, then the verdict. Hydra turns an exception raised here into a warning (and exit
         status 0), so nothing may escape but SystemExit: a summary that cannot be written is one line,
         and the verdict — the failed runs, the exit status — is read from the runs without it."""
-        from .report import write_summary  # seaborn and matplotlib: imported when a sweep ends, not at start
+        from .report import write_summary  # pandas, scipy and matplotlib: imported when a sweep ends, not at start
 
         sweep_dir = Path(config.hydra.sweep.dir)
         summary, problem = None, None

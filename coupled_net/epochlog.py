@@ -11,6 +11,7 @@ no row at all."""
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import logging
 import math
@@ -214,6 +215,22 @@ def epoch_summary(rows: list[dict], best_epoch: int | None = None) -> dict:
     return out
 
 
+def _epoch(cell: str) -> int:
+    float(cell)  # read_epochs: a number, and an integer
+    return int(cell)
+
+
+@functools.lru_cache(maxsize=64)
+def _converters(header: tuple[str, ...]) -> tuple[list, list[int]]:
+    """read_epochs_fast's per-column converters for a header (read_epochs's: `epoch` an int, the numeric
+    columns floats, any other column a number or NaN), and the positions of the required columns, where
+    a NaN sends the file to read_epochs. Once per header: every run of a sweep has the same."""
+    log = epoch_log(Path("."))
+    numeric = set(log.numeric)
+    convert = [_epoch if name == "epoch" else float if name in numeric else _number for name in header]
+    return convert, [i for i, name in enumerate(header) if name in log.required and name in numeric and name != "epoch"]
+
+
 def read_epochs_fast(run_dir: Path) -> tuple[list[dict], str | None]:
     """read_epochs(run_dir), the same rows and verdict, faster on the file every run writes: a whole
     file, no quotes, NUL or carriage return, every line a whole row, is split by hand (csv.reader per
@@ -232,7 +249,7 @@ def read_epochs_fast(run_dir: Path) -> tuple[list[dict], str | None]:
     header = lines[0].split(",")
     if "epoch" not in header or any(c not in header for c in REQUIRED):
         return read_epochs(run_dir)
-    numeric, required = set(log.numeric), set(log.required)
+    convert, checked = _converters(tuple(header))
     rows = []
     try:
         for line in lines[1:]:
@@ -241,18 +258,10 @@ def read_epochs_fast(run_dir: Path) -> tuple[list[dict], str | None]:
             cells = line.split(",")
             if len(cells) != len(header):
                 return read_epochs(run_dir)
-            row = {}
-            for name, cell in zip(header, cells):
-                if name == "epoch":
-                    float(cell)  # read_epochs: a number, and an integer
-                    row[name] = int(cell)
-                elif name in numeric:
-                    row[name] = float(cell)
-                    if name in required and math.isnan(row[name]):
-                        return read_epochs(run_dir)
-                else:
-                    row[name] = _number(cell)
-            rows.append(row)
+            values = [f(cell) for f, cell in zip(convert, cells)]
+            if any(math.isnan(values[i]) for i in checked):
+                return read_epochs(run_dir)
+            rows.append(dict(zip(header, values)))
     except ValueError:  # a cell that is not a number: read_epochs names the line
         return read_epochs(run_dir)
     return rows, None

@@ -2,13 +2,12 @@
 (pandas Styler), the plots inline as base64 PNGs, a small inline style, and no script, stylesheet,
 font or image fetched from anywhere. Its tables are summary.md's (coupled_net.tables builds them),
 numbers formatted only here, as summary.md formats them; the sweep's provenance (commit, versions,
-devices, hosts, dates) is read from the runs' results.json."""
+devices, hosts, dates) is what the runs' results.json recorded (collect's PROVENANCE columns)."""
 
 from __future__ import annotations
 
 import base64
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
@@ -17,8 +16,8 @@ import pandas as pd
 from markupsafe import Markup
 
 from . import review
-from .collect import READERS
-from .storage import atomic_write, read_json
+from .collect import PROVENANCE as RECORDED
+from .storage import atomic_write
 from .tables import (
     LEGEND,
     Summary,
@@ -43,9 +42,9 @@ GROUP_STATS = {"mean": "mean", "ci_low": "95 % CI low", "ci_high": "95 % CI high
 TIMING_NAMES = {"epoch_time_s_mean": "epoch s", "ke_time_s_mean": "KE s", "ke_eval_time_s_mean": "KE+val s",
                 "ke_overhead": "KE cost", "checkpoint_time_s_mean": "ckpt s", "first_epoch_time_s": "1st epoch s",
                 "total_time_s": "run s"}
-# results.json's provenance fields shown, and under what name
-PROVENANCE = {"python": "python", "torch": "torch", "torchvision": "torchvision", "device": "devices",
-              "host": "hosts"}
+# collect()'s provenance columns shown, and under what name
+PROVENANCE_SHOWN = {"python_version": "python", "torch_version": "torch", "torchvision_version": "torchvision",
+                    "device": "devices", "host": "hosts"}
 DIRTY = {True: " (dirty tree)", False: " (clean)", None: " (dirty: unknown)"}  # provenance.git_dirty
 MAX_LISTED = 12  # distinct values listed per provenance field; the rest counted
 
@@ -163,27 +162,24 @@ def _listed(values: list) -> str:
 
 def provenance(runs: pd.DataFrame) -> list[tuple[str, str]]:
     """(field, what the runs recorded) for the sweep's provenance: git commit and whether the tree was
-    dirty, library versions, devices and GPUs, hosts, the first and last start and end. Read from
-    each run's results.json (the collect frame carries only `device`), a few reads in flight."""
-    dirs = [Path(d) / "results.json" for d in runs["run_dir"]]
-    chunks = [dirs[i::READERS] for i in range(READERS)]  # a task per reader, not per file: submit() costs
-    with ThreadPoolExecutor(max_workers=READERS) as pool:
-        records = [r for chunk in pool.map(lambda paths: [read_json(p) for p in paths], chunks) for r in chunk if r]
-    prov = [r.get("provenance") if isinstance(r.get("provenance"), dict) else {} for r in records]
-    commits = [None if p.get("git_commit") is None else p["git_commit"] + DIRTY.get(p.get("git_dirty"), DIRTY[None])
-               for p in prov]
-    gpus = [None if not isinstance(p.get("gpu"), dict) else
-            f"{p['gpu'].get('name')} (driver {p['gpu'].get('driver')}, CUDA {p['gpu'].get('cuda')})" for p in prov]
+    dirty, library versions, devices and GPUs, hosts, the first and last start and end: collect()'s
+    PROVENANCE columns, as each run's results.json recorded them."""
+    recorded = runs[[*RECORDED, "device"]].notna().any(axis=1)
+    prov = runs[recorded]
+    commits = [None if commit is None or commit != commit else commit + DIRTY.get(dirty, DIRTY[None])
+               for commit, dirty in zip(prov["git_commit"], prov["git_dirty"])]
+    gpus = [f"{g.get('name')} (driver {g.get('driver')}, CUDA {g.get('cuda')})" if isinstance(g, dict) else None
+            for g in prov["gpu"]]
     rows = [("commit", _listed(commits))]
-    rows += [(label, _listed([p.get(key) for p in prov])) for key, label in PROVENANCE.items()]
+    rows += [(label, _listed(prov[column].tolist())) for column, label in PROVENANCE_SHOWN.items()]
     if any(gpus):
         rows.append(("GPUs", _listed(gpus)))
-    for key, label in (("started_at", "started"), ("finished_at", "finished")):
-        times = [t for t in (_when(r.get(key)) for r in records) if t is not None]
+    for column, label in (("started_at", "started"), ("finished_at", "finished")):
+        times = [t for t in map(_when, prov[column]) if t is not None]
         if times:  # by timestamp: a stamp without an offset (naive) is taken as local time, not refused
             first, last = (f(times, key=datetime.timestamp).isoformat() for f in (min, max))
             rows.append((f"{label} (first … last)", first if first == last else f"{first} … {last}"))
-    rows.append(("runs read", f"{len(records)} of {len(dirs)} results.json"))
+    rows.append(("runs read", f"{int(recorded.sum())} of {len(runs)} results.json"))
     return rows
 
 

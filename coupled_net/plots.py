@@ -1,11 +1,19 @@
-"""The review's plots (summary_*.png, seaborn), each grouped exactly like the tables (coupled_net.tables):
-test top-1 vs alpha, the paired difference vs alpha, and the learning curves before and after KE."""
+"""The review's plots (summary_*.png, drawn with matplotlib directly), each grouped exactly like the
+tables (coupled_net.tables): test top-1 vs alpha, the paired difference vs alpha, and the learning curves
+before and after KE. One constrained-layout figure per plot, a facet per model / dataset, one legend
+outside on the right; the learning curves' mean and 95 % t-CI are aggregated once with pandas."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib
+import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
+from scipy.special import stdtrit
 
 from . import review
 from .collect import comparable
@@ -67,7 +75,7 @@ def _with_n(frame: pd.DataFrame) -> pd.DataFrame:
 def curve_frame(epochs: pd.DataFrame, groups: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """What summary_learning_curves.png draws: counted runs' val top-1 per epoch, before and after
     KE, labelled by group (alpha and the other varying keys, n runs)."""
-    e = review.counted(epochs)
+    e = review.finished(epochs)
     shown = [k for k in table_keys(groups, keys)]
     names = display_names(shown)
     n = {tuple(comparable(g[k]) for k in keys): int(g["n"]) for _, g in groups.iterrows()}
@@ -96,106 +104,142 @@ def _min_span(ax, span=MIN_SPAN) -> None:
         ax.set_ylim(mid - span / 2, mid + span / 2)
 
 
-def _errorbars(data, color=None, label=None, bars=True, **_):
-    import matplotlib.pyplot as plt
+# a facet's size, as the seaborn grids drew it: 3.6 in high, 1.35 times as wide
+HEIGHT, ASPECT = 3.6, 1.35
 
-    data = data.sort_values("alpha")
-    has_ci = bars and data["ci_low"].notna().any()
-    yerr = [(data["mean"] - data["ci_low"]).fillna(0), (data["ci_high"] - data["mean"]).fillna(0)] if has_ci else None
-    plt.errorbar(data["alpha"], data["mean"], yerr=yerr, marker="o", capsize=3, color=color, label=label)
+
+def _facets(names: list[str], labels: list[str], xlabel: str, ylabel: str, title: str):
+    """A constrained-layout figure of one facet per name (three to a row, y not shared), titled and
+    labelled like the seaborn grids were, its unused axes removed: (figure, {name: axes}, the legend's
+    number of columns, so that `labels` fit in the figure's height)."""
+    cols = max(1, min(3, len(names)))
+    rows = max(1, -(-len(names) // cols))
+    # the legend's room on the right: its longest label at about 0.075 in a character (10 pt), in
+    # columns of at most as many entries as the figure's height holds
+    per_column = max(1, int((rows * HEIGHT) / 0.24))
+    legend_cols = max(1, -(-len(labels) // per_column))
+    legend = legend_cols * (0.6 + 0.075 * max((len(x) for x in labels), default=0))
+    # the title is centred over the facets, not the legend (whose top it would run into), and one
+    # facet is widened to the title's width rather than clip it
+    facets = max(cols * HEIGHT * ASPECT, 0.075 * len(title) + 0.5)
+    # a Figure of its own, not pyplot's: no backend chosen for the process (a notebook keeps its own), and
+    # nothing to close; savefig draws it with Agg
+    fig = Figure(figsize=(facets + legend, rows * HEIGHT + 0.4), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=True)
+    fig.suptitle(title, fontsize=10, x=facets / 2 / (facets + legend))
+    flat = list(axes.flat)
+    for ax in flat[len(names):]:
+        ax.remove()
+    at = {}
+    for i, (name, ax) in enumerate(zip(names, flat)):
+        at[name] = ax
+        ax.set_title(name, fontsize="medium", y=1.0)  # y given: no title placement work per draw
+        ax.grid(alpha=0.3)
+        ax.spines[["top", "right"]].set_visible(False)
+        if i + cols >= len(names):  # nothing drawn below: the x axis is labelled here
+            ax.xaxis.set_tick_params(labelbottom=True)
+            ax.set_xlabel(xlabel)
+        if i % cols == 0:
+            ax.set_ylabel(ylabel)
+    flat[0].xaxis.set_major_locator(MaxNLocator(integer=True))  # shared by every facet (sharex)
+    return fig, at, legend_cols
 
 
 def _draw_points(frame: pd.DataFrame, path: Path, ylabel: str, title: str, zero_line=False,
                  over="seeds") -> Path:
-    import seaborn as sns
-
     single = int(frame["n"].max()) <= 1
-    facets = list(dict.fromkeys(frame["facet"]))
-    labels = list(dict.fromkeys(frame["label"]))
-    grid = sns.FacetGrid(frame, col="facet", hue="label", hue_order=labels, palette=palette(len(labels)),
-                         col_wrap=min(3, len(facets)), sharey=False, height=3.6, aspect=1.35, col_order=facets)
-    grid.map_dataframe(_errorbars, bars=not single)
-    for ax in grid.axes.flat:
+    facets = list(frame["facet"].unique())
+    labels = list(frame["label"].unique())
+    colours = dict(zip(labels, palette(len(labels))))
+    note = "single seed: one run per point, no error bars" if single else f"error bars: 95 % t-CI over {over}"
+    fig, axes, legend_cols = _facets(facets, labels, "alpha (coupled filter pairs)", ylabel, f"{title} ({note})")
+    for (facet, label), data in frame.groupby(["facet", "label"], sort=False):
+        data = data.sort_values("alpha")
+        has_ci = not single and data["ci_low"].notna().any()
+        yerr = ([(data["mean"] - data["ci_low"]).fillna(0).to_numpy(),
+                 (data["ci_high"] - data["mean"]).fillna(0).to_numpy()] if has_ci else None)
+        axes[facet].errorbar(data["alpha"].to_numpy(), data["mean"].to_numpy(), yerr=yerr, marker="o", capsize=3,
+                             color=colours[label], label=label)
+    for ax in axes.values():
         if zero_line:
             ax.axhline(0, color="grey", linewidth=1, linestyle=":")
         _min_span(ax)
-        ax.xaxis.set_major_locator(_integer_ticks())
-        ax.grid(alpha=0.3)
-    grid.set_axis_labels("alpha (coupled filter pairs)", ylabel)
-    grid.set_titles("{col_name}")
-    grid.add_legend(title="")
-    note = "single seed: one run per point, no error bars" if single else f"error bars: 95 % t-CI over {over}"
-    return _save(grid, path, f"{title} ({note})")
-
-
-def _integer_ticks():
-    from matplotlib.ticker import MaxNLocator
-
-    return MaxNLocator(integer=True)
+    handles = [Line2D([], [], color=colours[x], marker="o") for x in labels]
+    fig.legend(handles, labels, loc="outside right upper", frameon=False, ncols=legend_cols)
+    return _save(fig, path)
 
 
 def palette(n: int) -> list:
     """`n` colours every pair of which tells apart: tab10's up to 10 groups, tab20's (five hues more,
     and each hue light and dark) up to 20, then husl's evenly spaced hues. viridis's neighbours, the
     earlier palette, differed by a shade the eye loses on a line."""
+    if n <= 20:
+        return list(matplotlib.colormaps["tab10" if n <= 10 else "tab20"].colors[:n])
     import seaborn as sns
 
-    return sns.color_palette("tab10" if n <= 10 else "tab20" if n <= 20 else "husl", n)
+    return list(sns.color_palette("husl", n))
+
+
+def curve_stats(frame: pd.DataFrame) -> pd.DataFrame:
+    """curve_frame's rows aggregated once: per facet, group, before/after KE and epoch the mean val top-1,
+    its sample std, n and the 95 % t-CI (coupled_net.review.mean_ci's interval, NaN where n < 2)."""
+    data = frame.dropna(subset=["epoch", "top1"])
+    stats = (data.groupby(["facet", "group", "when", "epoch"], sort=True)["top1"].agg(["mean", "std", "count"])
+             .rename(columns={"count": "n"}).reset_index())  # pandas' std: ddof=1
+    n = stats["n"].to_numpy(dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        half = stdtrit(np.maximum(n - 1, 1), 0.5 + review.CONFIDENCE / 2) * stats["std"].to_numpy() / np.sqrt(n)
+    half = np.where(n >= 2, half, np.nan)
+    return stats.assign(ci_low=stats["mean"] - half, ci_high=stats["mean"] + half)
+
+
+STYLES = {"before KE": "-", "after KE": "--"}
 
 
 def curve_grid(frame: pd.DataFrame, single: bool):
-    """The learning curves' seaborn grid, drawn but not saved: a line colour per group and, past 10
-    groups (where colours alone get close), a marker per group too."""
-    import seaborn as sns
-
-    facets = list(dict.fromkeys(frame["facet"]))
-    groups = list(dict.fromkeys(frame["group"]))
+    """The learning curves' figure, titled but not saved: a facet per model / dataset, a line colour per
+    group (solid before KE, dashed after) with its 95 % t-CI band unless `single`, and past 10 groups
+    (where colours alone get close) a marker per group too. Returns the matplotlib Figure, its legend
+    (a group per entry, then the two line styles) placed outside on the right."""
+    facets = list(frame["facet"].unique())
+    groups = list(frame["group"].unique())
     colours = dict(zip(groups, palette(len(groups))))
-    grid = sns.relplot(data=frame, kind="line", x="epoch", y="top1", hue="group", hue_order=groups, style="when",
-                       style_order=["before KE", "after KE"], col="facet", col_order=facets,
-                       col_wrap=min(3, len(facets)), errorbar=None if single else review.ci_interval,
-                       height=3.6, aspect=1.35, facet_kws={"sharey": False}, palette=colours)
-    if len(groups) > 10:
-        _mark_groups(grid, list(colours.values()))
-    for ax in grid.axes.flat:
+    marked = len(groups) > 10
+    marker = {g: (MARKERS[i % len(MARKERS)] if marked else "None") for i, g in enumerate(groups)}
+    note = "single seed: one run per line" if single else "mean over seeds, band: 95 % t-CI"
+    fig, axes, legend_cols = _facets(facets, [*groups, *STYLES], "epoch", "val top-1 (%)",
+                                     f"Validation top-1 before (solid) and after KE (dashed); {note}")
+    stats = curve_stats(frame)
+    drawn = {key: sub for key, sub in stats.groupby(["facet", "group", "when"], sort=False)}
+    for facet in facets:
+        ax = axes[facet]
+        for group in groups:
+            for when, style in STYLES.items():
+                sub = drawn.get((facet, group, when))
+                if sub is None or sub.empty:
+                    continue
+                x = sub["epoch"].to_numpy()
+                ax.plot(x, sub["mean"].to_numpy(), color=colours[group], linestyle=style, marker=marker[group],
+                        markersize=4)
+                if not single and sub["ci_low"].notna().any():
+                    ax.fill_between(x, sub["ci_low"].to_numpy(), sub["ci_high"].to_numpy(), color=colours[group],
+                                    alpha=0.2, linewidth=0)
         _min_span(ax)
-        ax.xaxis.set_major_locator(_integer_ticks())
-        ax.grid(alpha=0.3)
-    grid.set_axis_labels("epoch", "val top-1 (%)")
-    grid.set_titles("{col_name}")
-    return grid
-
-
-def _mark_groups(grid, colours: list) -> None:
-    """Give each group's lines, and its legend entry, the marker of its colour's position: seaborn's
-    `style` already says before/after KE, so the group's marker is set on the drawn lines."""
-    from matplotlib.colors import to_hex
-
-    marker = {to_hex(c): MARKERS[i % len(MARKERS)] for i, c in enumerate(colours)}
-    legend = grid.legend
-    handles = list(getattr(legend, "legend_handles", None) or getattr(legend, "legendHandles", [])) if legend else []
-    for line in [*(line for ax in grid.axes.flat for line in ax.lines), *handles]:
-        m = marker.get(to_hex(line.get_color())) if hasattr(line, "get_color") else None
-        if m:
-            line.set_marker(m)
-            line.set_markersize(4)
+    handles = [Line2D([], [], color=colours[g], marker=marker[g], markersize=4) for g in groups]
+    handles += [Line2D([], [], color="grey", linestyle=style) for style in STYLES.values()]
+    fig.legend(handles, [*groups, *STYLES], loc="outside right upper", frameon=False, ncols=legend_cols)
+    return fig
 
 
 def _draw_curves(frame: pd.DataFrame, path: Path, single: bool) -> Path:
-    note = "single seed: one run per line" if single else "mean over seeds, band: 95 % t-CI"
-    return _save(curve_grid(frame, single), path, f"Validation top-1 before (solid) and after KE (dashed); {note}")
+    return _save(curve_grid(frame, single), path)
 
 
-def _save(grid, path: Path, title: str) -> Path:
-    """Title a seaborn grid's figure, then write it atomically."""
-    import matplotlib.pyplot as plt
-
-    grid.tight_layout()  # keeps the legend's room outside the axes
-    grid.figure.subplots_adjust(top=1 - 0.5 / grid.figure.get_figheight())  # room for the title
-    grid.figure.suptitle(title, fontsize=10)
+def _save(fig, path: Path) -> Path:
+    """Write a titled figure atomically (its constrained layout makes the title's and the outside
+    legend's room: no tight_layout)."""
     tmp = path.with_name(f".{path.name}.tmp.png")
-    grid.figure.savefig(tmp, dpi=110)
-    plt.close(grid.figure)
+    fig.savefig(tmp, dpi=110)
     tmp.replace(path)
     return path
 
@@ -203,9 +247,6 @@ def _save(grid, path: Path, title: str) -> Path:
 def plots(s: Summary, out: Path) -> list[Path]:
     """The three plots, each grouped exactly like the tables; a plot with nothing to draw is removed
     rather than left from an earlier collection."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     written = []
     if not s.groups.empty:
         written.append(_draw_points(alpha_plot_frame(s.groups, s.keys), out / PLOTS[0], "test top-1 (%)",
@@ -215,7 +256,7 @@ def plots(s: Summary, out: Path) -> list[Path]:
             versus = baseline_text(s.baseline)
             written.append(_draw_points(delta, out / PLOTS[1], f"Δ test top-1 vs {versus} (points)",
                                         f"Paired difference to {versus}", zero_line=True, over="seed pairs"))
-        curves = curve_frame(review.epochs(review.counted(s.runs)), s.groups, s.keys)
+        curves = curve_frame(review.epochs(review.counted(s.runs), s.epoch_rows), s.groups, s.keys)
         if not curves.empty:
             written.append(_draw_curves(curves, out / PLOTS[2], single=int(s.groups["n"].max()) <= 1))
     for name in PLOTS:

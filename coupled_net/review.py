@@ -19,6 +19,7 @@ under contention).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import warnings
@@ -27,8 +28,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import special
 
-from .collect import READERS, collect, comparable, config_columns, varying
+from .collect import READERS, collect_with_epochs, comparable, config_columns, varying
 from .epochlog import read_epochs_fast
 from .errors import ConfigError
 
@@ -52,23 +54,31 @@ def runs(paths) -> pd.DataFrame:
     derived metrics `ke_drop_mean`, `ke_drop_best`, `ke_eval_time_s_mean`, `ke_overhead`,
     `duplicate_of`, the SLURM state of detached sweeps, then every config key (`coupling.alpha`,
     `optimizer.lr`, a `+label` by its name …)."""
+    return runs_with_epochs(paths)[0]
+
+
+def runs_with_epochs(paths) -> tuple[pd.DataFrame, dict[str, list[dict]]]:
+    """runs(paths), and each run's epochs.csv rows as they were read (run_dir -> rows): what epochs()
+    takes to build the learning curves without reading every file again."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
-    df = collect(paths)
+    df, read_rows = collect_with_epochs(paths)
     for index, first in repeated_seeds(df).items():
         log.warning("%s repeats seed %s of %s in the same group: counted once", df.at[index, "run_dir"],
                     comparable(df.at[index, "seed"]), first)
         df.at[index, "duplicate_of"] = first
-    return df
+    return df, read_rows
 
 
-def _finished(runs: pd.DataFrame) -> pd.DataFrame:
+def finished(runs: pd.DataFrame) -> pd.DataFrame:
+    """The rows (runs, or epochs() rows) of finished runs that repeat no other: those a runs() frame counts
+    (runs() marks a repeated seed `duplicate_of` too)."""
     return runs[(runs["status"] == "done") & runs["duplicate_of"].isna()]
 
 
 def counted(runs: pd.DataFrame) -> pd.DataFrame:
     """The runs that enter aggregates: done, not a repeat of another run, one run per seed of a group."""
-    return _finished(runs).drop(index=list(repeated_seeds(runs)))
+    return finished(runs).drop(index=list(repeated_seeds(runs)))
 
 
 def repeated_seeds(runs: pd.DataFrame) -> dict:
@@ -76,7 +86,7 @@ def repeated_seeds(runs: pd.DataFrame) -> dict:
     kept: the first by run dir). Two runs of one seed in a group are one run twice however they came
     about (a record that typed a default another way, a copied sweep): counting both would shrink the
     error bars with no new evidence."""
-    done = _finished(runs)
+    done = finished(runs)
     keys = _group_keys(done, runs)
     done = done.sort_values("run_dir")
     kept, repeats = {}, {}
@@ -92,7 +102,7 @@ def repeated_seeds(runs: pd.DataFrame) -> dict:
 def group_keys(runs: pd.DataFrame) -> list[str]:
     """The columns that define groups: model, dataset and alpha, then every other config key that
     varies across the counted runs, except `seed`."""
-    return _group_keys(_finished(runs), runs)
+    return _group_keys(finished(runs), runs)
 
 
 def _group_keys(done: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
@@ -125,20 +135,20 @@ def _keys(frame: pd.DataFrame, keys) -> list[tuple]:
 
 def mean_ci(values) -> dict:
     """mean, sample std, n and the t-based 95 % confidence interval of the mean (NaN where n < 2)."""
-    from scipy import stats
-
     v = pd.to_numeric(pd.Series(values), errors="coerce").dropna().to_numpy(dtype=float)
     n = len(v)
     mean = float(v.mean()) if n else math.nan
     std = float(v.std(ddof=1)) if n > 1 else math.nan
-    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * std / math.sqrt(n) if n > 1 else math.nan
+    half = t_quantile(n - 1) * std / math.sqrt(n) if n > 1 else math.nan
     return {"mean": mean, "std": std, "n": n, "ci_low": mean - half, "ci_high": mean + half}
 
 
-def ci_interval(values) -> tuple[float, float]:
-    """The same interval as a (low, high) pair: seaborn's `errorbar=` callable."""
-    stats = mean_ci(values)
-    return stats["ci_low"], stats["ci_high"]
+@functools.lru_cache(maxsize=None)
+def t_quantile(dof: int) -> float:
+    """Student's t quantile at 0.5 + CONFIDENCE / 2 for `dof` degrees of freedom (scipy.special.stdtrit,
+    what scipy.stats.t.ppf computes), once per dof: a review's groups share a handful of sizes, and
+    t.ppf's own overhead per call was a quarter of summarizing 2,000 runs."""
+    return float(special.stdtrit(dof, 0.5 + CONFIDENCE / 2))
 
 
 def _groups(runs: pd.DataFrame, keys: list[str]):
@@ -211,11 +221,12 @@ def compare(runs: pd.DataFrame, baseline: dict | None = None, metrics=("test_top
     from scipy import stats
 
     baseline = {"coupling.alpha": 0} if baseline is None else dict(baseline)
-    for k, v in baseline.items() if len(counted(runs)) else ():  # nothing finished (yet): nothing to compare
+    done = counted(runs)
+    for k, v in baseline.items() if len(done) else ():  # nothing finished (yet): nothing to compare
         if k not in config_columns(runs) or k == "seed":
-            allowed = ", ".join(varying(counted(runs), config_columns(runs))) or "none vary"
+            allowed = ", ".join(varying(done, config_columns(runs))) or "none vary"
             raise ConfigError("baseline", f"{k}={v}", f"not a config key of these runs (keys that vary: {allowed})")
-        have = sorted({comparable(x) for x in counted(runs)[k]}, key=lambda x: _sortable((x,)))
+        have = sorted({comparable(x) for x in done[k]}, key=lambda x: _sortable((x,)))
         if baseline != {"coupling.alpha": 0} and comparable(v) not in have:  # the default's may be in another sweep
             raise ConfigError("baseline", f"{k}={v}", f"no finished run has {k}={v} (the finished runs' values: "
                                                       f"{', '.join(map(str, have))})")
@@ -264,14 +275,21 @@ def _by_seed(group: pd.DataFrame, columns: list[str]) -> dict:
     return dict(zip(first, group[columns].iloc[list(first.values())].to_dict("records")))
 
 
-def epochs(runs_or_paths) -> pd.DataFrame:
+def epochs(runs_or_paths, read_rows: dict[str, list[dict]] | None = None) -> pd.DataFrame:
     """Learning curves in long form: one row per run and epoch, epochs.csv's columns plus `ke_drop`
     (val_acc - ke_val_acc), `run_dir`, `status`, `duplicate_of` and the run's config keys. Takes a
-    runs() frame or the paths runs() takes."""
-    frame = runs_or_paths if isinstance(runs_or_paths, pd.DataFrame) else runs(runs_or_paths)
+    runs() frame or the paths runs() takes; `read_rows` (runs_with_epochs()'s): rows already read, by
+    run dir (a run not in it is read)."""
+    if isinstance(runs_or_paths, pd.DataFrame):
+        frame = runs_or_paths
+    else:
+        frame, read_rows = runs_with_epochs(runs_or_paths)
     carried = ["run_dir", "status", "duplicate_of", "device", *config_columns(frame)]
+    read_rows = read_rows or {}
+    unread = [d for d in frame["run_dir"] if d not in read_rows]
     with ThreadPoolExecutor(READERS) as pool:
-        per_run = list(pool.map(lambda run_dir: read_epochs_fast(Path(run_dir))[0], frame["run_dir"]))
+        read_rows = {**read_rows, **dict(zip(unread, pool.map(lambda d: read_epochs_fast(Path(d))[0], unread)))}
+    per_run = [read_rows[d] for d in frame["run_dir"]]
     # one frame of every run's rows, then the runs' columns taken by position: a frame per run, and
     # its columns set one by one, cost minutes at 10,000 runs
     at = [i for i, rows in enumerate(per_run) for _ in rows]

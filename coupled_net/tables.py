@@ -5,7 +5,7 @@ numeric frames. Numbers are formatted only here and in coupled_net.plots, when w
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -26,6 +26,7 @@ class Summary:
     baseline: dict           # what compare() compared with ({"coupling.alpha": 0})
     headline: str            # what the terminal shows: the headline table and the runs not in it
     markdown: str            # summary.md
+    epoch_rows: dict = field(default_factory=dict)  # review.runs_with_epochs()'s rows, by run dir (the curves')
 
 
 # ---- which keys a table shows -------------------------------------------------------------------

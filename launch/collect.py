@@ -43,7 +43,7 @@ def main() -> None:
     if args.status:
         show_status(args.dirs)
         return
-    # start-up: --status must answer in under a second, and the review imports pandas and seaborn
+    # start-up: --status must answer in under a second, and the review imports pandas, scipy and matplotlib
     from coupled_net.report import write_summary
 
     try:

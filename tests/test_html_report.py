@@ -16,6 +16,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from coupled_net import review
+from coupled_net.htmlreport import provenance as provenance_rows
 from coupled_net.report import write_summary
 from helpers import make_run
 
@@ -205,3 +207,22 @@ def test_summary_html_renders_in_headless_chromium_with_every_image_decoded(page
     white = next((n for n, c in colours if c == (255, 255, 255)), 0)
     assert len(colours) > 50  # text, table rules and three plots: far more than a blank page's one colour
     assert white < 0.97 * image.width * image.height
+
+
+def test_provenance_comes_from_the_collected_frame_and_counts_only_the_results_json_read(tmp_path):
+    root = tmp_path / "sweep"
+    gpu = {"name": "NVIDIA H200", "driver": "580.1", "cuda": "13.0"}
+    make_run(root / "a", test_top1=80.0, results={"provenance": {**provenance(1, dirty=False), "gpu": gpu},
+                                                   "started_at": "2026-11-21T10:00:00+0000"})
+    make_run(root / "b", test_top1=81.0, seed=2)
+    (root / "b" / "results.json").write_text('{"status": "do')  # torn: nothing of it is read
+    runs = review.runs([root])
+    a = runs[runs["run_dir"] == str(root / "a")].iloc[0]
+    assert (a["git_commit"], a["git_dirty"], a["python_version"], a["torch_version"], a["host"], a["gpu"],
+            a["started_at"]) == ("0123abc", False, "3.11.2", "2.5.1", "node1", gpu, "2026-11-21T10:00:00+0000")
+    b = runs[runs["run_dir"] == str(root / "b")].iloc[0]
+    assert b["status"] == "unreadable" and b[["git_commit", "host", "gpu", "started_at"]].isna().all()
+    prov = dict(provenance_rows(runs))
+    assert prov["GPUs"] == "NVIDIA H200 (driver 580.1, CUDA 13.0)"
+    assert prov["hosts"] == "node1" and prov["commit"] == "0123abc (clean)"
+    assert prov["runs read"] == "1 of 2 results.json"

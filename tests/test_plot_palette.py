@@ -1,6 +1,7 @@
-"""The learning-curve plot tells every group apart (coupled_net.plots.curve_grid): the colours read back
-from the drawn matplotlib lines are pairwise different and far apart, with 3 groups and with 12 (where
-each group also gets its own marker). viridis, the earlier palette, put 12 groups 0.07 apart in RGB."""
+"""The learning-curve plot tells every group apart (coupled_net.plots.curve_grid, a matplotlib Figure):
+the colours read back from the drawn matplotlib lines are pairwise different and far apart, with 3
+groups and with 12 (where each group also gets its own marker, on its lines as in the figure's one
+legend). viridis, the earlier palette, put 12 groups 0.07 apart in RGB."""
 
 from __future__ import annotations
 
@@ -29,15 +30,15 @@ def curves(n: int) -> pd.DataFrame:
 
 def drawn(n: int):
     """(group, colour, marker) of every line with data in the plot of n groups, and the legend's handles."""
-    grid = curve_grid(curves(n), single=True)
-    lines = [line for ax in grid.axes.flat for line in ax.lines if len(line.get_xdata())]
+    fig = curve_grid(curves(n), single=True)
+    lines = [line for ax in fig.axes for line in ax.lines if len(line.get_xdata())]
     out = []
     for line in lines:
         start = float(line.get_ydata()[0]) - 1  # epoch 1
         group = int((start - 39) // 2) if line.get_linestyle() == "-" else int((start - 38) // 2)
         out.append((group, to_hex(line.get_color()), line.get_marker()))
-    handles = getattr(grid.legend, "legend_handles", None) or grid.legend.legendHandles
-    matplotlib.pyplot.close(grid.figure)
+    assert len(fig.legends) == 1  # one legend for the figure
+    handles = fig.legends[0].legend_handles
     return out, handles
 
 

@@ -12,7 +12,7 @@ import pytest
 from scipy import stats
 
 from coupled_net import review
-from coupled_net.plots import alpha_plot_frame, curve_frame, delta_plot_frame
+from coupled_net.plots import alpha_plot_frame, curve_frame, curve_stats, delta_plot_frame
 from coupled_net.report import write_summary
 from helpers import make_run
 
@@ -433,3 +433,24 @@ def test_a_sweep_whose_runs_are_only_submitted_gets_its_summary_listing_them(tmp
     s = write_summary([sweep])
     assert s.groups.empty and sorted(s.runs["status"]) == ["no results", "no results"]
     assert "_no finished runs_" in (sweep / "summary.md").read_text()
+
+
+def test_epochs_uses_the_rows_collect_read_and_reads_only_the_runs_missing_from_them(tmp_path):
+    a = make_run(tmp_path / "sweep" / "a", epochs=((50.0, 49.0, 10.0, 1.0), (60.0, 57.5, 10.0, 1.0)))
+    b = make_run(tmp_path / "sweep" / "b", seed=2, epochs=((41.0, 40.0, 10.0, 1.0),))
+    runs, read = review.runs_with_epochs([tmp_path / "sweep"])
+    assert [(r["epoch"], r["val_acc"], r["ke_val_acc"]) for r in read[str(a)]] == [(1, 50.0, 49.0), (2, 60.0, 57.5)]
+    (a / "epochs.csv").unlink()  # what epochs() shows of `a` can only come from the rows already read
+    e = review.epochs(runs, {str(a): read[str(a)]})  # `b` left out of them: read from its file
+    assert sorted(zip(e["run_dir"], e["epoch"], e["ke_drop"])) == [(str(a), 1, 1.0), (str(a), 2, 2.5), (str(b), 1, 1.0)]
+
+
+def test_the_learning_curves_band_is_the_t_ci_of_the_runs_at_each_epoch():
+    # three runs of one group at epoch 1 (val top-1 70, 72.5, 78), one run at epoch 2 (no band: n = 1)
+    frame = pd.DataFrame({"facet": "f", "group": "g", "when": "before KE", "alpha": 0,
+                          "epoch": [1, 1, 1, 2], "top1": [70.0, 72.5, 78.0, 80.0]})
+    got = curve_stats(frame).set_index("epoch")
+    low, high = t_ci([70.0, 72.5, 78.0])
+    assert got.loc[1, "mean"] == pytest.approx(73.5) and got.loc[1, "n"] == 3
+    assert (got.loc[1, "ci_low"], got.loc[1, "ci_high"]) == (pytest.approx(low), pytest.approx(high))
+    assert got.loc[2, "mean"] == 80.0 and math.isnan(got.loc[2, "ci_low"]) and math.isnan(got.loc[2, "ci_high"])
