@@ -21,16 +21,16 @@ from .storage import atomic_write
 from .tables import (
     LEGEND,
     Summary,
-    _constants,
-    _full_deltas,
-    _num,
-    _seconds,
-    _share,
     baseline_text,
     cell,
+    constants_text,
     display_names,
+    full_deltas,
     headline_frame,
     not_aggregated,
+    number_text,
+    seconds_text,
+    share_text,
     table_keys,
 )
 
@@ -110,7 +110,7 @@ def groups_table(s: Summary) -> Markup:
     for metric, label in GROUP_METRICS.items():
         for stat, stat_label in GROUP_STATS.items():
             columns[(label, stat_label)] = s.groups[f"{metric}_{stat}"].to_numpy()
-            formats[(label, stat_label)] = lambda v, fmt=".1f" if metric == "epochs_run" else ".2f": _num(v, fmt)
+            formats[(label, stat_label)] = lambda v, fmt=".1f" if metric == "epochs_run" else ".2f": number_text(v, fmt)
     frame = pd.DataFrame(columns)
     frame.columns = pd.MultiIndex.from_tuples(frame.columns)
     return _html(frame.style.format(formats, escape="html", na_rep=""), "groups", len(s.keys) + 3)
@@ -127,14 +127,14 @@ def timings_table(s: Summary) -> Markup:
     for metric in review.TIMINGS:
         label = TIMING_NAMES.get(metric, metric)
         frame[label] = t[f"{metric}_mean"].to_numpy()
-        formats[label] = _share if metric == "ke_overhead" else _seconds
+        formats[label] = share_text if metric == "ke_overhead" else seconds_text
     return _html(frame.style.format(formats, escape="html", na_rep=""), "timings", len(s.keys) + 1)
 
 
 def left_out_table(runs: pd.DataFrame) -> Markup:
     """The runs not in the aggregate (summary.md's last table): status, last epoch, error, repeat."""
     others = not_aggregated(runs)
-    formats = {"epochs_run": lambda v: _num(v, ".0f"), "last_val_acc": _num}
+    formats = {"epochs_run": lambda v: number_text(v, ".0f"), "last_val_acc": number_text}
     return _html(others.style.format(formats, escape="html", na_rep=""), "left-out", len(others.columns))
 
 
@@ -200,14 +200,14 @@ def summary_html(s: Summary, baseline: dict, paths, images: list[Path], written:
         devices = sorted({d for d in s.groups["device"].dropna()})
         timing = f"Timings on {devices[0]}." if len(devices) == 1 else "Timings per device: see below."
         sections += [
-            {"id": "headline", "title": f"What coupling costs ({_constants(s.groups, s.runs)})",
+            {"id": "headline", "title": f"What coupling costs ({constants_text(s.groups)})",
              "table": _text_table(headline_frame(s.groups, s.deltas, s.keys, baseline), "headline",
                                   len(table_keys(s.groups, s.keys))),
              "notes": [" ".join(LEGEND), timing]},
             {"id": "groups", "title": "Groups (mean and t-based 95 % CI over seeds)", "table": groups_table(s)}]
     if not s.deltas.empty:
         sections.append({"id": "deltas", "title": f"Paired differences vs {baseline_text(baseline)} (by seed)",
-                         "table": _text_table(_full_deltas(s.deltas, s.keys), "deltas", len(s.keys) + 1)})
+                         "table": _text_table(full_deltas(s.deltas, s.keys), "deltas", len(s.keys) + 1)})
     if not s.groups.empty:
         sections.append({"id": "timings", "title": "Timings (mean per group and device)", "table": timings_table(s)})
     if images:

@@ -65,7 +65,8 @@ def cell(v) -> str:
 
 # ---- numbers as text ----------------------------------------------------------------------------
 
-def _num(v, fmt=".2f") -> str:
+def number_text(v, fmt=".2f") -> str:
+    """A number as a table shows it (`fmt`), empty for None or NaN."""
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
 
@@ -73,16 +74,18 @@ def _pm(row, metric: str, fmt=".2f", pm=" ± ") -> str:
     mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
     if isinstance(mean, float) and math.isnan(mean):
         return ""
-    return _num(mean, fmt) if math.isnan(std) else f"{_num(mean, fmt)}{pm}{_num(std, fmt)}"
+    return number_text(mean, fmt) if math.isnan(std) else f"{number_text(mean, fmt)}{pm}{number_text(std, fmt)}"
 
 
-def _seconds(v) -> str:
+def seconds_text(v) -> str:
+    """Seconds: no decimal from 100, one from 10, two from 0.01, two significant digits below."""
     if v is None or math.isnan(v):
         return ""
     return format(v, ".0f" if v >= 100 else ".1f" if v >= 10 else ".2f" if v >= 0.01 else ".2g")
 
 
-def _share(v) -> str:
+def share_text(v) -> str:
+    """A fraction as a percentage with one decimal."""
     return "" if v is None or math.isnan(v) else f"{100 * v:.1f} %"
 
 
@@ -124,21 +127,22 @@ def headline_frame(groups, deltas, keys, baseline, minus="-", pm=" ± ") -> pd.D
                      f"Δ vs {baseline_text(baseline)} [95 % CI]": "baseline" if is_base else _delta(d, minus),
                      "p": "" if d is None else _p(d["p_value"]),
                      "KE drop": _pm(g, "ke_drop_mean", pm=pm),
-                     "epoch s": "mixed" if pd.isna(g["device"]) else _seconds(g["epoch_time_s_mean_mean"]),
-                     "KE cost": _share(g["ke_overhead_mean"])})
+                     "epoch s": "mixed" if pd.isna(g["device"]) else seconds_text(g["epoch_time_s_mean_mean"]),
+                     "KE cost": share_text(g["ke_overhead_mean"])})
     return pd.DataFrame(rows)
 
 
-def _constants(groups: pd.DataFrame, runs: pd.DataFrame) -> str:
+def constants_text(groups: pd.DataFrame) -> str:
+    """What every group shares (the model and dataset where only one), how many finished runs in how
+    many groups, and the seeds per group: the headline's title."""
     what = []
     for k in ("model.name", "dataset.name"):
         if k in groups and len(groups) and not varying(groups, [k]):
             what.append(cell(groups[k].iloc[0]))
-    counted = review.counted(runs)
-    seeds = groups["n"]
+    seeds = groups["n"]  # a group's n is its counted runs: their sum is every counted run
     per_group = f"{seeds.min()}" if seeds.min() == seeds.max() else f"{seeds.min()}–{seeds.max()}"
     where = " on ".join(what)
-    return (f"{where + ': ' if where else ''}{_plural(len(counted), 'finished run')} in "
+    return (f"{where + ': ' if where else ''}{_plural(int(seeds.sum()), 'finished run')} in "
             f"{_plural(len(groups), 'group')}, {per_group} seed{'s' if seeds.max() > 1 else ''} per group")
 
 
@@ -161,7 +165,7 @@ def headline(s: Summary, baseline: dict) -> str:
     table = _md(headline_frame(s.groups, s.deltas, s.keys, baseline), len(table_keys(s.groups, s.keys)))
     devices = sorted({d for d in s.groups["device"].dropna()})
     timing = f"Timings on {devices[0]}." if len(devices) == 1 else "Timings per device: see below."
-    return "\n".join([f"## What coupling costs ({_constants(s.groups, s.runs)})", "", table, "",
+    return "\n".join([f"## What coupling costs ({constants_text(s.groups)})", "", table, "",
                       *LEGEND, timing, ""])
 
 
@@ -171,19 +175,20 @@ def _full_groups(groups, keys) -> pd.DataFrame:
         **{names[k]: cell(g[k]) for k in keys}, "n": int(g["n"]), "seeds": ",".join(map(str, g["seeds"])),
         "val top-1": _pm(g, "val_top1"), "test top-1": _pm(g, "test_top1"), "test top-5": _pm(g, "test_top5"),
         "KE drop": _pm(g, "ke_drop_mean"), "KE drop (best)": _pm(g, "ke_drop_best"),
-        "epochs": _pm(g, "epochs_run", ".1f"), "epoch s": _seconds(g["epoch_time_s_mean_mean"]),
-        "1st epoch s": _seconds(g["first_epoch_time_s_mean"]), "KE s": _num(g["ke_time_s_mean_mean"], ".2g"),
-        "KE+val s": _seconds(g["ke_eval_time_s_mean_mean"]),
-        "KE cost": _share(g["ke_overhead_mean"]), "ckpt s": _seconds(g["checkpoint_time_s_mean_mean"]),
+        "epochs": _pm(g, "epochs_run", ".1f"), "epoch s": seconds_text(g["epoch_time_s_mean_mean"]),
+        "1st epoch s": seconds_text(g["first_epoch_time_s_mean"]), "KE s": number_text(g["ke_time_s_mean_mean"], ".2g"),
+        "KE+val s": seconds_text(g["ke_eval_time_s_mean_mean"]),
+        "KE cost": share_text(g["ke_overhead_mean"]), "ckpt s": seconds_text(g["checkpoint_time_s_mean_mean"]),
         "device": "mixed" if pd.isna(g["device"]) else g["device"],
     } for _, g in groups.iterrows()])
 
 
-def _full_deltas(deltas, keys) -> pd.DataFrame:
+def full_deltas(deltas, keys) -> pd.DataFrame:
+    """review.compare()'s rows as the full paired-differences table shows them (text cells)."""
     names = display_names(keys)
     return pd.DataFrame([{
         **{names[k]: cell(d[k]) for k in keys}, "metric": d["metric"], "pairs": int(d["n_pairs"]),
-        "baseline": _num(d["baseline_mean"]), "this": _num(d["mean"]), "Δ [95 % CI]": _delta(d),
+        "baseline": number_text(d["baseline_mean"]), "this": number_text(d["mean"]), "Δ [95 % CI]": _delta(d),
         "p (t)": _p(d["p_value"]), "p (Wilcoxon)": _p(d["wilcoxon_p"]), "unpaired": int(d["n_unpaired"]),
     } for _, d in deltas.iterrows()])
 
@@ -194,8 +199,8 @@ def _mixed_timings(runs, keys) -> pd.DataFrame:
     names = display_names(keys)
     return pd.DataFrame([{
         **{names[k]: cell(r[k]) for k in keys}, "device": r["device"], "n": int(r["n"]),
-        "epoch s": _seconds(r["epoch_time_s_mean_mean"]), "KE+val s": _seconds(r["ke_eval_time_s_mean_mean"]),
-        "KE cost": _share(r["ke_overhead_mean"]), "ckpt s": _seconds(r["checkpoint_time_s_mean_mean"]),
+        "epoch s": seconds_text(r["epoch_time_s_mean_mean"]), "KE+val s": seconds_text(r["ke_eval_time_s_mean_mean"]),
+        "KE cost": share_text(r["ke_overhead_mean"]), "ckpt s": seconds_text(r["checkpoint_time_s_mean_mean"]),
     } for _, r in t[mixed].iterrows()])
 
 
@@ -219,7 +224,7 @@ def markdown(s: Summary, baseline: dict) -> str:
                   _md(_full_groups(s.groups, s.keys), len(s.keys)), ""]
     if not s.deltas.empty:
         parts += [f"## Paired differences vs {baseline_text(baseline)} (by seed)", "",
-                  _md(_full_deltas(s.deltas, s.keys), len(s.keys) + 1), ""]
+                  _md(full_deltas(s.deltas, s.keys), len(s.keys) + 1), ""]
     if not s.groups.empty and s.groups["device"].isna().any():
         parts += ["## Timings per device (groups that ran on several)", "",
                   _md(_mixed_timings(s.runs, s.keys), len(s.keys) + 1), ""]
@@ -259,7 +264,7 @@ def latex(s: Summary, baseline: dict) -> str:
     frame.columns = [r"$\alpha$" if c == "alpha" else _tex(c).replace("Δ", r"$\Delta$").replace(" \\% CI", r"\,\% CI")
                      for c in frame.columns]
     numeric = len(frame.columns) - len(table_keys(s.groups, s.keys))
-    caption = (f"What coupling costs ({_tex(_constants(s.groups, s.runs))}). Test top-1 in \\%, mean $\\pm$ std "
+    caption = (f"What coupling costs ({_tex(constants_text(s.groups))}). Test top-1 in \\%, mean $\\pm$ std "
                f"over seeds; $\\Delta$: paired by seed against {_tex(baseline_text(baseline))}, mean and t-based "
                "95\\,\\% CI; p: paired t-test; KE drop: validation top-1 points lost at an equalization; "
                "epoch s: mean over the epochs after the first (its warm-up); "
