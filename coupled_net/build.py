@@ -36,6 +36,7 @@ from .errors import ConfigError, DatasetUnavailable, one_line
 from .identity import Identity, flatten
 from .loaders import build_loader
 from .loggers import Loggers
+from .loopcallbacks import CallbackFailed, LoopCallbacks, preserved_rng
 from .machine import ranks_sharing_cpus, select_device, usable_cpus
 from .trainer import Numerics, Trainer, steps_on_metric
 from .validation import batch_fits, overfit_fits, validate
@@ -276,7 +277,8 @@ class WarmupThenMetric:
 def make_trainer(spec: RunSpec, parts: Parts, **run_dir_parts) -> Trainer:
     """A Trainer for `parts` with the loop settings of `spec`; `run_dir_parts` are the keyword
     arguments that tie it to a run directory (files, monitor, logger, guard, stamp, on_epoch_end,
-    progress_bars), all optional; a logger is what build_trackers returns (None: no trackers)."""
+    progress_bars, callbacks), all optional; a logger is what build_trackers returns (None: no trackers),
+    callbacks what build_callbacks does."""
     t = spec.cfg.trainer
     return Trainer(model=parts.model, coupling=parts.coupling, optimizer=parts.optimizer, scheduler=parts.scheduler,
                    loaders=parts.loaders, device=spec.device, numerics=parts.numerics, train_model=parts.train_model,
@@ -285,6 +287,25 @@ def make_trainer(spec: RunSpec, parts: Parts, **run_dir_parts) -> Trainer:
                    limit_batches=t.limit_batches,
                    label_smoothing=float(t.get("label_smoothing", 0.0)), grad_clip_norm=t.get("grad_clip_norm"),
                    **run_dir_parts)
+
+
+def build_callbacks(cfg: DictConfig) -> LoopCallbacks:
+    """Every training-loop callback under `callbacks` (coupled_net.loopcallbacks), by name, built without
+    drawing from the run's random generators (a probe that makes a model of its own leaves the run's
+    initialisation as it was); one that cannot be built fails the run in one line naming it."""
+    named = {}
+    with preserved_rng():
+        for name, node in (cfg.get("callbacks") or {}).items():
+            if node is None:
+                continue
+            try:
+                named[name] = instantiate(node)
+            except ConfigError:
+                raise
+            except Exception as e:  # noqa: BLE001 - one line naming the callback
+                cause = e.__cause__ if isinstance(e, InstantiationException) and e.__cause__ else e
+                raise CallbackFailed(f"callbacks.{name}: {one_line(cause)}") from e
+    return LoopCallbacks(named)
 
 
 # ---- the run's trackers ------------------------------------------------------------------------------

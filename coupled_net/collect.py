@@ -42,7 +42,11 @@ BOOKKEEPING = ["slurm_job_id", "slurm_state", "duplicate_of", "shared_by"]
 # the review's provenance section (coupled_net.htmlreport) reads them here, not from the files again
 PROVENANCE = ["git_commit", "git_dirty", "python_version", "torch_version", "torchvision_version", "host", "gpu",
               "started_at", "finished_at"]
-# every column of collect()'s frame that is not a config key; the rest are the runs' config keys
+# each training-loop callback's numbers in results.json (`callbacks.<name>.<key>`, coupled_net.loopcallbacks)
+# are a column of their own, after RUN_COLUMNS: reviewed like the metrics, never a config key
+PROBED = "callbacks."
+# every column of collect()'s frame that is not a config key or a callback's number; the rest are the runs'
+# config keys
 RUN_COLUMNS = LEADING + IDENTITY + DERIVED + TRAILING + BOOKKEEPING + PROVENANCE
 # config keys already shown under another name
 SHOWN = {"model.name": "model", "dataset.name": "dataset", "coupling.alpha": "alpha", "seed": "seed",
@@ -355,13 +359,30 @@ def collect_with_epochs(paths) -> tuple[pd.DataFrame, dict[str, list[dict]]]:
                          for job, status in zip(df["slurm_job_id"], df["status"])]
     keys = sorted({k for c in configs for k in c} - set(RUN_COLUMNS))
     config = pd.DataFrame([[c.get(k) for k in keys] for c in configs], columns=keys, index=df.index)
+    probed = [_probed(res) for res in results]
+    names = sorted({k for p in probed for k in p})
+    numbers = pd.DataFrame([[p.get(k) for k in names] for p in probed], columns=names, index=df.index, dtype=float)
     read_rows = {str(r): epochs[0] for r, (_, _, _, epochs) in zip(runs, read) if isinstance(epochs, tuple)}
-    return pd.concat([df, config], axis=1), read_rows
+    return pd.concat([df, numbers, config], axis=1), read_rows
+
+
+def _probed(res: dict | None) -> dict:
+    """A run's training-loop callbacks' numbers from results.json, as `callbacks.<name>.<key>` columns."""
+    found = (res or {}).get("callbacks")
+    if not isinstance(found, dict):
+        return {}
+    return {k: float(v) for k, v in flatten(found, PROBED).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def config_columns(df: pd.DataFrame) -> list[str]:
     """The columns of a collect() frame that are config keys (identity keys and +labels)."""
-    return [c for c in df.columns if c not in RUN_COLUMNS or c == "seed"]
+    return [c for c in df.columns if (c not in RUN_COLUMNS or c == "seed") and not c.startswith(PROBED)]
+
+
+def probed_columns(df: pd.DataFrame) -> list[str]:
+    """The columns of a collect() frame that hold training-loop callbacks' numbers (`callbacks.<name>.<key>`)."""
+    return [c for c in df.columns if c.startswith(PROBED)]
 
 
 def varying(df: pd.DataFrame, columns) -> list[str]:

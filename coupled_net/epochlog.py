@@ -87,6 +87,13 @@ class CsvLog:
     def rows(self) -> list[dict]:
         return self.read()[1]
 
+    def header(self) -> list[str] | None:
+        """The file's header (None: no file, or not even a whole header line)."""
+        try:
+            return self._header_on_disk()
+        except FileNotFoundError:
+            return None
+
     def _header_on_disk(self) -> list[str] | None:
         with open(self.path, newline="") as f:
             first = f.readline()

@@ -20,8 +20,8 @@ from .objectives import direction
 
 # Keys (or whole sub-trees) that change where or how a run executes, never what it computes.
 NON_IDENTITY = ("dataset.root", "dataset.download", "trainer.device", "trainer.num_workers", "trainer.threads",
-                "trainer.progress", "trainer.compile", "trainer.channels_last", "trainer.last_every", "logger", "hydra",
-                "optimized_metric")
+                "trainer.progress", "trainer.compile", "trainer.channels_last", "trainer.last_every", "logger",
+                "callbacks", "hydra", "optimized_metric")
 # Keys added after runs were made, at the value that computes what those runs computed without them:
 # left out of the fingerprint there, so those runs keep theirs (they resume, re-launches skip them).
 # Any other value is part of the identity like every key. `augment`: the seed's letters family, which
@@ -36,8 +36,8 @@ NEUTRAL = {
 }
 # The task config's own top-level keys and the config groups that only select others (experiment).
 # Any other top-level key is a `+label`: recorded and reviewed, but not part of the fingerprint.
-TASK_ROOTS = ("model", "dataset", "augment", "optimizer", "scheduler", "coupling", "trainer", "logger", "seed",
-              "optimized_metric")
+TASK_ROOTS = ("model", "dataset", "augment", "optimizer", "scheduler", "coupling", "trainer", "logger", "callbacks",
+              "seed", "optimized_metric")
 SELECTOR_GROUPS = ("experiment", "debug", "hparams_search")
 # Selectors that change only how runs are chosen (the sweeper), never what one computes: left out of
 # run directory names, so an Optuna trial is named by its sampled overrides alone.

@@ -157,11 +157,15 @@ def device_name(v):
 
 # ---- the table -----------------------------------------------------------------------------------
 OPTION_KEY = {"model": "_target_", "dataset": "name", "optimizer": "_target_", "scheduler": "_target_",
-              "augment": "_target_", "logger.*": "_target_"}
+              "augment": "_target_", "logger.*": "_target_", "callbacks.*": "_target_"}
 # in this order: a key interpolated from another (model.in_channels: ${dataset.channels}, scheduler.T_max:
 # ${trainer.epochs}) is reported at its source
-GROUPS = ("dataset", "augment", "model", "coupling", "trainer", "optimizer", "scheduler", "logger")
-OPTIONAL_GROUPS = ("logger",)  # logger=none: no logger
+GROUPS = ("dataset", "augment", "model", "coupling", "trainer", "optimizer", "scheduler", "logger", "callbacks")
+OPTIONAL_GROUPS = ("logger", "callbacks")  # logger=none: no logger; callbacks=none: no training-loop callback
+# groups that are a dict of named entries, several at once (logger=[tensorboard,mlflow], callbacks=[pair_drift]):
+# each entry is checked as group `<group>.*`
+NAMED_GROUPS = {"logger": "loggers", "callbacks": "training-loop callbacks"}
+PAIR_DRIFT, RE_MODEL = "coupled_net.pairdrift.PairDrift", "coupled_net.remodel.ReModel"
 SGD, ADAM, ADAMW = "torch.optim.SGD", "torch.optim.Adam", "torch.optim.AdamW"
 STEP, COSINE, CONSTANT = ("torch.optim.lr_scheduler.StepLR", "torch.optim.lr_scheduler.CosineAnnealingLR",
                           "torch.optim.lr_scheduler.ConstantLR")
@@ -278,6 +282,13 @@ KNOBS: dict[str, Knob] = {
     "logger.*.project": optional(text_value, WANDB),
     "logger.*.mode": optional(choice("offline", "online", "disabled"), WANDB),
     "logger.*.entity": optional(maybe_text, WANDB),
+    # callbacks: a dict of named training-loop callbacks (coupled_net.loopcallbacks); a user's own `_target_`
+    # takes the parameters of what it names
+    "callbacks.*._target_": knob(dotted_path),
+    "callbacks.*.epochs": optional(integer(1), RE_MODEL),      # passes over the val split
+    "callbacks.*.lr": optional(number(gt=0), RE_MODEL),
+    "callbacks.*.temperature": optional(number(gt=0), RE_MODEL),
+    "callbacks.*.seed": optional(integer(0, SEED_MAX), RE_MODEL),
 }
 # the options the table knows the keys of, per group; any other `_target_` is a user's own
 KNOWN = {group: {o for k, v in KNOBS.items() if k.startswith(group + ".") for o in v.only}
@@ -286,6 +297,7 @@ KNOWN["model"] |= {BUILTIN}
 KNOWN["optimizer"] |= {SGD, ADAM, ADAMW}
 KNOWN["scheduler"] |= {STEP, COSINE, CONSTANT}
 KNOWN["augment"] |= {NO_AUGMENT}
+KNOWN["callbacks.*"] |= {PAIR_DRIFT, RE_MODEL}
 
 
 
@@ -309,7 +321,7 @@ def unknown_key(group: str, option, key: str, value, any_option: bool = False, n
     if names is None:
         names = sorted({k.partition(".")[2] for k in KNOBS if k.startswith(group + ".")} if any_option
                        else declared(group, option))
-    shown = key.rsplit(".", 1)[0] if group == "logger.*" else group
+    shown = key.rsplit(".", 1)[0] if group.endswith(".*") else group
     where = shown if group not in OPTION_KEY or any_option else f"{shown} {option}"
     return not_a_key(shown, key, value, where, names)
 

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchinfo import summary
 
 from . import checkpoint
-from .build import build, build_trackers, make_trainer, resolve
+from .build import build, build_callbacks, build_trackers, make_trainer, resolve
 from .coupling import Coupling
 from .distributed import init_world
 from .errors import ConfigError, DatasetUnavailable, RunFault, one_line
@@ -126,7 +126,8 @@ def _train(cfg: DictConfig, rd: RunDirectory, verdict: Verdict, guard: StopGuard
         trainer = make_trainer(spec, parts, files=files, monitor=monitor, logger=logger, progress_bars=bars,
                                guard=guard, stamp={"fingerprint": rd.identity.fingerprint,
                                                    "identity": rd.identity.keys},
-                               on_epoch_end=lambda p: rd.write(epochs_run=p.epoch, best_epoch=p.best_epoch))
+                               on_epoch_end=lambda p: rd.write(epochs_run=p.epoch, best_epoch=p.best_epoch),
+                               callbacks=build_callbacks(cfg))
         if ckpt is not None:
             misfit = checkpoint.misfit(parts.model, ckpt.get("model"))
             if misfit:  # the same fingerprint, yet another architecture: the model code changed since
@@ -148,6 +149,7 @@ def _train(cfg: DictConfig, rd: RunDirectory, verdict: Verdict, guard: StopGuard
         progress = trainer.fit(progress)
         final_start = time.perf_counter()
         metrics = trainer.final_metrics() if progress.best_epoch is not None else None
+        probed = trainer.callback_results(metrics) if metrics else {}  # on the best, equalized model
         progress.elapsed_s += time.perf_counter() - final_start
         status, error = "done", None
         if progress.diverged_at is not None:
@@ -179,7 +181,8 @@ def _train(cfg: DictConfig, rd: RunDirectory, verdict: Verdict, guard: StopGuard
     if not world.is_main:
         return dict(rd.results)
     try:
-        results = rd.write(status=status, error=error, metrics=metrics, stopped_early=progress.stopped_early,
+        results = rd.write(status=status, error=error, metrics=metrics, callbacks=probed,
+                           stopped_early=progress.stopped_early,
                            epochs_run=progress.epoch, best_epoch=progress.best_epoch,
                            total_time_s=round(progress.elapsed_s, 3), finished_at=now_iso(),
                            **epoch_fields(files.dir),

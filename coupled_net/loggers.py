@@ -40,6 +40,7 @@ from filelock import FileLock
 
 from .errors import ConfigError, one_line
 from .extras import missing_extra
+from .identity import flatten
 from .results import FINISHED
 from .storage import read_json, write_json
 
@@ -124,14 +125,19 @@ def sweep_label(sweep_dir: Path) -> str:
 
 
 def final_metrics(results: dict) -> dict:
-    """results.json -> what log_final takes: {val_top1, …, test_loss, best_epoch, status}; the metrics
-    are absent when the run has none (it failed, or stopped before an epoch finished)."""
+    """results.json -> what log_final takes: {val_top1, …, test_loss, best_epoch, status, and each
+    training-loop callback's numbers as `callbacks.<name>.<key>`}; the metrics are absent when the run
+    has none (it failed, or stopped before an epoch finished)."""
     out = {"status": results.get("status"), "best_epoch": results.get("best_epoch")}
     for split in FINAL_SPLITS:
         for name in FINAL_METRICS:
             value = ((results.get("metrics") or {}).get(split) or {}).get(name)
             if value is not None:
                 out[f"{split}_{name}"] = value
+    for name, values in (results.get("callbacks") or {}).items():  # training-loop callbacks' numbers
+        for key, value in flatten(values if isinstance(values, dict) else {}, f"callbacks.{name}.").items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[key] = value
     return out
 
 
@@ -243,6 +249,9 @@ class TensorBoardLogger:
             self.restarted = True
         for column, tag in self.SCALARS.items():
             self.writer.add_scalar(tag, float(row[column]), epoch)
+        for column, value in row.items():  # the training-loop callbacks' columns: `<callback>.<column>`
+            if "." in column:
+                self.writer.add_scalar(f"callbacks/{column}", float(value), epoch)
         self.writer.flush()
 
     def log_final(self, metrics: dict) -> None:

@@ -34,6 +34,7 @@ def new_results(cfg, identity, *, owner: dict, resumes: int, world_size: int, pr
         "seed": cfg.get("seed"), "coupled_layers": None, "metrics": None,
         "ke_time_s_mean": None, "epoch_time_s_mean": None, "total_time_s": None,
         "best_val_acc": None, "best_ke_val_acc": None, "error": None,
+        "callbacks": {},  # training-loop callbacks' on_fit_end results, by callback name (coupled_net.loopcallbacks)
         **identity.record(),  # fingerprint, identity (the keys it digests), labels
         "owner": owner, "heartbeat_at": now_iso(), "started_at": now_iso(), "finished_at": None,
         "world_size": world_size, "provenance": provenance,

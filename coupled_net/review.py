@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 from scipy import special
 
-from .collect import READERS, collect_with_epochs, comparable, config_columns, varying
+from .collect import READERS, collect_with_epochs, comparable, config_columns, probed_columns, varying
 from .epochlog import read_epochs_fast
 from .errors import ConfigError
 
@@ -189,10 +189,13 @@ def _devices(group: pd.DataFrame) -> list[str]:
     return sorted({str(d) for d in timed_on(group).dropna()})
 
 
-def summarize(runs: pd.DataFrame, metrics=METRICS) -> pd.DataFrame:
+def summarize(runs: pd.DataFrame, metrics=None) -> pd.DataFrame:
     """One row per group (group_keys(runs), then `n`, `seeds`, `device`), and for each metric
-    `<metric>_mean`, `_std`, `_n`, `_ci_low`, `_ci_high`. A group whose runs ran on more than one
+    `<metric>_mean`, `_std`, `_n`, `_ci_low`, `_ci_high`; the metrics: METRICS, then the training-loop
+    callbacks' numbers (`callbacks.<name>.<key>`), unless given. A group whose runs ran on more than one
     device type has no timings here (`device` is NaN): see timings()."""
+    metrics = [*METRICS, *probed_columns(runs)] if metrics is None else list(metrics)
+    _known_metrics(runs, metrics)
     done, keys = counted_with_keys(runs)
     rows = []
     for key, group in _groups(done, keys):
@@ -231,6 +234,7 @@ def compare(runs: pd.DataFrame, baseline: dict | None = None, metrics=("test_top
     from scipy import stats
 
     baseline = {"coupling.alpha": 0} if baseline is None else dict(baseline)
+    _known_metrics(runs, metrics)
     done, keys = counted_with_keys(runs)
     for k, v in baseline.items() if len(done) else ():  # nothing finished (yet): nothing to compare
         if k not in config_columns(runs) or k == "seed":
@@ -274,6 +278,14 @@ def compare(runs: pd.DataFrame, baseline: dict | None = None, metrics=("test_top
                          "n_unpaired": len(unpaired), "unpaired": unpaired})
     return pd.DataFrame(rows, columns=keys + ["metric", "n_pairs", "baseline_mean", "mean", "delta_mean", "delta_std",
                                               "ci_low", "ci_high", "p_value", "wilcoxon_p", "n_unpaired", "unpaired"])
+
+
+def _known_metrics(runs: pd.DataFrame, metrics) -> None:
+    """Refuse a metric that is no column of the runs, in one line naming the ones there are."""
+    for m in metrics:
+        if m not in runs:
+            names = [*METRICS, *probed_columns(runs)]
+            raise ConfigError("metrics", m, f"not a metric of these runs (metrics: {', '.join(names)})")
 
 
 def _by_seed(group: pd.DataFrame, columns: list[str]) -> dict:

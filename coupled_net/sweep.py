@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -18,6 +18,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from .epochlog import epoch_log
 from .errors import ConfigError
 from .identify import identity_of
 from .identity import run_key
@@ -38,6 +39,7 @@ class PlannedJob:
     verdict: Verdict | None  # None: the job's config cannot be resolved (the run itself will say why)
     done_in: Path | None = None  # finished: where (its own directory, or another one of the sweep)
     error: str | None = None  # its config is refused (coupled_net.validation.check_config): so is the launch
+    lacks: list[str] = field(default_factory=list)  # finished: the callbacks of its config it has no numbers of
 
 
 _launch: list[PlannedJob] | None = None  # the jobs of this process's current launch (set by the sweeper)
@@ -190,8 +192,21 @@ def plan(config_loader, config: DictConfig, jobs: Sequence[Sequence[str]], first
             if elsewhere is None:
                 elsewhere = _finished_runs(run_dir.parent)
             job.done_in = elsewhere.get(identity.run_key)
+        if job.done_in is not None:
+            job.lacks = lacking_callbacks(job.done_in, list(task.get("callbacks") or {}))
         planned.append(job)
     return planned
+
+
+def lacking_callbacks(run_dir: Path, names: list[str]) -> list[str]:
+    """The training-loop callbacks among `names` that left nothing in the finished run at `run_dir` (no
+    `<name>.` column in its epochs.csv, no `callbacks.<name>` in its results.json): added to the sweep
+    after the run ended. Callbacks are not part of a run's identity, so the run is not trained again."""
+    if not names:
+        return []
+    recorded = set((RunFiles(run_dir).read_results() or {}).get("callbacks") or {})
+    header = epoch_log(run_dir).header() or []
+    return [n for n in names if n not in recorded and not any(c.startswith(f"{n}.") for c in header)]
 
 
 def bad_configs(planned: list[PlannedJob]) -> list[str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import review
-from .collect import DERIVED, IDENTITY, LEADING, SHOWN, TRAILING, comparable, varying
+from .collect import DERIVED, IDENTITY, LEADING, SHOWN, TRAILING, comparable, probed_columns, varying
 
 DELTA_METRICS = ("test_top1", "val_top1")
 NAMES = {"model.name": "model", "dataset.name": "dataset", "coupling.alpha": "alpha"}
@@ -277,7 +277,8 @@ def latex(s: Summary, baseline: dict) -> str:
 
 def summary_frame(runs: pd.DataFrame) -> pd.DataFrame:
     """summary.csv: SPEC §6's columns first, coupling mode/schedule, the SLURM state of detached
-    sweeps, every config key that varies (dotted), the derived metrics, then bookkeeping."""
+    sweeps, every config key that varies (dotted), the derived metrics, the training-loop callbacks'
+    numbers (`callbacks.<name>.<key>`), then bookkeeping."""
     slurm = [c for c in ("slurm_job_id", "slurm_state") if runs[c].notna().any()]
     keys = [k for k in varying(runs, review.config_columns(runs)) if k not in SHOWN]
-    return runs[LEADING + IDENTITY + slurm + keys + DERIVED + TRAILING + ["duplicate_of"]]
+    return runs[LEADING + IDENTITY + slurm + keys + DERIVED + probed_columns(runs) + TRAILING + ["duplicate_of"]]

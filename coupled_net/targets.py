@@ -48,8 +48,8 @@ def not_a_key(prefix: str, key: str, value, where: str, names) -> ConfigError:
     is none of `names`, the keys of `where`; without a close one, the keys are listed."""
     leaf = key[len(prefix) + 1:].split(".")[0]
     near = difflib.get_close_matches(leaf, names, n=1)
-    hint = f"did you mean {prefix}.{near[0]}?" if near else \
-        f"its keys: {', '.join(n for n in names if not n.startswith('_'))}"
+    keys = [n for n in names if not n.startswith("_")]
+    hint = f"did you mean {prefix}.{near[0]}?" if near else f"its keys: {', '.join(keys)}" if keys else "it takes none"
     return ConfigError(key, value, f"not a key of {where} ({hint})")
 
 

@@ -1,9 +1,14 @@
 """The epoch loop of the seed notebook, generalised (SPEC §2):
 
-    train -> validate -> equalize (KE) -> validate again -> monitoring (system.csv row)
+    train -> validate -> callbacks' on_before_ke -> equalize (KE) -> validate again
+    -> callbacks' on_epoch_end -> monitoring (system.csv row)
     -> best model (by val loss before KE, or after with select_by=ke_val_loss) -> early stopping
     -> scheduler step -> last.pt (every last_every epochs; + a periodic copy) and best.pt, timed
-    -> epochs.csv row (with that checkpoint_time_s)
+    -> epochs.csv row (with that checkpoint_time_s and the callbacks' columns)
+
+Training-loop callbacks (coupled_net.loopcallbacks) are started before the first epoch a process
+trains (their columns join epochs.csv's, then on_fit_start) and see the best, equalized model once
+its val/test metrics are in (callback_results: on_fit_end).
 
 A scheduler whose step() takes a metric (ReduceLROnPlateau, or a user's own with a required argument)
 is stepped with the selection metric: val_loss, or ke_val_loss with select_by=ke_val_loss.
@@ -38,6 +43,7 @@ from . import checkpoint
 from .coupling import Coupling
 from .distributed import World, all_gather_on_host, all_reduce_sum, barrier, broadcast_from_main, max_on_host
 from .epochlog import EPOCH_COLUMNS, CsvLog
+from .loopcallbacks import Context, LoopCallbacks
 from .monitor import SystemMonitor
 from .results import RunFiles
 from .signals import RunInterrupted, StopGuard
@@ -141,7 +147,7 @@ class Trainer:
                  world: World = World(), train_model: nn.Module | None = None, files: RunFiles | None = None,
                  monitor: SystemMonitor | None = None, logger=None, progress_bars: bool = False,
                  guard: StopGuard | None = None, stamp: dict | None = None,
-                 on_epoch_end: Callable[[LoopState], None] | None = None):
+                 on_epoch_end: Callable[[LoopState], None] | None = None, callbacks: LoopCallbacks | None = None):
         self.model, self.coupling, self.optimizer, self.scheduler = model, coupling, optimizer, scheduler
         self.scheduler_takes_metric = steps_on_metric(scheduler)
         self.train_model = model if train_model is None else train_model  # DDP-wrapped and/or compiled
@@ -156,6 +162,11 @@ class Trainer:
         self.guard = guard or StopGuard()  # not entered: no handlers, never pending
         self.stamp = stamp or {}           # stored in every checkpoint (the run's fingerprint)
         self.on_epoch_end = on_epoch_end
+        # training-loop callbacks (the `callbacks` config): called on every rank, rank 0's values recorded
+        self.callbacks = callbacks or LoopCallbacks()
+        self.ctx = Context(model=model, coupling=coupling, loaders=loaders, device=device,
+                           run_dir=files.dir if files is not None else None)
+        self._callbacks_started = False
         self.writes = files is not None and world.is_main
         self.rows: list[dict] = []
         self.best_state: dict | None = None
@@ -403,6 +414,7 @@ class Trainer:
         """Epochs until `epochs`, early stopping or divergence. A stop signal is acted on at the next
         step boundary (mid-epoch checkpoint; under DDP the next STOP_CHECK_EVERY-th step, all ranks at
         the same one) or, when it comes during validation, after the epoch."""
+        self._start_callbacks(progress)
         with self.guard.deferred():
             while progress.epoch < self.epochs and not progress.stopped_early and progress.diverged_at is None:
                 self._one_epoch(progress)
@@ -411,6 +423,18 @@ class Trainer:
                         self._save_last(progress)
                     self._act_on_stop(f"after epoch {progress.epoch}")
         return progress
+
+    def _start_callbacks(self, progress: LoopState) -> None:
+        """Once per process, before its first epoch: the callbacks' columns join epochs.csv's (a file
+        written without them gains them, its earlier rows empty), then on_fit_start."""
+        if self._callbacks_started or not self.callbacks:
+            return
+        self._callbacks_started = True
+        self.ctx.epoch = progress.epoch
+        columns = self.callbacks.columns(self.ctx)
+        if self.writes:
+            self.files.epochs.columns += [c for c in columns if c not in self.files.epochs.columns]
+        self.callbacks.fit_start(self.ctx)
 
     def _one_epoch(self, progress: LoopState) -> None:
         epoch = progress.epoch + 1
@@ -421,12 +445,16 @@ class Trainer:
 
         ((train_loss, train_acc), val), epoch_time = self._timed(
             lambda: (self.train_one_epoch(epoch, progress), self.evaluate_split("val", f"epoch {epoch} val")))
+        self.ctx.epoch = epoch
+        probed = self.callbacks.before_ke(self.ctx)  # the weights as training left them, before this KE
         _, ke_time = self._timed(self.coupling.equalize)
         ke_val, ke_eval_extra = self._timed(lambda: self.evaluate_split("val", f"epoch {epoch} val after KE"))
 
         row = dict(zip(EPOCH_COLUMNS, [
             epoch, lr, train_loss, train_acc, val["loss"], val["top1"], ke_val["loss"], ke_val["top1"],
             round(carried + epoch_time, 6), round(ke_time, 9), round(ke_time + ke_eval_extra, 6)]))
+        row.update(probed)
+        row.update(self.callbacks.epoch_end(self.ctx, row))
         self._record_system(epoch, "end")
 
         progress.epoch = epoch
@@ -474,3 +502,7 @@ class Trainer:
             self.model.load_state_dict(checkpoint.read_best(self.files.best, self.device))
         self.coupling.equalize()
         return {split: self.evaluate_split(split, f"final {split}") for split in ("val", "test")}
+
+    def callback_results(self, metrics: dict) -> dict:
+        """The callbacks' on_fit_end on the model final_metrics() left (the best, equalized): {name: results}."""
+        return self.callbacks.fit_end(self.ctx, metrics) if self.callbacks else {}

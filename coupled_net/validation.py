@@ -29,8 +29,8 @@ from .data import IN_MEMORY_ONLY
 from .errors import AsTyped, ConfigError, one_line
 from .extras import missing_extra
 from .identity import flatten, model_name
-from .knobs import (ADAM, ADAMW, CROP_FLIP, GROUPS, KNOBS, KNOWN, OPTION_KEY, OPTIONAL_GROUPS, declared, is_int,
-                    spell, unknown_key)
+from .knobs import (ADAM, ADAMW, CROP_FLIP, GROUPS, KNOBS, KNOWN, NAMED_GROUPS, OPTION_KEY, OPTIONAL_GROUPS, declared,
+                    is_int, spell, unknown_key)
 from .machine import available_bytes, rank_gpu, resolve_device, sharing
 from .models import BUILTIN, RESERVED, make
 from .targets import keywords, locate
@@ -111,11 +111,13 @@ def _check_node(group: str, node, prefix: str) -> None:
 def _check_group(group: str, node) -> None:
     if group in OPTIONAL_GROUPS and node in (None, {}):
         return
-    if group == "logger":  # a dict of named loggers
+    if group in NAMED_GROUPS:  # a dict of named loggers or callbacks
         if not isinstance(node, dict):
-            raise ConfigError("logger", node, "must be loggers by name: logger=tensorboard, logger=[tensorboard,mlflow]")
+            example = {"logger": "logger=tensorboard, logger=[tensorboard,mlflow]",
+                       "callbacks": "callbacks=pair_drift, +callbacks.mine._target_=my.module.Probe"}[group]
+            raise ConfigError(group, node, f"must be {NAMED_GROUPS[group]} by name: {example}")
         for name, entry in node.items():
-            _check_node("logger.*", entry, f"logger.{name}")
+            _check_node(f"{group}.*", entry, f"{group}.{name}")
         return
     _check_node(group, node, group)
 
@@ -351,7 +353,7 @@ def check_override_keys(overrides, own_configs: bool = False) -> None:
     --config-dir, hydra.searchpath) is refused here; the rest is checked once composed (check_config)."""
     for o in overrides:
         group, _, rest = o.key_or_group.partition(".")
-        if not rest or group not in GROUPS or o.is_delete() or o.package is not None or group == "logger":
+        if not rest or group not in GROUPS or o.is_delete() or o.package is not None or group in NAMED_GROUPS:
             continue
         if OPTION_KEY.get(group) == "_target_" and (own_configs or o.is_add() or o.is_force_add()):
             continue

@@ -23,7 +23,7 @@ def fingerprint(*overrides: str) -> str:
 def test_the_non_identity_keys_are_the_ones_the_spec_lists():
     assert NON_IDENTITY == ("dataset.root", "dataset.download", "trainer.device", "trainer.num_workers",
                             "trainer.threads", "trainer.progress", "trainer.compile", "trainer.channels_last",
-                            "trainer.last_every", "logger", "hydra", "optimized_metric")
+                            "trainer.last_every", "logger", "callbacks", "hydra", "optimized_metric")
 
 
 # Fingerprints computed by the version before the augment group and the recipe keys existed (commit

@@ -51,7 +51,9 @@ class CoupledSweeper(BasicSweeper):
         done = finished(planned)
         for job in done:
             shown = " ".join(filter_overrides(job.overrides))
-            log.info("\t#%d : %s — already done (%s), not run again", job.num, shown, job.done_in.name)
+            lacks = f"; it has no numbers of callbacks {', '.join(job.lacks)} (added after it ran: callbacks are not " \
+                    "part of a run's identity)" if job.lacks else ""
+            log.info("\t#%d : %s — already done (%s), not run again%s", job.num, shown, job.done_in.name, lacks)
         if done:
             log.info("%d of %d runs of this sweep are already done; launching the other %d", len(done), len(planned),
                      len(planned) - len(done))
