@@ -24,18 +24,21 @@ import torch
 from omegaconf import OmegaConf, open_dict
 from tqdm import tqdm
 
-from .build import build_coupled_model, build_loaders, resolve
+from .build import build_callbacks, build_coupled_model, build_loaders, resolve
 from .checkpoint import Checkpoint, load, misfit, refuse
 from .distributed import World
 from .errors import ConfigError, one_line
 from .identify import identity_of
 from .identity import differences, model_name
 from .machine import resolve_device
-from .results import RunFiles, now_iso
+from .loopcallbacks import Context
+from .results import FINISHED, RunFiles, now_iso
 from .storage import write_json
 from .trainer import Numerics, evaluate_batches
+from .validation import check_config
 
 SPLITS = {"val": ["val"], "test": ["test"], "both": ["val", "test"]}
+CALLBACKS = Path(__file__).resolve().parents[1] / "conf" / "callbacks"  # --callbacks NAME: NAME.yaml here
 CHECKPOINTS = ("best", "last")  # anything else is a path to a .pt file
 
 
@@ -107,12 +110,31 @@ def _checkpoint_path(files: RunFiles, checkpoint: str) -> tuple[Path, str]:
     return Path(checkpoint).expanduser().absolute(), "path"
 
 
+def callback_configs(names) -> dict:
+    """`--callbacks` as the `callbacks` config: each NAME is conf/callbacks/NAME.yaml, or a YAML file of
+    the same form ({name: {_target_: ..., ...}})."""
+    merged = {}
+    for name in names:
+        path = Path(name) if str(name).endswith((".yaml", ".yml")) else CALLBACKS / f"{name}.yaml"
+        if not path.is_file():
+            options = ", ".join(sorted(p.stem for p in CALLBACKS.glob("*.yaml") if p.stem != "none"))
+            raise ConfigError("--callbacks", name, f"no such callback (options: {options}; or a YAML file)")
+        node = OmegaConf.to_container(OmegaConf.load(path))
+        if not isinstance(node, dict) or not node:
+            raise ConfigError("--callbacks", name, f"{path} holds no callback ({{name: {{_target_: ...}}}})")
+        merged.update(node)
+    return merged
+
+
 def evaluate_run(run_dir: str | Path, split: str = "both", checkpoint: str = "best", device: str = "auto",
-                 limit_batches: int | None = None, progress: bool = False) -> dict:
+                 limit_batches: int | None = None, progress: bool = False, callbacks=()) -> dict:
     """Evaluate `checkpoint` (best | last | a .pt path) of the run in `run_dir` on `split` (val | test
     | both) on `device` (auto | cpu | cuda | cuda:N), over whole splits or the first `limit_batches`
-    batches of each; returns the record also written to `run_dir`/evaluation.json. Raises
-    ConfigError (one line, nothing written) for anything that does not fit."""
+    batches of each; returns the record also written to `run_dir`/evaluation.json. `callbacks`
+    (names, callback_configs): their on_fit_end on the best, equalized model, as the run would have
+    called it, recorded in evaluation.json and, for a finished run, in results.json's `callbacks`
+    (a probe added to a sweep after its runs ended). Raises ConfigError (one line, nothing written)
+    for anything that does not fit."""
     if split not in SPLITS:
         raise ConfigError("--split", split, f"allowed: {', '.join(SPLITS)}")
     if limit_batches is not None and (isinstance(limit_batches, bool) or not isinstance(limit_batches, int)
@@ -147,6 +169,13 @@ def evaluate_run(run_dir: str | Path, split: str = "both", checkpoint: str = "be
     trained_limit = cfg.trainer.get("limit_batches")
     with open_dict(cfg):
         cfg.trainer.device = str(dev)
+        if callbacks:
+            if (kind, split, limit_batches) != ("best", "both", None):
+                raise ConfigError("--callbacks", ",".join(callbacks), "on_fit_end runs on the best, equalized model "
+                                  "over whole splits: use it with --checkpoint best --split both, without "
+                                  "--limit-batches")
+            cfg.callbacks = callback_configs(callbacks)
+            check_config(cfg)  # their keys, as a run's: before anything is built
     spec = resolve(cfg, World())  # one process: the whole split, never a DDP shard
     model, coupling = build_coupled_model(spec)
     problem = misfit(model, ckpt.state)
@@ -178,6 +207,12 @@ def evaluate_run(run_dir: str | Path, split: str = "both", checkpoint: str = "be
     for name in names:
         after = on(name, "after KE")
         out["splits"][name] = {"after_ke": after} if saved is None else {"before_ke": saved[name], "after_ke": after}
+    if callbacks:
+        ctx = Context(model=model, coupling=coupling, loaders=loaders, device=dev, run_dir=files.dir,
+                      epoch=results.get("best_epoch") or 0)
+        out["callbacks"] = build_callbacks(cfg).fit_end(ctx, {n: out["splits"][n]["after_ke"] for n in names})
+        if results.get("status") in FINISHED and out["callbacks"]:
+            write_json(files.results, {**results, "callbacks": {**(results.get("callbacks") or {}), **out["callbacks"]}})
     write_json(files.dir / "evaluation.json", out)
     return out
 

@@ -1,11 +1,14 @@
 """Re-evaluate a trained run's checkpoint on its val and/or test split:
 
     python launch/evaluate.py RUN_DIR [--checkpoint best|last|PATH] [--split val|test|both]
-                              [--device auto|cpu|cuda|cuda:N] [--limit-batches N]
+                              [--device auto|cpu|cuda|cuda:N] [--limit-batches N] [--callbacks NAME,...]
 
 Builds the model and data from the run's .hydra/config.yaml, loads the checkpoint (refused when it
 is of another run or does not fit the model), evaluates whole splits (the run's own
-trainer.limit_batches is ignored), prints the metrics and writes evaluation.json into RUN_DIR."""
+trainer.limit_batches is ignored), prints the metrics and writes evaluation.json into RUN_DIR.
+--callbacks re_model (conf/callbacks/NAME.yaml, or a YAML file) runs training-loop callbacks'
+on_fit_end on the best, equalized model and adds their results to a finished run's results.json:
+a probe added to a sweep after its runs ended."""
 
 import sys
 
@@ -13,14 +16,14 @@ try:  # importing torch takes seconds: Ctrl-C meanwhile ends with one line too
     import argparse
     import os
 
-    from coupled_net.errors import ConfigError, DatasetUnavailable, one_line
+    from coupled_net.errors import ConfigError, DatasetUnavailable, RunFault, one_line
     from coupled_net.reevaluate import SPLITS, describe, evaluate_run, table
 except KeyboardInterrupt:
     print("\nevaluate: error: interrupted (SIGINT) while starting; nothing was evaluated", file=sys.stderr)
     raise SystemExit(130) from None
 
 USAGE = ("evaluate.py RUN_DIR [--checkpoint best|last|PATH] [--split val|test|both] "
-         "[--device auto|cpu|cuda|cuda:N] [--limit-batches N]")
+         "[--device auto|cpu|cuda|cuda:N] [--limit-batches N] [--callbacks NAME,...]")
 
 
 def fail(message: str, code: int = 2):
@@ -54,6 +57,9 @@ def parser() -> argparse.ArgumentParser:
                    help="auto (default): the GPU if there is one, else the CPU")
     p.add_argument("--limit-batches", type=positive_int, default=None, metavar="N",
                    help="evaluate only the first N batches of each split (default: whole splits)")
+    p.add_argument("--callbacks", type=lambda text: [n for n in text.split(",") if n], default=[],
+                   metavar="NAME,...", help="training-loop callbacks whose on_fit_end to run on the best model and "
+                                            "add to results.json (conf/callbacks/NAME.yaml, or a YAML file)")
     return p
 
 
@@ -61,15 +67,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     try:
         out = evaluate_run(args.run_dir, split=args.split, checkpoint=args.checkpoint, device=args.device,
-                           limit_batches=args.limit_batches, progress=os.isatty(2))
+                           limit_batches=args.limit_batches, progress=os.isatty(2), callbacks=args.callbacks)
     except KeyboardInterrupt:
         print("\nevaluate: error: interrupted (SIGINT); evaluation.json was not written", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
-    except (ConfigError, DatasetUnavailable) as e:
+    except (ConfigError, DatasetUnavailable, RunFault) as e:  # RunFault: a callback that raised
         fail(str(e))
     except OSError as e:  # unreadable run directory, evaluation.json not writable, ...
         fail(one_line(e, 300))
     print("\n".join(describe(out) + [""] + table(out)))
+    for name, values in (out.get("callbacks") or {}).items():
+        print(f"callbacks.{name}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                for k, v in values.items()))
     print(f"wrote {out['run_dir']}/evaluation.json")
 
 

@@ -7,27 +7,29 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 
 import pandas as pd
 import pytest
 import torch
+from helpers import compose_cfg, make_run, probes
+from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import Dataset
 
 from coupled_net import review
 from coupled_net.coupling import Coupling
-from coupled_net.loaders import EpochLoader
 from coupled_net.errors import ConfigError
 from coupled_net.identify import identity_of
 from coupled_net.lifecycle import execute_run
+from coupled_net.loaders import EpochLoader
 from coupled_net.loggers import final_metrics
 from coupled_net.loopcallbacks import Callback, CallbackFailed, Context, LoopCallbacks
+from coupled_net.reevaluate import evaluate_run
 from coupled_net.report import write_summary
 from coupled_net.sweep import lacking_callbacks
 from coupled_net.trainer import Trainer
 from coupled_net.validation import check_config
-from helpers import compose_cfg, make_run
-from helpers import probes
 
 FAST = ["experiment=quickstart", "dataset.train_per_class=40", "dataset.test_per_class=10", "coupling.alpha=2"]
 RECORDER = "+callbacks.rec._target_=helpers.probes.Recorder"
@@ -49,7 +51,8 @@ def metrics_of(run_dir):
 def plain_run(tmp_path_factory):
     """The reference: FAST, 3 epochs, no callback."""
     root = tmp_path_factory.mktemp("plain")
-    execute_run(compose_cfg(*FAST, "trainer.epochs=3", f"dataset.root={root}"), root / "run")
+    cfg = compose_cfg(*FAST, "trainer.epochs=3", f"dataset.root={root}")
+    execute_run(cfg, root / "run", hydra_files={"config.yaml": OmegaConf.to_yaml(cfg)})
     return root / "run"
 
 
@@ -209,3 +212,29 @@ def test_a_pass_over_the_run_s_loaders_or_a_forward_in_train_mode_leaves_no_trac
     assert (loader.sampler.epoch, loader.sampler.start) == (2, 4)
     assert all(torch.equal(v, before[2][k]) for k, v in model.state_dict().items())
     assert not model.training and not model[1].training
+
+
+def test_evaluate_fills_a_finished_run_s_results_with_a_callback_added_after_it_ran(tmp_path, plain_run):
+    run = tmp_path / "run"
+    shutil.copytree(plain_run, run)
+    before = json.loads((run / "results.json").read_text())
+    probe = tmp_path / "probe.yaml"
+    probe.write_text("re_model:\n  _target_: coupled_net.remodel.ReModel\n  epochs: 1\n")
+    for kwargs, line in (({"split": "test"}, "--callbacks='re_model': on_fit_end runs on the best, equalized model "
+                          "over whole splits: use it with --checkpoint best --split both, without --limit-batches"),
+                         ({"callbacks": ["nope"]}, "--callbacks='nope': no such callback (options: pair_drift, "
+                                                   "re_model; or a YAML file)")):
+        with pytest.raises(ConfigError) as refused:
+            evaluate_run(run, **{"callbacks": ["re_model"], **kwargs})
+        assert str(refused.value) == line
+    assert json.loads((run / "results.json").read_text()) == before  # refused: nothing written
+
+    out = evaluate_run(run, callbacks=[str(probe)])
+    after = json.loads((run / "results.json").read_text())
+    got = after["callbacks"]["re_model"]
+    assert out["callbacks"] == {"re_model": got} and sorted(got) == ["agreement", "gap", "queries", "test_top1"]
+    assert got["gap"] == pytest.approx(out["splits"]["test"]["after_ke"]["top1"] - got["test_top1"])
+    assert out["splits"]["test"]["after_ke"]["top1"] == pytest.approx(before["metrics"]["test"]["top1"])
+    assert {k: v for k, v in after.items() if k != "callbacks"} == \
+        {k: v for k, v in before.items() if k != "callbacks"}  # nothing else of the record changed
+    assert before["callbacks"] == {}
