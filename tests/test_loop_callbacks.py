@@ -12,7 +12,7 @@ import shutil
 import pandas as pd
 import pytest
 import torch
-from helpers import compose_cfg, make_run, probes
+from helpers import REPO, compose_cfg, make_run, probes, run_cli
 from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import Dataset
@@ -238,3 +238,13 @@ def test_evaluate_fills_a_finished_run_s_results_with_a_callback_added_after_it_
     assert {k: v for k, v in after.items() if k != "callbacks"} == \
         {k: v for k, v in before.items() if k != "callbacks"}  # nothing else of the record changed
     assert before["callbacks"] == {}
+
+
+@pytest.mark.slow
+def test_a_single_run_whose_callback_raises_ends_with_that_one_line_on_the_terminal(tmp_path):
+    proc = run_cli(*FAST, "trainer.epochs=1", "+callbacks.boom._target_=helpers.probes.Boom", f"dataset.root={tmp_path}",
+                   f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, env={"PYTHONPATH": str(REPO / "tests")})
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == "coupled_net: error: callbacks.boom: ZeroDivisionError: division by zero"
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "failed"
