@@ -13,7 +13,6 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
-from scipy.special import stdtrit
 
 from . import review
 from .collect import comparable
@@ -186,10 +185,8 @@ def curve_stats(frame: pd.DataFrame) -> pd.DataFrame:
     data = frame.dropna(subset=["epoch", "top1"])
     stats = (data.groupby(["facet", "group", "when", "epoch"], sort=True)["top1"].agg(["mean", "std", "count"])
              .rename(columns={"count": "n"}).reset_index())  # pandas' std: ddof=1
-    n = stats["n"].to_numpy(dtype=float)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        half = stdtrit(np.maximum(n - 1, 1), 0.5 + review.CONFIDENCE / 2) * stats["std"].to_numpy() / np.sqrt(n)
-    half = np.where(n >= 2, half, np.nan)
+    t = np.array([review.t_quantile(n - 1) if n >= 2 else np.nan for n in stats["n"].tolist()])
+    half = t * stats["std"].to_numpy() / np.sqrt(stats["n"].to_numpy(dtype=float))
     return stats.assign(ci_low=stats["mean"] - half, ci_high=stats["mean"] + half)
 
 

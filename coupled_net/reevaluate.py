@@ -212,7 +212,7 @@ def evaluate_run(run_dir: str | Path, split: str = "both", checkpoint: str = "be
                       epoch=results.get("best_epoch") or 0)
         out["callbacks"] = build_callbacks(cfg).fit_end(ctx, {n: out["splits"][n]["after_ke"] for n in names})
         if results.get("status") in FINISHED and out["callbacks"]:
-            write_json(files.results, {**results, "callbacks": {**(results.get("callbacks") or {}), **out["callbacks"]}})
+            files.write_results({**results, "callbacks": {**(results.get("callbacks") or {}), **out["callbacks"]}})
     write_json(files.dir / "evaluation.json", out)
     return out
 

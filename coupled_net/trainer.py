@@ -505,4 +505,4 @@ class Trainer:
 
     def callback_results(self, metrics: dict) -> dict:
         """The callbacks' on_fit_end on the model final_metrics() left (the best, equalized): {name: results}."""
-        return self.callbacks.fit_end(self.ctx, metrics) if self.callbacks else {}
+        return self.callbacks.fit_end(self.ctx, metrics)
