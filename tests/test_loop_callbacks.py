@@ -248,3 +248,43 @@ def test_a_single_run_whose_callback_raises_ends_with_that_one_line_on_the_termi
     assert proc.stderr.strip().splitlines()[-1] == "coupled_net: error: callbacks.boom: ZeroDivisionError: division by zero"
     assert "Traceback" not in proc.stderr + proc.stdout
     assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "failed"
+
+
+class _Says(Callback):
+    """A callback whose columns() and on_before_ke() return what it is given."""
+
+    def __init__(self, columns, values):
+        self._columns, self._values = columns, values
+
+    def columns(self, ctx):
+        return self._columns
+
+    def on_before_ke(self, ctx):
+        return self._values
+
+
+@pytest.mark.parametrize("columns, values, line", [
+    (["a", "a"], {}, "callbacks.p: columns() returned ['a', 'a']: expected a list of distinct column names"),
+    ("ab", {}, "callbacks.p: columns() returned 'ab': expected a list of distinct column names"),
+    (["a"], {"b": 1.0}, "callbacks.p: on_before_ke() returned column 'b', which its columns() did not declare "
+                        "(declared: a)"),
+    (["a"], {"a": "high"}, "callbacks.p: column 'a' got 'high': an epoch column holds numbers"),
+    (["a"], [1.0], "callbacks.p: on_before_ke() returned list: expected a dict of its columns' values"),
+])
+def test_what_a_callback_returns_that_its_records_cannot_hold_fails_in_one_line(columns, values, line):
+    model = nn.Sequential(nn.Conv2d(1, 2, 3))
+    ctx = Context(model=model, coupling=Coupling(model, 0), loaders={}, device=torch.device("cpu"))
+    runner = LoopCallbacks({"p": _Says(columns, values)})
+    with pytest.raises(CallbackFailed) as failed:
+        runner.columns(ctx)
+        runner.before_ke(ctx)
+    assert str(failed.value) == line
+
+
+def test_numbers_a_callback_returns_as_tensors_or_none_are_recorded_as_floats():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3))
+    ctx = Context(model=model, coupling=Coupling(model, 0), loaders={}, device=torch.device("cpu"))
+    runner = LoopCallbacks({"p": _Says(["a", "b", "c"], {"a": torch.tensor([2.5]), "b": None, "c": 3})})
+    assert runner.columns(ctx) == ["p.a", "p.b", "p.c"]
+    got = runner.before_ke(ctx)
+    assert got["p.a"] == 2.5 and math.isnan(got["p.b"]) and got["p.c"] == 3.0 and type(got["p.c"]) is float
